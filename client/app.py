@@ -1,0 +1,78 @@
+"""The ClientApp every site runs: thin Flower handlers around client/training.py.
+
+Replies carry only weight arrays (the shared student backbone and, when configured, the projection
+head) and numbers. The teacher, DINO centres and optimizer moments stay in `context.state`.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.records import arrays_to_record, record_to_tensors
+from client.site import load_site_data
+from client.training import evaluate_round, train_round
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import torch_threads
+
+LOCAL_STATE_PREFIX = "local-ssl-state/"
+
+app = ClientApp()
+
+
+def _run_config(msg: Message, context: Context) -> RunConfig:
+    """The run config the server sent with the message (it wins over the app's defaults)."""
+    flat = dict(context.run_config)
+    if "config" in msg.content.config_records:
+        flat.update(msg.content.config_records["config"])
+    flat.pop("server-round", None)
+    return RunConfig.from_flat(flat)
+
+
+def _site_numbers(context: Context) -> dict[str, float]:
+    """A simulated site reports its partition index (not identifying) so reports can use scenario names."""
+    if "partition-id" in context.node_config:
+        return {"site-index": float(context.node_config["partition-id"])}
+    return {}
+
+
+def _site_seed(context: Context) -> int:
+    # Different sites must not draw identical crops/masks; the partition id (simulation) or the node id
+    # (deployment) is a stable, non-identifying offset.
+    return int(context.node_config.get("partition-id", context.node_id % 100_003)) + 1
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local SSL round: global encoders in, updated shared weights and numbers out."""
+    cfg = _run_config(msg, context)
+    server_round = int(msg.content.config_records["config"]["server-round"])
+    site = load_site_data(context.node_config, cfg)
+    local_states = {
+        key[len(LOCAL_STATE_PREFIX):]: record_to_tensors(record)
+        for key, record in context.state.array_records.items()
+        if key.startswith(LOCAL_STATE_PREFIX)
+    }
+    with torch_threads(cfg.client_threads):
+        result = train_round(site, record_to_tensors(msg.content.array_records["arrays"]), cfg, server_round,
+                             local_states, site_seed=_site_seed(context))
+    for modality, state in result.local_state.items():
+        context.state[LOCAL_STATE_PREFIX + modality] = arrays_to_record(state)
+    metrics = dict(result.metrics)
+    metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
+    metrics.update(_site_numbers(context))
+    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the global encoders on this site's own labelled validation split."""
+    cfg = _run_config(msg, context)
+    site = load_site_data(context.node_config, cfg)
+    with torch_threads(cfg.client_threads):
+        metrics = evaluate_round(site, record_to_tensors(msg.content.array_records["arrays"]), cfg)
+    metrics["num-examples"] = float(sum(len(s.val) for s in site.values()))
+    metrics.update(_site_numbers(context))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+

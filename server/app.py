@@ -1,0 +1,51 @@
+"""The ServerApp: federated DINO/iBOT pretraining of one encoder per modality.
+
+`flwr run .` uses `app` with the run config from pyproject.toml (or --run-config); `visionfm simulate`
+builds the same app around a resolved scenario config with `make_server_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import Federation, FederationResult
+from visionfm_core.pretraining import initial_global_arrays
+from visionfm_core.run_config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
+    """Build the initial global model and run every round on `grid`."""
+    initial = {k: v.numpy() for k, v in initial_global_arrays(cfg).items()}
+    evaluator = None
+    site_names: list[str] = []
+    if cfg.scenario:
+        from server.central_eval import scenario_test_evaluator
+        from simulations.scenario import load_scenario
+
+        site_names = [s.name for s in load_scenario(cfg.scenario).sites]
+        if cfg.server_eval == "scenario":
+            evaluator = scenario_test_evaluator(cfg)
+    return Federation(grid, cfg, initial, evaluator, site_names).run()
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is the app's config updated with `overrides` (flat, kebab-case)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        flat = dict(context.run_config)
+        flat.update(overrides or {})
+        run_federation(grid, RunConfig.from_flat(flat))
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,37 @@
+"""Server-side evaluation of each global encoder on public labelled data (in simulation: the bundled
+datasets' held-out test splits, the same split every mode is compared on). Hospitals' data is never
+used here: in deployment this runs only when the coordinator supplies public data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from simulations.datasets import load_dataset
+from simulations.scenario import load_scenario
+from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import resolve_device
+
+
+def scenario_test_evaluator(cfg: RunConfig):  # noqa: ANN201 - returns a CentralEvaluator
+    """Score every modality's encoder with k-NN/linear probe: fit on the dataset's labelled pool, score on
+    its held-out test split."""
+    scenario = load_scenario(cfg.scenario)
+    device = resolve_device(cfg.device)
+
+    def evaluate(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for modality in cfg.modality_list:
+            if modality not in scenario.datasets:
+                continue
+            shared = modality_arrays(arrays, modality)
+            if not shared:
+                continue
+            dataset = load_dataset(scenario.datasets[modality])
+            results[modality] = evaluate_encoder_arrays(shared, modality, dataset.pool,
+                                                        dataset.test, dataset.num_classes, cfg, device)
+        return results
+
+    return evaluate

@@ -1,0 +1,124 @@
+"""Run outputs: metrics.csv / metrics.json (one row per round, site and modality), PNG plots of every
+metric per round, and a markdown report that summarises the run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from visionfm_core.models.checkpoint import atomic_write_bytes
+
+KEY_COLUMNS = ("round", "site", "modality", "phase")
+PLOTTED = ("loss", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
+
+
+class MetricsLog:
+    """Rows of metrics, persisted after every round so a crash loses nothing already measured."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.rows: list[dict[str, Any]] = []
+        existing = out_dir / "metrics.json"
+        if existing.is_file():
+            self.rows = json.loads(existing.read_text())
+
+    def drop_after(self, server_round: int) -> None:
+        """Forget rows of rounds after `server_round` (they are re-run on resume, never counted twice)."""
+        self.rows = [r for r in self.rows if int(r["round"]) <= server_round]
+
+    def add(self, server_round: int, site: str, modality: str, phase: str, metrics: dict[str, float]) -> None:
+        row: dict[str, Any] = {"round": server_round, "site": site, "modality": modality, "phase": phase}
+        row.update({k.replace("-", "_"): float(v) for k, v in metrics.items()})
+        self.rows.append(row)
+
+    def columns(self) -> list[str]:
+        extra = sorted({k for r in self.rows for k in r} - set(KEY_COLUMNS))
+        return [*KEY_COLUMNS, *extra]
+
+    def save(self) -> None:
+        """Write metrics.json and metrics.csv atomically."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps(self.rows, indent=1).encode()
+        atomic_write_bytes(self.out_dir / "metrics.json", lambda tmp: Path(tmp).write_bytes(payload))
+        columns = self.columns()
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        atomic_write_bytes(self.out_dir / "metrics.csv", write_csv)
+
+    def select(self, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: Path, metrics: Iterable[str] = PLOTTED) -> list[Path]:
+    """One PNG per metric: a line per (site, modality) over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in metrics:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for row in rows:
+            value = row.get(metric)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            series.setdefault(f"{row['site']} · {row['modality']}", []).append((int(row["round"]), float(value)))
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+        for label, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{metric}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequence[dict[str, Any]],
+                 plots: Sequence[Path], notes: Sequence[str] = ()) -> Path:
+    """A markdown summary: config, the evaluation table per round, plots, notes."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "## Configuration", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in sorted(config.items())]
+    evals = [r for r in rows if r["phase"] == "evaluate"]
+    if evals:
+        lines += ["", "## Frozen-encoder evaluation per round", "",
+                  "| round | site | modality | k-NN acc | k-NN AUC | linear acc | linear AUC |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(evals, key=lambda r: (r["round"], r["site"], r["modality"])):
+            lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
+                "round", "site", "modality", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")) + " |")
+    trains = [r for r in rows if r["phase"] == "train"]
+    if trains:
+        lines += ["", "## Training loss per round", "", "| round | site | modality | loss | images/s |", "|---|---|---|---|---|"]
+        for r in sorted(trains, key=lambda r: (r["round"], r["site"], r["modality"])):
+            lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
+                "round", "site", "modality", "loss", "images_per_s")) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    path = out_dir / "report.md"
+    text = "\n".join(lines) + "\n"
+    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return path

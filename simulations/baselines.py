@@ -1,0 +1,107 @@
+"""The two non-federated arms a federation is compared against, with the same data and compute:
+centralized (every site's images pooled in one place, as many steps as all sites together) and
+local-only (each site alone, its own steps). Both write the same metrics rows as a federation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.training import ssl_loader
+from server.checkpoints import save_encoders
+from server.report import MetricsLog, plot_metrics, write_report
+from simulations.scenario import Scenario, pooled_data, site_data
+from visionfm_core.pretraining import encoder_spec, evaluate_encoder_arrays, new_trainer
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import resolve_device, seed_everything
+from visionfm_core.splits import ModalitySplit
+
+logger = logging.getLogger(__name__)
+
+Evaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]]
+
+
+def _train_alone(
+    label: str, data: dict[str, ModalitySplit], cfg: RunConfig, steps_per_round: dict[str, int],
+    log: MetricsLog, central_evaluator: Evaluator | None, seed_offset: int,
+) -> dict[str, np.ndarray]:
+    """Train one trainer per modality continuously, evaluating at the same round marks as a federation."""
+    device = resolve_device(cfg.device)
+    arrays: dict[str, np.ndarray] = {}
+    trainers = {}
+    for modality, split in data.items():
+        seed_everything(cfg.seed)
+        run_cfg = cfg.replace(local_steps=steps_per_round[modality])
+        trainers[modality] = (new_trainer(run_cfg, modality, device, seed_offset), run_cfg)
+        arrays.update({f"{modality}/{k}": v.numpy() for k, v in trainers[modality][0].shared_state().items()})
+
+    def evaluate(server_round: int) -> None:
+        for modality, split in data.items():
+            labelled_train = [i for i in split.train if i.label is not None]
+            labelled_val = [i for i in split.val if i.label is not None]
+            if labelled_train and labelled_val:
+                shared = {k: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(f"{modality}/")}
+                scores = evaluate_encoder_arrays({k.split("/", 1)[1]: v for k, v in shared.items()}, modality,
+                                                 labelled_train, labelled_val, split.num_classes, cfg, device)
+                log.add(server_round, label, modality, "evaluate", scores)
+        if central_evaluator is not None:
+            for modality, values in central_evaluator(arrays).items():
+                if modality in data:
+                    log.add(server_round, f"{label}:global-test", modality, "evaluate", values)
+
+    evaluate(0)
+    for server_round in range(1, cfg.num_rounds + 1):
+        for modality, split in data.items():
+            trainer, run_cfg = trainers[modality]
+            seed = cfg.seed + 1000 * server_round + seed_offset
+            stats = trainer.train_steps(ssl_loader(split, run_cfg, seed), run_cfg.local_steps,
+                                        start_step=(server_round - 1) * run_cfg.local_steps)
+            stats["num-examples"] = float(len(split.train))
+            log.add(server_round, label, modality, "train", stats)
+            arrays.update({f"{modality}/{k}": v.numpy() for k, v in trainer.shared_state().items()})
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:
+            evaluate(server_round)
+        log.save()
+    return arrays
+
+
+def run_centralized(scenario: Scenario, cfg: RunConfig, central_evaluator: Evaluator | None) -> MetricsLog:
+    """Pool every site's data per modality; per round, as many steps as all holders of it together."""
+    out = Path(cfg.out_dir)
+    log = MetricsLog(out)
+    log.rows = []
+    data = pooled_data(scenario, cfg.val_fraction)
+    holders = {m: sum(m in s.modalities for s in scenario.sites) for m in data}
+    steps = {m: cfg.local_steps * holders[m] for m in data}
+    arrays = _train_alone("centralized", data, cfg, steps, log, central_evaluator, seed_offset=0)
+    _finish(out, cfg, log, arrays, "centralized pretraining (all sites' data pooled)")
+    return log
+
+
+def run_local(scenario: Scenario, cfg: RunConfig, central_evaluator: Evaluator | None) -> MetricsLog:
+    """Each site trains alone on its own data with its own per-round steps."""
+    out = Path(cfg.out_dir)
+    log = MetricsLog(out)
+    log.rows = []
+    for index, site in enumerate(scenario.sites):
+        data = site_data(scenario, index, cfg.val_fraction)
+        site_cfg = cfg.replace(out_dir=str(out / site.name))
+        arrays = _train_alone(site.name, data, site_cfg, {m: cfg.local_steps for m in data}, log,
+                              central_evaluator, seed_offset=index + 1)
+        save_encoders(out / site.name / "encoders", arrays, list(data), encoder_spec(cfg),
+                      round=cfg.num_rounds, objective=cfg.objective)
+    _finish(out, cfg, log, {}, "local-only pretraining (each site alone)")
+    return log
+
+
+def _finish(out: Path, cfg: RunConfig, log: MetricsLog, arrays: dict[str, np.ndarray], title: str) -> None:
+    log.save()
+    if arrays:
+        save_encoders(out / "encoders", arrays, cfg.modality_list, encoder_spec(cfg), round=cfg.num_rounds,
+                      objective=cfg.objective)
+    plots = plot_metrics(log.rows, out / "plots")
+    write_report(out, f"visionfm-fed {title}", cfg.to_flat(), log.rows, plots)

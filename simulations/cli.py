@@ -1,0 +1,113 @@
+"""The `visionfm` command: `visionfm simulate` (a whole federation on one machine) and the single-site
+commands of visionfm_core (pretrain, finetune, evaluate, predict, weights) where they are installed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from simulations.compare import comparison_rows, test_scores, write_comparison
+from simulations.simulate import MODES, quiet_framework_logs, simulate
+from visionfm_core.errors import VisionFMError
+
+app = typer.Typer(help="visionfm-fed: federated ophthalmic foundation models (VisionFM) with Flower.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """visionfm-fed: federated ophthalmic foundation models (VisionFM) with Flower."""
+
+
+def _register_core_commands() -> None:
+    try:
+        from visionfm_core.cli import register
+    except ImportError:
+        return
+    register(app)
+
+
+@app.command("simulate")
+def simulate_command(
+    scenario: Annotated[str, typer.Option(help="bundled scenario name (quick, default) or a TOML file")] = "default",
+    mode: Annotated[str, typer.Option(help="federated | centralized | local | all (runs the three and compares)")]
+    = "federated",
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<scenario>-<mode>)")] = None,
+    sites: Annotated[int | None, typer.Option(help="number of sites, each holding every modality")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet (label skew) | quantity")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha: smaller = more skew")] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    local_steps: Annotated[int | None, typer.Option(help="local optimisation steps per round")] = None,
+    objective: Annotated[str | None, typer.Option(help="dino | ibot")] = None,
+    arch: Annotated[str | None, typer.Option(help="nano | micro | tiny | small | base")] = None,
+    image_size: Annotated[int | None, typer.Option(help="input size in pixels")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="ViT patch size")] = None,
+    teacher_sync: Annotated[str | None, typer.Option(help="ema (FedEMA-style) | reset")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed (partition and training)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+) -> None:
+    """Simulate a federation of hospitals on this machine and write checkpoints, metrics, plots and a report."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        quiet_framework_logs()
+    overrides: dict[str, Any] = {
+        "num-rounds": rounds, "local-steps": local_steps, "objective": objective, "arch": arch,
+        "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
+        "device": device, "progress": True,
+    }
+    scenario_overrides: dict[str, Any] = {"sites": sites}
+    if partition is not None or alpha is not None:
+        from simulations.scenario import load_scenario
+
+        base = load_scenario(scenario)
+        scenario_overrides["partition"] = {"kind": partition or base.partition,
+                                           "alpha": alpha if alpha is not None else base.alpha, "seed": base.seed}
+    modes = MODES if mode == "all" else (mode,)
+    root = out or Path(f"runs/{Path(scenario).stem}")
+    logs = {}
+    try:
+        for each in modes:
+            target = root / each if (mode == "all" or out is None) else root
+            console.print(f"[bold]visionfm simulate[/] scenario={scenario} mode={each} → {target}")
+            outcome = simulate(scenario, each, target, overrides, scenario_overrides)
+            logs[each] = outcome.metrics
+            _print_scores(each, outcome.metrics)
+            console.print(f"  {each} finished in {outcome.seconds:.0f}s: report {outcome.out_dir / 'report.md'}")
+    except VisionFMError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    if len(logs) > 1:
+        path = write_comparison(root, comparison_rows(logs))
+        console.print(f"comparison: {path}")
+
+
+def _print_scores(mode: str, log: Any) -> None:
+    first, last = test_scores(log, 0), test_scores(log)
+    table = Table(title=f"{mode}: held-out test split, frozen encoder (round 0 → last)")
+    for column in ("arm", "modality", "k-NN acc", "k-NN AUC", "linear acc", "linear AUC"):
+        table.add_column(column)
+    for arm, per_modality in sorted(last.items()):
+        for modality, scores in sorted(per_modality.items()):
+            base = first.get(arm, {}).get(modality, {})
+            table.add_row(arm, modality, *(f"{base.get(k, float('nan')):.3f} → {scores.get(k, float('nan')):.3f}"
+                                           for k in ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")))
+    console.print(table)
+
+
+_register_core_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Side-by-side summary of federated, centralized and local-only runs on the same test split."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.report import MetricsLog
+
+SCORES = ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
+
+
+def test_scores(log: MetricsLog, server_round: int | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """{arm: {modality: scores}} of the held-out test split at `server_round` (default: the last round).
+    Local-only runs have one arm per site."""
+    rows = [r for r in log.rows if r["phase"] == "evaluate" and str(r["site"]).endswith("global-test")]
+    if not rows:
+        return {}
+    target = max(int(r["round"]) for r in rows) if server_round is None else server_round
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for row in rows:
+        if int(row["round"]) != target:
+            continue
+        arm = str(row["site"]).removesuffix("global-test").rstrip(":") or "federated"
+        result.setdefault(arm, {})[str(row["modality"])] = {k: float(row[k]) for k in SCORES if k in row}
+    return result
+
+
+def comparison_rows(logs: dict[str, MetricsLog]) -> list[dict[str, Any]]:
+    """One row per mode, arm and modality: scores at round 0 (random encoder) and at the last round."""
+    rows = []
+    for mode, log in logs.items():
+        first, last = test_scores(log, 0), test_scores(log)
+        for arm, per_modality in last.items():
+            for modality, scores in per_modality.items():
+                row: dict[str, Any] = {"mode": mode, "arm": arm, "modality": modality}
+                for key in SCORES:
+                    row[f"{key}_round0"] = first.get(arm, {}).get(modality, {}).get(key, math.nan)
+                    row[key] = scores.get(key, math.nan)
+                rows.append(row)
+    return rows
+
+
+def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """comparison.json and comparison.md in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(json.dumps(list(rows), indent=1))
+    lines = ["# Federated vs centralized vs local-only (held-out test split)", "",
+             "| mode | arm | modality | k-NN acc (round 0 → last) | k-NN AUC | linear acc | linear AUC |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r[k + '_round0']:.3f} → {r[k]:.3f}" for k in SCORES]
+        lines.append(f"| {r['mode']} | {r['arm']} | {r['modality']} | " + " | ".join(cells) + " |")
+    path = out_dir / "comparison.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,62 @@
+"""The real, openly licensed eye images bundled with the package (see simulations/data/ATTRIBUTION.md)
+and how a simulation uses each: a pool that is partitioned between simulated sites, and a held-out
+labelled test split that every mode (federated, centralized, local) is scored on."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from visionfm_core.data.items import ImageItem
+from visionfm_core.data.sources import load_npz_split, scan_image_folder
+from visionfm_core.errors import ConfigError
+from visionfm_core.splits import split_train_val
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+@dataclass(frozen=True)
+class SimulationDataset:
+    """A labelled dataset of one modality: `pool` is shared out to sites, `test` is never trained on."""
+
+    name: str
+    modality: str
+    pool: list[ImageItem]
+    test: list[ImageItem]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _retinamnist() -> SimulationDataset:
+    path = DATA_DIR / "retinamnist" / "retinamnist.npz"
+    train = load_npz_split(path, "train", modality="fundus")
+    test = load_npz_split(path, "test", modality="fundus")
+    names = ["DR grade 0", "DR grade 1", "DR grade 2", "DR grade 3", "DR grade 4"]
+    return SimulationDataset("retinamnist", "fundus", train.items, test.items, names)
+
+
+def _oct2017() -> SimulationDataset:
+    root = DATA_DIR / "oct2017_val"
+    scan = scan_image_folder(root, labels_csv=root / "labels.csv", modality="oct")
+    items = scan.items
+    # Hold out a quarter of the patients as the test split, so no patient is both trained and scored on.
+    pool_idx, test_idx = split_train_val(len(items), 0.25, seed=2017, groups=[i.patient_key for i in items])
+    return SimulationDataset("oct2017", "oct", [items[i] for i in pool_idx], [items[i] for i in test_idx],
+                             scan.class_names)
+
+
+BUNDLED = {"retinamnist": _retinamnist, "oct2017": _oct2017}
+
+
+@functools.cache
+def load_dataset(name: str) -> SimulationDataset:
+    """A bundled dataset by name (cached per process: simulated sites in one worker share it)."""
+    try:
+        factory = BUNDLED[name]
+    except KeyError:
+        raise ConfigError("datasets", f"unknown bundled dataset {name!r}; known: {', '.join(BUNDLED)}") from None
+    return factory()

@@ -1,0 +1,154 @@
+"""Simulation scenarios: which sites exist, which modalities each holds, how the bundled data is
+partitioned between them, and the run config. Scenarios are TOML files; `quick` and `default` ship
+with the package."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from simulations.datasets import load_dataset
+from simulations.partition import partition_indices
+from visionfm_core.data.items import ImageItem
+from visionfm_core.errors import ConfigError
+from visionfm_core.modalities import canonical_modality
+from visionfm_core.splits import ModalitySplit, split_train_val
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One simulated hospital."""
+
+    name: str
+    modalities: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A whole simulated federation."""
+
+    name: str
+    sites: tuple[SiteSpec, ...]
+    datasets: dict[str, str]  # modality -> bundled dataset name
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    seed: int = 0
+    run: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def modalities(self) -> list[str]:
+        """Every modality some site holds, in the order the datasets table lists them."""
+        held = {m for s in self.sites for m in s.modalities}
+        return [m for m in self.datasets if m in held]
+
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """A bundled scenario name ("quick", "default") or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError("scenario", f"scenario file not found: {path}")
+        return path
+    bundled = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not bundled.is_file():
+        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+        raise ConfigError("scenario", f"unknown scenario {name_or_path!r}; bundled: {', '.join(known)}")
+    return bundled
+
+
+def load_scenario(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """Parse and validate a scenario; `overrides` replace top-level keys (sites, partition, alpha, seed)."""
+    path = scenario_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("scenario", f"{path}: invalid TOML ({exc})") from exc
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return scenario_from_dict(raw, default_name=path.stem)
+
+
+def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> Scenario:
+    """Validate a scenario mapping (the parsed TOML)."""
+    known = {"name", "description", "sites", "datasets", "partition", "run"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown scenario key")
+    datasets = {canonical_modality(m): str(d) for m, d in dict(raw.get("datasets", {})).items()}
+    if not datasets:
+        raise ConfigError("datasets", "the scenario names no dataset per modality")
+    partition = dict(raw.get("partition", {}))
+    sites_raw = raw.get("sites", [])
+    if isinstance(sites_raw, int):
+        # A bare count: that many sites, each holding every modality of the datasets table.
+        sites_raw = [{"name": f"site-{i + 1}", "modalities": list(datasets)} for i in range(sites_raw)]
+    sites = []
+    for index, site in enumerate(sites_raw):
+        modalities = tuple(canonical_modality(m) for m in site.get("modalities", []))
+        if not modalities:
+            raise ConfigError(f"sites[{index}].modalities", "a site must hold at least one modality")
+        missing = [m for m in modalities if m not in datasets]
+        if missing:
+            raise ConfigError(f"sites[{index}].modalities", f"no dataset for modality {missing[0]!r}")
+        sites.append(SiteSpec(str(site.get("name", f"site-{index + 1}")), modalities))
+    if not sites:
+        raise ConfigError("sites", "the scenario has no site")
+    return Scenario(
+        name=str(raw.get("name", default_name)),
+        description=str(raw.get("description", "")),
+        sites=tuple(sites),
+        datasets=datasets,
+        partition=str(partition.get("kind", "dirichlet")),
+        alpha=float(partition.get("alpha", 0.5)),
+        seed=int(partition.get("seed", 0)),
+        run=dict(raw.get("run", {})),
+    )
+
+
+def site_items(scenario: Scenario, modality: str) -> list[list[ImageItem]]:
+    """The pool of `modality` divided between the sites that hold it (in site order)."""
+    dataset = load_dataset(scenario.datasets[modality])
+    holders = [s for s in scenario.sites if modality in s.modalities]
+    parts = partition_indices([i.label for i in dataset.pool], len(holders), scenario.partition,
+                              scenario.alpha, seed=scenario.seed + _stable_offset(modality))
+    return [[dataset.pool[i] for i in part] for part in parts]
+
+
+def _stable_offset(text: str) -> int:
+    return sum(ord(c) for c in text)
+
+
+def site_data(scenario: Scenario, site_index: int, val_fraction: float) -> dict[str, ModalitySplit]:
+    """Everything simulated site `site_index` holds, per modality, split into train/validation."""
+    if not 0 <= site_index < len(scenario.sites):
+        raise ConfigError("partition-id", f"site {site_index} does not exist (scenario has {len(scenario.sites)})")
+    site = scenario.sites[site_index]
+    result: dict[str, ModalitySplit] = {}
+    for modality in site.modalities:
+        holders = [i for i, s in enumerate(scenario.sites) if modality in s.modalities]
+        items = site_items(scenario, modality)[holders.index(site_index)]
+        train_idx, val_idx = split_train_val(len(items), val_fraction, seed=scenario.seed + site_index,
+                                             groups=[i.patient_key for i in items])
+        dataset = load_dataset(scenario.datasets[modality])
+        result[modality] = ModalitySplit(modality, [items[i] for i in train_idx], [items[i] for i in val_idx],
+                                         dataset.num_classes)
+    return result
+
+
+def pooled_data(scenario: Scenario, val_fraction: float) -> dict[str, ModalitySplit]:
+    """All sites' data pooled per modality (the centralized baseline), same train/val membership."""
+    pooled: dict[str, ModalitySplit] = {}
+    for index in range(len(scenario.sites)):
+        for modality, split in site_data(scenario, index, val_fraction).items():
+            if modality not in pooled:
+                pooled[modality] = ModalitySplit(modality, [], [], split.num_classes)
+            pooled[modality].train.extend(split.train)
+            pooled[modality].val.extend(split.val)
+    return pooled
