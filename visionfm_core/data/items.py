@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from visionfm_core.data.readers import read_image
+from visionfm_core.data.files import read_any_image
 
 
 @dataclass(frozen=True)
@@ -20,16 +20,19 @@ class ImageItem:
     # Hashed, site-salted patient key used only for leakage-free splits (never logged or sent).
     patient_key: str | None = None
     frame: int | None = None
+    # "R", "L", "B" (both) or "U" from DICOM tags; metadata only, kept on the site.
+    laterality: str | None = None
     _array: np.ndarray | None = field(default=None, repr=False, compare=False)
     _loader: Callable[[ImageItem], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> np.ndarray:
-        """The image as (H, W, 3) uint8; raises DataError naming the file when it cannot be read."""
+        """The image as (H, W, 3) uint8 (frame `frame` for a multi-frame DICOM); raises a DataError
+        naming the file when it cannot be read."""
         if self._array is not None:
             return self._array
         if self._loader is not None:
             return self._loader(self)
-        return read_image(self.source)
+        return read_any_image(self.source, self.frame)
 
 
 def items_from_arrays(
