@@ -6,12 +6,18 @@ head) and numbers. The teacher, DINO centres and optimizer moments stay in `cont
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.records import arrays_to_record, record_to_tensors
+from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data
 from client.training import evaluate_round, train_round
+from strategies.compression import encode, payload_bytes
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
 
@@ -22,10 +28,11 @@ app = ClientApp()
 
 def _run_config(msg: Message, context: Context) -> RunConfig:
     """The run config the server sent with the message (it wins over the app's defaults)."""
-    flat = dict(context.run_config)
+    flat: dict[str, Any] = dict(context.run_config)
     if "config" in msg.content.config_records:
-        flat.update(msg.content.config_records["config"])
+        flat.update(dict(msg.content.config_records["config"]))
     flat.pop("server-round", None)
+    flat.pop(STAGE_KEY, None)
     return RunConfig.from_flat(flat)
 
 
@@ -46,23 +53,48 @@ def _site_seed(context: Context) -> int:
 def train(msg: Message, context: Context) -> Message:
     """One local SSL round: global encoders in, updated shared weights and numbers out."""
     cfg = _run_config(msg, context)
-    server_round = int(msg.content.config_records["config"]["server-round"])
+    server_round = int(str(msg.content.config_records["config"]["server-round"]))
     site = load_site_data(context.node_config, cfg)
     local_states = {
         key[len(LOCAL_STATE_PREFIX):]: record_to_tensors(record)
         for key, record in context.state.array_records.items()
         if key.startswith(LOCAL_STATE_PREFIX)
     }
+    global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
-        result = train_round(site, record_to_tensors(msg.content.array_records["arrays"]), cfg, server_round,
-                             local_states, site_seed=_site_seed(context))
+        result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context))
     for modality, state in result.local_state.items():
         context.state[LOCAL_STATE_PREFIX + modality] = arrays_to_record(state)
     metrics = dict(result.metrics)
     metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
     metrics.update(_site_numbers(context))
-    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(metrics)})
+    outgoing = outgoing_arrays(cfg, context, global_arrays, result.arrays, metrics)
+    metrics["bytes-sent"] = float(payload_bytes(outgoing))
+    content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics))})
     return Message(content=content, reply_to=msg)
+
+
+def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, torch.Tensor],
+                    trained: dict[str, torch.Tensor], metrics: dict[str, float]) -> dict[str, np.ndarray]:
+    """What the reply carries: the trained arrays; their encoded delta (compression); or nothing at all
+    under secure aggregation, where the delta waits on the site for the masked exchange."""
+    trained_np = {k: v.numpy() for k, v in trained.items()}
+    if cfg.secure_aggregation:
+        weights = {k.split("/", 1)[0]: int(v) for k, v in metrics.items() if k.endswith("/num-examples")}
+        keep_update(context, {k: global_arrays[k].numpy() for k in trained_np}, trained_np, weights)
+        return {}
+    if cfg.compression == "none":
+        return trained_np
+    delta = {k: v - global_arrays[k].numpy() for k, v in trained_np.items()}
+    return encode(delta, cfg.compression).arrays
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Secure-aggregation stages driven by the server (see client/secure.py)."""
+    stage = str(msg.content.config_records["config"][STAGE_KEY])
+    replies = handle_stage(stage, unpack_groups(msg.content), context)
+    return Message(content=pack_groups(replies), reply_to=msg)
 
 
 @app.evaluate()
@@ -74,5 +106,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = evaluate_round(site, record_to_tensors(msg.content.array_records["arrays"]), cfg)
     metrics["num-examples"] = float(sum(len(s.val) for s in site.values()))
     metrics.update(_site_numbers(context))
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(dict[str, Any](metrics))}), reply_to=msg)
 

@@ -35,6 +35,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
     return Federation(grid, cfg, initial, evaluator, site_names).run()
 
 
+def resolve_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """Typed run config; with a scenario, its [run] table fills what `flat` leaves unset."""
+    scenario_ref = str(flat.get("scenario", ""))
+    if not scenario_ref:
+        return RunConfig.from_flat(flat)
+    from simulations.scenario import load_scenario
+    from simulations.simulate import resolve_config
+
+    return resolve_config(load_scenario(scenario_ref), scenario_ref, flat)
+
+
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp whose run config is the app's config updated with `overrides` (flat, kebab-case)."""
     server_app = ServerApp()
@@ -43,7 +54,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         flat = dict(context.run_config)
         flat.update(overrides or {})
-        run_federation(grid, RunConfig.from_flat(flat))
+        run_federation(grid, resolve_run_config(flat))
 
     return server_app
 

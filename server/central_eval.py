@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 
 from simulations.datasets import load_dataset
 from simulations.scenario import load_scenario
@@ -15,7 +16,7 @@ from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device
 
 
-def scenario_test_evaluator(cfg: RunConfig):  # noqa: ANN201 - returns a CentralEvaluator
+def scenario_test_evaluator(cfg: RunConfig):
     """Score every modality's encoder with k-NN/linear probe: fit on the dataset's labelled pool, score on
     its held-out test split."""
     scenario = load_scenario(cfg.scenario)
@@ -26,7 +27,7 @@ def scenario_test_evaluator(cfg: RunConfig):  # noqa: ANN201 - returns a Central
         for modality in cfg.modality_list:
             if modality not in scenario.datasets:
                 continue
-            shared = modality_arrays(arrays, modality)
+            shared = modality_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, modality)
             if not shared:
                 continue
             dataset = load_dataset(scenario.datasets[modality])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,10 +22,23 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from client.records import arrays_to_record, record_to_numpy
+from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
 from server.report import MetricsLog, plot_metrics, write_report
-from strategies.fedavg import ModalityAccumulator, SiteReply, modality_of
+from strategies.compression import TrafficMeter, decode
+from strategies.fedavg import ModalityAccumulator, SiteReply, split_by_modality
+from strategies.robust import (
+    Aggregator,
+    aggregate_per_modality,
+    bound_update_norms,
+    coordinate_median,
+    krum,
+    trimmed_mean,
+)
+from strategies.secagg import ModalitySecAggServer, SecAggParams
+from strategies.validation import validate_reply
+from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import encoder_spec
 from visionfm_core.run_config import RunConfig
 
@@ -47,28 +61,13 @@ class FederationResult:
 def _site_label(msg: Message, names: dict[int, str], site_names: list[str]) -> str:
     node = msg.metadata.src_node_id
     if node not in names:
-        metrics = msg.content.metric_records.get("metrics", {}) if msg.has_content() else {}
+        metrics: dict[str, Any] = dict(msg.content.metric_records.get("metrics", {})) if msg.has_content() else {}
         index = metrics.get("site-index")
-        if index is not None and 0 <= int(index) < len(site_names):
+        if isinstance(index, (int, float)) and 0 <= int(index) < len(site_names):
             names[node] = site_names[int(index)]
         else:
             names[node] = f"site-{len(names) + 1}"
     return names[node]
-
-
-def reply_problem(arrays: dict[str, np.ndarray], global_arrays: dict[str, np.ndarray]) -> str | None:
-    """Why a site's arrays cannot be aggregated (unknown key, wrong shape or dtype, NaN/Inf), else None."""
-    for key, value in arrays.items():
-        reference = global_arrays.get(key)
-        if reference is None:
-            return f"unknown key {key!r}"
-        if value.shape != reference.shape:
-            return f"{key!r} has shape {value.shape}, expected {reference.shape}"
-        if not np.issubdtype(value.dtype, np.floating):
-            return f"{key!r} has dtype {value.dtype}"
-        if not np.isfinite(value).all():
-            return f"{key!r} contains NaN or Inf"
-    return None
 
 
 def _modality_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -78,6 +77,18 @@ def _modality_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
             modality, name = key.split("/", 1)
             grouped.setdefault(modality, {})[name] = float(value)
     return grouped
+
+
+def robust_aggregator(cfg: RunConfig) -> Aggregator:
+    """The per-modality aggregation rule a robust strategy names."""
+    if cfg.strategy == "median":
+        return coordinate_median
+    if cfg.strategy == "trimmed-mean":
+        return lambda updates: trimmed_mean(updates, cfg.trim_beta)
+    if cfg.strategy == "krum":
+        return lambda updates: krum(updates, cfg.byzantine, 1)
+    # Multi-Krum: average the n - f best-scored updates.
+    return lambda updates: krum(updates, cfg.byzantine, len(updates) - cfg.byzantine)
 
 
 class Federation:
@@ -96,6 +107,8 @@ class Federation:
         self.poll_interval = poll_interval
         self.metrics = MetricsLog(self.out_dir)
         self.rejected: list[str] = []
+        self.accepted: list[str] = []
+        self.traffic = TrafficMeter()
         self.progress = RoundProgress(cfg.num_rounds, enabled=cfg.progress)
 
     # -- messaging ---------------------------------------------------------------------------------
@@ -120,6 +133,11 @@ class Federation:
                     message_type=message_type, group_id=str(server_round))
             for node in nodes
         ]
+        return self._send(messages, server_round, message_type, on_reply)
+
+    def _send(self, messages: list[Message], server_round: int, label: str,
+              on_reply: Callable[[Message], None]) -> int:
+        """Push messages and hand each reply to `on_reply` as it arrives, until all answered or timeout."""
         pending = set(self.grid.push_messages(messages))
         deadline = time.monotonic() + self.cfg.round_timeout
         seen = 0
@@ -131,49 +149,144 @@ class Federation:
             if pending:
                 time.sleep(self.poll_interval)
         if pending:
-            logger.warning("round %d %s: %d site(s) did not answer within %.0fs", server_round, message_type,
+            logger.warning("round %d %s: %d site(s) did not answer within %.0fs", server_round, label,
                            len(pending), self.cfg.round_timeout)
         return seen
 
     # -- phases ------------------------------------------------------------------------------------
     def train_round(self, server_round: int) -> bool:
         """One aggregation round; returns False (global model unchanged) when too few sites succeeded."""
+        if self.cfg.secure_aggregation:
+            return self._secure_train_round(server_round)
+        robust = self.cfg.strategy != "fedavg"
         accumulator = ModalityAccumulator()
-        accepted: list[str] = []
+        held: list[SiteReply] = []
 
         def fold(reply: Message) -> None:
+            site = _site_label(reply, self.node_names, self.site_names)
+            update = self._site_update(server_round, site, reply)
+            if update is None:
+                return
+            if self.cfg.max_update_norm > 0:
+                update = self._bounded(update)
+            if robust:
+                held.append(update)  # robust rules need every update at once
+            else:
+                accumulator.add(update)
+            self.accepted.append(site)
+
+        self.accepted = []
+        self.progress.start_round(server_round)
+        self._exchange(MessageType.TRAIN, server_round, fold)
+        if len(self.accepted) < self.cfg.min_sites:
+            logger.error("round %d failed: %d accepted update(s), %d required; global model kept",
+                         server_round, len(self.accepted), self.cfg.min_sites)
+            return False
+        if robust:
+            self.arrays = aggregate_per_modality(held, robust_aggregator(self.cfg), self.arrays)
+        else:
+            self.arrays.update(accumulator.result())
+        logger.info("round %d aggregated (%s) from %s", server_round, self.cfg.strategy, ", ".join(self.accepted))
+        return True
+
+    def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
+        """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
+        if reply.has_error():
+            self._reject(server_round, site, f"site error: {reply.error.reason}")
+            return None
+        metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+        per_modality = _modality_metrics(metrics)
+        counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
+        arrays = record_to_numpy(reply.content.array_records["arrays"])
+        if self.cfg.compression != "none":
+            try:
+                delta = decode(arrays, self.cfg.compression)
+            except (TypeError, ValueError, KeyError) as exc:
+                self._reject(server_round, site, f"undecodable {self.cfg.compression} update: {exc}")
+                return None
+            arrays = {k: self.arrays[k] + v if k in self.arrays else v for k, v in delta.items()}
+        update = SiteReply(site, arrays, counts)
+        problem = validate_reply(update, self.arrays)
+        if problem is not None:
+            self._reject(server_round, site, str(problem))
+            return None
+        for modality, values in per_modality.items():
+            self.metrics.add(server_round, site, modality, "train", values)
+        sent_bytes = int(metrics.get("bytes-sent", 0))
+        self.traffic.record(server_round, site, sent_bytes)
+        self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
+        self.progress.site_done(site, float(np.mean([v.get("loss", np.nan) for v in per_modality.values()])))
+        return update
+
+    def _bounded(self, update: SiteReply) -> SiteReply:
+        bounded: dict[str, np.ndarray] = {}
+        for arrays in split_by_modality(update.arrays).values():
+            ((clipped, _),) = bound_update_norms([(arrays, 1.0)], self.arrays, self.cfg.max_update_norm)
+            bounded.update(clipped)
+        return SiteReply(update.site, bounded, update.num_examples)
+
+    def _secure_train_round(self, server_round: int) -> bool:
+        """Train, then SecAgg+ per modality: the server learns each modality's mean delta, no site's."""
+        holders: dict[str, list[int]] = {}
+        weights: list[int] = []
+
+        def record(reply: Message) -> None:
             site = _site_label(reply, self.node_names, self.site_names)
             if reply.has_error():
                 self._reject(server_round, site, f"site error: {reply.error.reason}")
                 return
-            arrays = record_to_numpy(reply.content.array_records["arrays"])
-            problem = reply_problem(arrays, self.arrays)
-            if problem is not None:
-                self._reject(server_round, site, problem)
-                return
-            metrics = dict(reply.content.metric_records["metrics"])
-            per_modality = _modality_metrics(metrics)
-            counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
-            sent = {modality_of(k) for k in arrays}
-            if any(counts.get(m, 0) <= 0 for m in sent):
-                self._reject(server_round, site, "an update without a positive example count")
-                return
-            accumulator.add(SiteReply(site, arrays, counts))
-            accepted.append(site)
-            for modality, values in per_modality.items():
+            metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+            for modality, values in _modality_metrics(metrics).items():
                 self.metrics.add(server_round, site, modality, "train", values)
-            self.progress.site_done(site, float(np.mean([v.get("loss", np.nan) for v in per_modality.values()])))
+                count = int(values.get("num-examples", 0))
+                if count > 0 and modality in self.cfg.modality_list:
+                    holders.setdefault(modality, []).append(reply.metadata.src_node_id)
+                    weights.append(count)
+            self.progress.site_done(site, float(metrics.get(f"{self.cfg.modality_list[0]}/loss", np.nan)))
 
         self.progress.start_round(server_round)
-        self._exchange(MessageType.TRAIN, server_round, fold)
-        if len(accepted) < self.cfg.min_sites:
-            logger.error("round %d failed: %d accepted update(s), %d required; global model kept",
-                         server_round, len(accepted), self.cfg.min_sites)
+        self._exchange(MessageType.TRAIN, server_round, record)
+        if not holders:
+            logger.error("round %d failed: no site trained", server_round)
             return False
-        self.arrays.update(accumulator.result())
-        logger.info("round %d aggregated: %s", server_round,
-                    ", ".join(f"{m} from {len(s)} site(s)" for m, s in sorted(accumulator.contributors.items())))
-        return True
+        params = SecAggParams(threshold=self.cfg.secagg_threshold, clip_range=self.cfg.secagg_clip_range,
+                              max_weight=max(weights))
+        protocol = ModalitySecAggServer(holders, self.arrays, params)
+        replies = self._query_stage(server_round, "setup", protocol.setup())
+        replies = self._query_stage(server_round, "share-keys", protocol.broadcast_keys(replies))
+        self._query_stage(server_round, "masked-input", protocol.relay_shares(replies), protocol.receive_masked)
+        outcome = protocol.finish(self._query_stage(server_round, "unmask", protocol.request_unmask()))
+        for modality, abort in outcome.aborted.items():
+            self._reject(server_round, f"{modality} group", f"secure aggregation aborted: {abort}")
+        for key, mean_delta in outcome.mean().items():
+            self.arrays[key] = (self.arrays[key] + mean_delta).astype(np.float32)
+        logger.info("round %d securely aggregated: %s", server_round,
+                    ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
+        return bool(outcome.results)
+
+    def _query_stage(self, server_round: int, stage: str, node_messages: dict[int, dict[str, Any]],
+                     on_reply: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
+        """Send one SecAgg+ stage to the nodes it addresses; a node that fails or is silent has dropped."""
+        messages = []
+        for node, groups in node_messages.items():
+            content = pack_groups(groups)
+            content["config"] = ConfigRecord({STAGE_KEY: stage, "server-round": server_round})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.QUERY,
+                                    group_id=str(server_round)))
+        replies: dict[int, dict[str, Any]] = {}
+
+        def collect(reply: Message) -> None:
+            if reply.has_error():
+                logger.warning("round %d secagg %s: a site dropped out (%s)", server_round, stage, reply.error.reason)
+                return
+            groups = unpack_groups(reply.content)
+            if on_reply is not None:
+                on_reply(reply.metadata.src_node_id, groups)
+            else:
+                replies[reply.metadata.src_node_id] = groups
+
+        self._send(messages, server_round, f"secagg {stage}", collect)
+        return replies
 
     def _reject(self, server_round: int, site: str, reason: str) -> None:
         line = f"round {server_round}: update from {site} rejected: {reason}"
@@ -197,14 +310,30 @@ class Federation:
                 self.metrics.add(server_round, "global-test", modality, "evaluate", values)
                 self.progress.score(modality, values.get("knn_accuracy", float("nan")))
 
+    def _check_resumable(self) -> None:
+        """Refuse to resume a folder whose model differs from this config (it would not load)."""
+        saved_path = self.out_dir / "config.json"
+        if not saved_path.is_file():
+            return
+        saved = json.loads(saved_path.read_text())
+        for key in ("arch", "image-size", "patch-size", "modalities", "objective", "share-head"):
+            if key in saved and saved[key] != self.cfg.to_flat()[key]:
+                raise ConfigError(key, f"cannot resume {self.out_dir}: it was run with {saved[key]!r}, "
+                                       f"this config has {self.cfg.to_flat()[key]!r}")
+
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> FederationResult:
         """Run (or resume) the federation and write checkpoints, metrics, plots and the report."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.resume:
+            self._check_resumable()
         (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_flat(), indent=2, sort_keys=True))
         spec = encoder_spec(self.cfg)
         start = 1
-        resumed = latest_round(self.out_dir)
+        resumed = latest_round(self.out_dir) if self.cfg.resume else None
+        if resumed is None and (self.out_dir / "checkpoints").exists():
+            # A fresh run in a used folder: old rounds must not be mistaken for this run's.
+            shutil.rmtree(self.out_dir / "checkpoints")
         if resumed is not None:
             self.arrays.update(load_round(self.out_dir, resumed))
             self.metrics.drop_after(resumed)
@@ -220,9 +349,11 @@ class Federation:
                 self.train_round(server_round)
                 if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
                     self.evaluate(server_round)
+                # Metrics first, then the checkpoint marker: a crash in between re-runs this round on
+                # resume and drops its rows, so nothing is counted twice.
+                self.metrics.save()
                 save_round(self.out_dir, server_round, self.arrays, self.cfg.modality_list, spec,
                            {"objective": self.cfg.objective})
-                self.metrics.save()
         save_encoders(self.out_dir / "encoders", self.arrays, self.cfg.modality_list, spec,
                       round=self.cfg.num_rounds, objective=self.cfg.objective)
         plots = plot_metrics(self.metrics.rows, self.out_dir / "plots")

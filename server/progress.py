@@ -6,7 +6,7 @@ import math
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 
 class RoundProgress:
@@ -20,7 +20,7 @@ class RoundProgress:
         self.losses: list[float] = []
         self.scores: dict[str, float] = {}
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         if enabled:
             self._progress = Progress(TextColumn("[bold]federation"), BarColumn(), MofNCompleteColumn(),
                                       TextColumn("{task.description}"), TimeElapsedColumn(),

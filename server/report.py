@@ -106,13 +106,15 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
     evals = [r for r in rows if r["phase"] == "evaluate"]
     if evals:
         lines += ["", "## Frozen-encoder evaluation per round", "",
-                  "| round | site | modality | k-NN acc | k-NN AUC | linear acc | linear AUC |", "|---|---|---|---|---|---|---|"]
+                  "| round | site | modality | k-NN acc | k-NN AUC | linear acc | linear AUC |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sorted(evals, key=lambda r: (r["round"], r["site"], r["modality"])):
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
                 "round", "site", "modality", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")) + " |")
     trains = [r for r in rows if r["phase"] == "train"]
     if trains:
-        lines += ["", "## Training loss per round", "", "| round | site | modality | loss | images/s |", "|---|---|---|---|---|"]
+        lines += ["", "## Training loss per round", "", "| round | site | modality | loss | images/s |",
+                  "|---|---|---|---|---|"]
         for r in sorted(trains, key=lambda r: (r["round"], r["site"], r["modality"])):
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
                 "round", "site", "modality", "loss", "images_per_s")) + " |")

@@ -17,6 +17,8 @@ from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
 
 SSL_PREFIX = "ssl."
+STRATEGIES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
+CODECS = ("none", "fp16", "bf16", "int8")
 
 
 @dataclass
@@ -36,7 +38,18 @@ class RunConfig:
     teacher_sync: str = "ema"
     teacher_ema: float = 0.5
     share_head: bool = True
+    # Aggregation: "fedavg" (streaming weighted mean), or robust "median", "trimmed-mean", "krum",
+    # "multi-krum"; optional bound on each site's update norm (0 = off).
     strategy: str = "fedavg"
+    trim_beta: float = 0.1
+    byzantine: int = 1
+    max_update_norm: float = 0.0
+    # Transport codec of site updates: "none" (fp32), "fp16", "bf16", "int8".
+    compression: str = "none"
+    # SecAgg+: the server only ever sees each modality's sum over at least `secagg-threshold` of its sites.
+    secure_aggregation: bool = False
+    secagg_threshold: float = 0.6
+    secagg_clip_range: float = 0.5
     min_sites: int = 1
     round_timeout: float = 1800.0
     eval_every: int = 1
@@ -52,6 +65,8 @@ class RunConfig:
     # Optional public, labelled data the server evaluates every global encoder on (simulation: bundled).
     server_eval: str = ""
     progress: bool = False
+    # Continue a run folder from its last complete round checkpoint instead of starting afresh.
+    resume: bool = False
     ssl: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +96,14 @@ class RunConfig:
             raise ConfigError("teacher-ema", f"must be in [0, 1), got {self.teacher_ema}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError("val-fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("strategy", f"must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.compression not in CODECS:
+            raise ConfigError("compression", f"must be one of {', '.join(CODECS)}, got {self.compression!r}")
+        if self.secure_aggregation and self.strategy != "fedavg":
+            raise ConfigError("strategy", "secure aggregation reveals only sums: it works with 'fedavg' only")
+        if self.secure_aggregation and self.compression != "none":
+            raise ConfigError("compression", "secure aggregation quantises updates itself: use 'none'")
         if not self.modality_list:
             raise ConfigError("modalities", "names no modality")
 

@@ -1,0 +1,183 @@
+"""`visionfm-client`: hospital IT's command line (check the site, join the federation, read the audit log)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from visionfm_core.errors import ConfigError
+
+app = typer.Typer(
+    help="Run this hospital's side of a visionfm-fed federation: check, join, audit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold paths or keys
+)
+console = Console()
+DEFAULT_WORK = Path("visionfm-site")
+BUNDLE = typer.Option(..., "--bundle", "-b", help="This hospital's bundle folder from the coordinator.")
+DATA = typer.Option(..., "--data", "-d", help="The site's images: a folder, a DICOM folder or a .npz file.")
+MODALITIES = typer.Option(
+    ..., "--modalities", "-m", help="Comma-separated modalities held, e.g. fundus or oct,fundus."
+)
+WORK = typer.Option(
+    DEFAULT_WORK, "--work", help="This site's working folder (logs, audit log, Flower state)."
+)
+GPU = typer.Option(None, "--gpu", help="GPU index to use; -1 for CPU only (default: Flower/torch's choice).")
+COORDINATOR = typer.Option(
+    None, "--coordinator", help="host:port of the coordinator (default: the bundle's)."
+)
+
+COLOURS = {"ok": "green", "warn": "yellow", "fail": "red"}
+
+
+def _modalities(value: str) -> list[str]:
+    return [m.strip() for m in value.split(",") if m.strip()]
+
+
+@app.command()
+def check(
+    bundle: Path = BUNDLE,
+    data: Path = DATA,
+    modalities: str = MODALITIES,
+    work: Path = WORK,
+    gpu: int | None = GPU,
+    coordinator: str | None = COORDINATOR,
+    offline: bool = typer.Option(False, "--offline", help="Do not contact the coordinator."),
+    headers_only: bool = typer.Option(
+        False, "--headers-only", help="Index files without decoding every image."
+    ),
+) -> None:
+    """Preflight before joining: data, modalities, corrupt files, GPU, disk, memory, certificates.
+
+    Exit code 0 when the site can join (warnings allowed), 1 when something would fail. Nothing is
+    sent anywhere except the certificate handshake with the coordinator (skip it with --offline).
+    """
+    from client.preflight import run_checks
+
+    try:
+        checks = run_checks(
+            data, _modalities(modalities), bundle, work, coordinator, gpu, not offline, not headers_only
+        )
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    for item in checks:
+        colour = COLOURS[item.verdict]
+        console.print(f"[{colour}]{item.verdict.upper():4}[/{colour}] {item.name}: {escape(item.message)}")
+        for line in item.details:
+            console.print(f"       {line}", markup=False)
+    failed = [c for c in checks if c.verdict == "fail"]
+    console.print("[red]NOT READY[/red]" if failed else "[green]READY[/green] to join")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def join(
+    bundle: Path = BUNDLE,
+    data: Path = DATA,
+    modalities: str = MODALITIES,
+    work: Path = WORK,
+    gpu: int | None = GPU,
+    coordinator: str | None = COORDINATOR,
+    cold: bool = typer.Option(
+        False,
+        "--cold",
+        help="Let Flower start a fresh ClientApp process per message "
+        "(no pre-warmed executor; slower, but what stock Flower does).",
+    ),
+) -> None:
+    """Join the federation and stay joined until Ctrl-C / SIGTERM.
+
+    Only outbound connections are made (to the coordinator's gateway). Telemetry and update checks are
+    off. Everything the site sends is recorded in WORK/audit.jsonl (see `visionfm-client audit`).
+    """
+    from client.join import JoinRefusedError, SiteSettings, run_site
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    settings = SiteSettings(bundle, data, _modalities(modalities), work, gpu, coordinator, warm=not cold)
+    try:
+        run_site(
+            settings,
+            stop,
+            on_ready=lambda node: console.print(
+                f"[green]joined[/green] as {node.bundle.hospital}; logs in {work / 'logs'}"
+            ),
+        )
+    except (JoinRefusedError, ConfigError) as exc:
+        console.print(f"[red]cannot join:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    console.print("left the federation")
+
+
+@app.command()
+def audit(
+    work: Path = WORK,
+    run: int = typer.Option(0, "--run", help="Only this run id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw entries (JSON lines)."),
+) -> None:
+    """Everything that left this site: per reply the run, round, keys, shapes, bytes, epsilon, hash."""
+    from client.audit import AuditLog, summarise
+
+    log = AuditLog(work / "audit.jsonl")
+    entries = [e for e in log.entries() if not run or e.get("run") in (None, run)]
+    if as_json:
+        for entry in entries:
+            print(json.dumps(entry, sort_keys=True))
+        return
+    if not entries:
+        console.print(f"no audit entries in {log.path}")
+        return
+    for entry in entries:
+        when = datetime.fromtimestamp(float(entry["time"]), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        if entry["event"] == "reply":
+            eps = entry.get("epsilon")
+            console.print(
+                f"{when} run {entry.get('run')} round {entry.get('round')} {entry.get('message_type')}: "
+                f"{len(entry.get('arrays', []))} arrays, {entry.get('bytes', 0):,} bytes, "
+                f"{len(entry.get('numbers', {}))} numbers"
+                + (f", epsilon {eps}" if eps is not None else "")
+                + f", sha256 {entry.get('sha256', '')[:16]}"
+            )
+            for array in entry.get("arrays", []):
+                console.print(
+                    f"    {array['key']} {tuple(array['shape'])} {array['dtype']} {array['bytes']:,} B",
+                    markup=False,
+                )
+        elif entry["event"] == "transport":
+            console.print(
+                f"{when} uplink: {entry.get('bytes_out', 0):,} bytes sent (all requests, TLS payload)"
+            )
+        elif entry["event"] == "session":
+            console.print(f"{when} session {entry.get('state')}")
+    summary = summarise(iter(entries))
+    console.print(
+        f"total: {summary.replies} replies in {len(summary.runs)} run(s), "
+        f"{summary.array_bytes:,} bytes of weights, "
+        f"{summary.transport_bytes_out:,} bytes through the uplink"
+        + (f", max epsilon {summary.max_epsilon}" if summary.max_epsilon is not None else "")
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

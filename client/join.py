@@ -1,0 +1,247 @@
+"""`visionfm-client join`: keep this site in the federation until told to stop.
+
+It checks the bundle and asks the coordinator's gateway whether it accepts this site (a refused,
+expired, revoked or foreign certificate fails here, with the reason, before anything starts); then
+it runs the uplink, the SuperNode and (by default) the pre-warmed executor. Network blips and
+coordinator restarts are absorbed by the SuperNode's own retries through the uplink; if the SuperNode
+exits anyway, it is started again with backoff, unless the coordinator now refuses the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from certs.bundle import HospitalBundle, load_bundle
+from certs.loopback import make_loopback_tls
+from certs.tls import server_context
+from certs.verify import has_errors, verify_bundle
+from client.audit import AUDIT_LOG_KEY, AuditLog
+from client.supernode import (
+    NodeValue,
+    SuperNodeSpec,
+    deactivate_node,
+    start_supernode,
+    start_warm_executor,
+)
+from client.uplink import Uplink, UplinkThread, probe_coordinator
+from server.processes import free_port, stop_tree
+from visionfm_core.errors import ConfigError, VisionFMError
+from visionfm_core.modalities import canonical_modality
+
+logger = logging.getLogger(__name__)
+
+
+class JoinRefusedError(VisionFMError):
+    """The site cannot join: bad bundle, or the coordinator refuses it. The message says why."""
+
+
+@dataclass
+class SiteSettings:
+    """What `join` needs to know about this site (node config values stay on the site)."""
+
+    bundle_dir: Path
+    data_path: Path
+    modalities: list[str]
+    work_dir: Path
+    gpu: int | None = None
+    coordinator: str | None = None
+    warm: bool = True
+    extra_node_config: dict[str, NodeValue] = field(default_factory=dict)
+
+    @property
+    def audit_log(self) -> Path:
+        return self.work_dir / "audit.jsonl"
+
+    def node_config(self) -> dict[str, NodeValue]:
+        values: dict[str, NodeValue] = {
+            "data-path": str(self.data_path.resolve()),
+            "modalities": ",".join(canonical_modality(m) for m in self.modalities),
+            AUDIT_LOG_KEY: str(self.audit_log.resolve()),
+        }
+        if self.gpu is not None:
+            values["gpu"] = self.gpu
+        values.update(self.extra_node_config)
+        return values
+
+
+def admit(settings: SiteSettings) -> HospitalBundle:
+    """Load and verify the bundle, then ask the coordinator; JoinRefusedError with the reason otherwise."""
+    try:
+        bundle = load_bundle(settings.bundle_dir)
+    except VisionFMError as exc:
+        raise JoinRefusedError(str(exc)) from exc
+    findings = verify_bundle(bundle.root, expected_address=None)
+    if has_errors(findings):
+        raise JoinRefusedError("bundle is not usable:\n" + "\n".join(str(f) for f in findings if f.level == "error"))
+    probe = probe_coordinator(bundle, settings.coordinator)
+    if not probe.ok:
+        raise JoinRefusedError(probe.message)
+    return bundle
+
+
+INIT_FAILURE = "Failed to initialize the connection to the SuperLink"
+NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
+
+
+def refusal_in_log(text: str) -> str | None:
+    """The SuperLink's reason when a SuperNode gave up connecting (Flower logs it, then exits)."""
+    if INIT_FAILURE not in text:
+        return None
+    lines = text[text.index(INIT_FAILURE) :].splitlines()
+    reason = " ".join(line.strip() for line in lines[1:3] if line.strip() and not line.startswith("For more"))
+    hint = ""
+    if "2004" in reason or "activate" in reason.lower():
+        hint = " (the coordinator does not know this site's node key: not registered, or revoked)"
+    return f"the coordinator's SuperLink refused this site: {reason}{hint}"
+
+
+class SiteNode:
+    """The running parts of a joined site: uplink thread, SuperNode, executor."""
+
+    def __init__(self, settings: SiteSettings, bundle: HospitalBundle) -> None:
+        if not settings.modalities:
+            raise ConfigError("modalities", "name at least one modality this site holds")
+        self.settings = settings
+        self.bundle = bundle
+        self.audit = AuditLog(settings.audit_log)
+        settings.work_dir.mkdir(parents=True, exist_ok=True)
+        self.loopback = make_loopback_tls(settings.work_dir / "tls")
+        uplink = Uplink(bundle, server_context(self.loopback.cert, self.loopback.key), settings.coordinator)
+        self.uplink = UplinkThread(uplink)
+        self.supernode: subprocess.Popen[bytes] | None = None
+        self.executor: subprocess.Popen[bytes] | None = None
+        self._reported_out = 0
+        self._log_offset = 0
+        self.restarts = 0
+        self.cleared_stale = False
+
+    def start_uplink(self) -> int:
+        return self.uplink.start()
+
+    @property
+    def supernode_log(self) -> Path:
+        return self.settings.work_dir / "logs" / "supernode.log"
+
+    @property
+    def node_id_file(self) -> Path:
+        return self.settings.work_dir / "node-id"
+
+    def _new_log_text(self) -> str:
+        if not self.supernode_log.exists():
+            return ""
+        with self.supernode_log.open("rb") as handle:
+            handle.seek(self._log_offset)
+            return handle.read().decode(errors="replace")
+
+    def remember_node_id(self) -> None:
+        """Keep the SuperLink's id for this site once the SuperNode is activated (for crash recovery)."""
+        match = NODE_ID_LINE.search(self._new_log_text())
+        if match is not None and (not self.node_id_file.exists() or self.node_id_file.read_text() != match[1]):
+            self.node_id_file.write_text(match[1])
+
+    def start_node(self) -> None:
+        self._log_offset = self.supernode_log.stat().st_size if self.supernode_log.exists() else 0
+        spec = SuperNodeSpec(
+            bundle=self.bundle,
+            loopback=self.loopback,
+            uplink_port=self.uplink.uplink.listen_port,
+            runtime_port=free_port(),
+            node_config=self.settings.node_config(),
+            work_dir=self.settings.work_dir,
+            warm=self.settings.warm,
+            gpu=self.settings.gpu,
+        )
+        if self.node_id_file.exists():
+            # A previous SuperNode of this site may have died without deactivating (crash, kill -9):
+            # its activation would block ours until its heartbeat expires.
+            self.cleared_stale = deactivate_node(spec, int(self.node_id_file.read_text()))
+        self.supernode = start_supernode(spec)
+        if spec.warm:
+            self.executor = start_warm_executor(spec)
+
+    def stop_node(self) -> None:
+        for process in (self.executor, self.supernode):
+            if process is not None:
+                stop_tree(process)
+        self.executor = self.supernode = None
+
+    def refusal(self) -> str | None:
+        """Why the SuperLink refused the last SuperNode, if that is how it ended."""
+        return refusal_in_log(self._new_log_text())
+
+    def node_exited(self) -> int | None:
+        if self.supernode is None:
+            return None
+        code = self.supernode.poll()
+        if code is None and self.executor is not None and self.executor.poll() is not None:
+            return -1  # the executor died: restart both
+        return code
+
+    def log_transport(self) -> None:
+        """Append the bytes sent since the last entry (never contents or addresses)."""
+        counters = self.uplink.uplink.counters
+        if counters.bytes_out > self._reported_out:
+            self.audit.append(
+                "transport",
+                bytes_out=counters.bytes_out - self._reported_out,
+                connections=counters.connections,
+            )
+            self._reported_out = counters.bytes_out
+
+    def close(self) -> None:
+        self.stop_node()
+        self.log_transport()
+        self.uplink.stop()
+
+
+def run_site(
+    settings: SiteSettings,
+    stop: threading.Event,
+    on_ready: Callable[[SiteNode], None] | None = None,
+    poll_s: float = 0.5,
+    transport_every_s: float = 60.0,
+    max_backoff_s: float = 60.0,
+) -> int:
+    """Join and keep the site joined until `stop` is set. Returns 0, or raises JoinRefusedError."""
+    bundle = admit(settings)
+    node = SiteNode(settings, bundle)
+    node.start_uplink()
+    node.audit.append("session", state="start", federation=bundle.federation, warm=settings.warm)
+    backoff = 1.0
+    last_transport = time.monotonic()
+    try:
+        node.start_node()
+        if on_ready is not None:
+            on_ready(node)
+        while not stop.wait(poll_s):
+            if time.monotonic() - last_transport > transport_every_s:
+                node.log_transport()
+                last_transport = time.monotonic()
+            code = node.node_exited()
+            if code is None:
+                node.remember_node_id()
+                continue
+            logger.warning("SuperNode exited (code %s); checking with the coordinator", code)
+            node.stop_node()
+            refusal = node.refusal()
+            if refusal is not None:
+                raise JoinRefusedError(refusal)
+            probe = probe_coordinator(bundle, settings.coordinator)
+            if probe.refused:
+                raise JoinRefusedError(probe.message)
+            if stop.wait(backoff):
+                break
+            backoff = min(backoff * 2, max_backoff_s)
+            node.restarts += 1
+            node.start_node()
+    finally:
+        node.close()
+        node.audit.append("session", state="end")
+    return 0

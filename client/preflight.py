@@ -1,0 +1,172 @@
+"""`visionfm-client check`: is this site ready to join? Data, hardware, certificates, coordinator.
+
+Every check yields one line with a verdict: `ok`, `warn` (works, but look at it) or `fail` (joining
+would not work). File names of unreadable images are shown on the local console only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from certs.bundle import load_bundle
+from certs.errors import CertificateError
+from certs.verify import verify_bundle
+from client.uplink import probe_coordinator
+from visionfm_core.errors import VisionFMError
+from visionfm_core.modalities import canonical_modality
+
+MIN_FREE_DISK_GB = 5.0
+MIN_AVAILABLE_MEMORY_GB = 4.0
+
+
+@dataclass
+class Check:
+    """One verdict of the preflight."""
+
+    name: str
+    verdict: str  # "ok", "warn" or "fail"
+    message: str
+    details: list[str] = field(default_factory=list)  # local-only lines (may name files)
+
+
+def modality_folder(data_path: Path, modality: str, several: bool) -> Path:
+    """Where a modality's images are: a sub-folder named after it when the site holds several."""
+    folder = data_path / modality
+    return folder if several and folder.is_dir() else data_path
+
+
+def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> list[Check]:
+    """Readable path; per modality: usable images, wrong-modality and unreadable files."""
+    from visionfm_core.data.preflight import check_site_data
+
+    if not data_path.exists():
+        return [Check("data", "fail", f"data path {data_path} does not exist")]
+    if not os.access(data_path, os.R_OK):
+        return [Check("data", "fail", f"data path {data_path} is not readable by this user")]
+    checks = []
+    canonical = [canonical_modality(m) for m in modalities]
+    for modality in canonical:
+        folder = modality_folder(data_path, modality, len(canonical) > 1)
+        try:
+            report = check_site_data(folder, modality, decode=decode)
+        except VisionFMError as exc:
+            checks.append(Check(f"data:{modality}", "fail", str(exc)))
+            continue
+        problems = [
+            f"{s.path}: {s.reason}"
+            for s in (*report.unreadable, *report.wrong_modality, *report.label_problems)
+        ]
+        counts = ", ".join(f"{m} {n}" for m, n in sorted(report.images_per_modality.items())) or "none"
+        message = f"{report.usable_images} usable image(s) ({counts})"
+        if report.wrong_modality:
+            message += f"; {len(report.wrong_modality)} file(s) of another modality"
+        if report.unreadable:
+            message += f"; {len(report.unreadable)} unreadable file(s)"
+        verdict = "ok"
+        if not report.ok:
+            verdict = "fail"
+        elif report.unreadable or report.label_problems:
+            verdict = "warn"
+        checks.append(Check(f"data:{modality}", verdict, message, problems))
+    return checks
+
+
+def check_gpu(gpu: int | None) -> Check:
+    """The accelerator the ClientApp will use, or the CPU fallback."""
+    if gpu is not None and gpu < 0:
+        return Check("gpu", "ok", "CPU requested (--gpu -1)")
+    try:
+        import torch
+    except ImportError:
+        return Check("gpu", "fail", "torch is not installed")
+    if not torch.cuda.is_available():
+        message = "no CUDA GPU found: training falls back to the CPU (much slower)"
+        return Check("gpu", "fail" if gpu is not None else "warn", message)
+    count = torch.cuda.device_count()
+    if gpu is not None and gpu >= count:
+        return Check("gpu", "fail", f"GPU index {gpu} requested but only {count} GPU(s) visible")
+    index = gpu or 0
+    props = torch.cuda.get_device_properties(index)
+    return Check("gpu", "ok", f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB")
+
+
+def _available_memory_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def check_resources(work_dir: Path) -> list[Check]:
+    """Free disk where the site writes, and available memory."""
+    target = work_dir if work_dir.exists() else work_dir.parent if work_dir.parent.exists() else Path(".")
+    free_gb = shutil.disk_usage(target).free / 2**30
+    disk = Check(
+        "disk",
+        "ok" if free_gb >= MIN_FREE_DISK_GB else "warn",
+        f"{free_gb:.1f} GB free at {target}"
+        + ("" if free_gb >= MIN_FREE_DISK_GB else f" (below {MIN_FREE_DISK_GB:.0f} GB)"),
+    )
+    memory_gb = _available_memory_gb()
+    if memory_gb is None:
+        return [disk, Check("memory", "warn", "could not read available memory")]
+    memory = Check(
+        "memory",
+        "ok" if memory_gb >= MIN_AVAILABLE_MEMORY_GB else "warn",
+        f"{memory_gb:.1f} GB available"
+        + ("" if memory_gb >= MIN_AVAILABLE_MEMORY_GB else f" (below {MIN_AVAILABLE_MEMORY_GB:.0f} GB)"),
+    )
+    return [disk, memory]
+
+
+def check_bundle(bundle_dir: Path, coordinator: str | None, online: bool) -> list[Check]:
+    """The bundle is complete and consistent; with `online`, the coordinator accepts it."""
+    try:
+        bundle = load_bundle(bundle_dir)
+    except CertificateError as exc:
+        return [Check("bundle", "fail", str(exc))]
+    findings = verify_bundle(bundle_dir, expected_address=coordinator)
+    errors = [str(f) for f in findings if f.level == "error"]
+    warnings = [str(f) for f in findings if f.level == "warning"]
+    if errors:
+        checks = [
+            Check(
+                "bundle", "fail", f"{len(errors)} problem(s) with the certificate bundle", errors + warnings
+            )
+        ]
+    else:
+        verdict = "warn" if warnings else "ok"
+        checks = [
+            Check(
+                "bundle", verdict, f"bundle of {bundle.hospital} for {bundle.coordinator_address}", warnings
+            )
+        ]
+    if online:
+        probe = probe_coordinator(bundle, coordinator)
+        checks.append(Check("coordinator", "ok" if probe.ok else "fail", probe.message))
+    return checks
+
+
+def run_checks(
+    data_path: Path,
+    modalities: list[str],
+    bundle_dir: Path,
+    work_dir: Path,
+    coordinator: str | None = None,
+    gpu: int | None = None,
+    online: bool = True,
+    decode: bool = True,
+) -> list[Check]:
+    """Every preflight check, in the order they are shown."""
+    return [
+        *check_data(data_path, modalities, decode),
+        check_gpu(gpu),
+        *check_resources(work_dir),
+        *check_bundle(bundle_dir, coordinator, online),
+    ]

@@ -1,0 +1,244 @@
+"""The site's uplink: the one outbound connection a hospital makes, to the coordinator's gateway.
+
+Flower's SuperNode cannot present a TLS client certificate, so it talks to this local forwarder on
+127.0.0.1 (TLS with a throw-away loopback certificate, see certs/loopback.py: the SuperNode refuses
+plain HTTP once it authenticates with a node key), and the uplink opens the mutual-TLS connection
+to the coordinator with the site's certificate, verifying the coordinator against the federation CA
+only (never the system trust store). Each accepted local connection gets its own upstream
+connection; when the network drops, the connection closes, the SuperNode's retry logic reconnects,
+and so does the uplink. It counts the bytes that leave the site, for the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from certs.bundle import HospitalBundle
+from certs.participants import split_address
+from certs.tls import client_context
+
+logger = logging.getLogger(__name__)
+WHOAMI_ROUTE = "/v1/gateway/whoami"
+
+
+@dataclass
+class UplinkCounters:
+    """Bytes and connections through the uplink since it started (no contents, no addresses)."""
+
+    bytes_out: int = 0
+    bytes_in: int = 0
+    connections: int = 0
+    failed_connections: int = 0
+    last_error: str = ""
+
+
+def bundle_tls_context(bundle: HospitalBundle) -> ssl.SSLContext:
+    """Trust only the federation CA; present the site's client certificate."""
+    return client_context(bundle.ca_cert, bundle.client_cert, bundle.client_key)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the coordinator's gateway said about this site's credentials."""
+
+    ok: bool
+    message: str
+    hospital: str | None = None
+    # True when the coordinator (or this site) rejects the credentials; False when it was unreachable.
+    refused: bool = False
+
+
+def probe_coordinator(
+    bundle: HospitalBundle, address: str | None = None, timeout_s: float = 10.0
+) -> ProbeResult:
+    """Open a mutual-TLS connection to the gateway and ask who it thinks we are.
+
+    Fails with a one-line reason when the coordinator is unreachable, its certificate is not from the
+    federation CA or lacks the address's name, or it refuses this site's certificate.
+    """
+    address = address or bundle.coordinator_address
+    host, port = split_address(address, "coordinator-address")
+    url = f"https://{host if ':' not in host else f'[{host}]'}:{port}{WHOAMI_ROUTE}"
+    try:
+        context = bundle_tls_context(bundle)
+    except (OSError, ssl.SSLError) as exc:
+        return ProbeResult(False, f"this site's bundle cannot be used: {exc}", refused=True)
+    try:
+        with httpx.Client(verify=context, timeout=timeout_s) as client:
+            response = client.get(url)
+    except httpx.HTTPError as exc:
+        reason = _tls_reason(exc)
+        return ProbeResult(
+            False, f"cannot use the coordinator at {address}: {reason}", refused=reason.startswith("TLS")
+        )
+    if response.status_code != 200:
+        try:
+            detail = str(response.json().get("detail", response.text))
+        except ValueError:
+            detail = response.text[:200]
+        return ProbeResult(
+            False,
+            f"coordinator refused this site ({response.status_code}): {detail}",
+            refused=response.status_code in (401, 403),
+        )
+    seen = response.json().get("hospital")
+    if seen != bundle.hospital:
+        return ProbeResult(
+            False,
+            f"coordinator sees this certificate as {seen!r}, not {bundle.hospital!r}",
+            seen,
+            refused=True,
+        )
+    return ProbeResult(True, f"coordinator at {address} accepts this site as {seen!r}", seen)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The most specific reason in an exception chain (an SSL error names the certificate problem)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS: {seen.reason or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
+
+
+class Uplink:
+    """Forward local plain connections to the coordinator over mutual TLS (asyncio)."""
+
+    def __init__(
+        self,
+        bundle: HospitalBundle,
+        local_tls: ssl.SSLContext | None,
+        address: str | None = None,
+        listen_port: int = 0,
+        connect_timeout_s: float = 15.0,
+    ) -> None:
+        self.bundle = bundle
+        self.address = address or bundle.coordinator_address
+        self.host, self.port = split_address(self.address, "coordinator-address")
+        self.listen_port = listen_port
+        self.connect_timeout_s = connect_timeout_s
+        self.counters = UplinkCounters()
+        self._tls = bundle_tls_context(bundle)
+        self._local_tls = local_tls
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", self.listen_port, ssl=self._local_tls
+        )
+        self.listen_port = int(self._server.sockets[0].getsockname()[1])
+        return self.listen_port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+    async def _handle(self, local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter) -> None:
+        try:
+            remote_reader, remote_writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, ssl=self._tls, server_hostname=self.host),
+                self.connect_timeout_s,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            self.counters.failed_connections += 1
+            self.counters.last_error = _tls_reason(exc)
+            logger.warning("uplink: cannot reach the coordinator: %s", self.counters.last_error)
+            local_writer.close()
+            return
+        self.counters.connections += 1
+        await asyncio.gather(
+            self._pipe(local_reader, remote_writer, outbound=True),
+            self._pipe(remote_reader, local_writer, outbound=False),
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outbound: bool) -> None:
+        try:
+            while data := await reader.read(256 * 1024):
+                writer.write(data)
+                await writer.drain()
+                if outbound:
+                    self.counters.bytes_out += len(data)
+                else:
+                    self.counters.bytes_in += len(data)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            # One side ended: end both, so the SuperNode sees the break and reconnects.
+            with contextlib.suppress(Exception):
+                writer.close()
+            reader.feed_eof()
+
+
+class UplinkThread:
+    """Run an Uplink on its own event loop in a daemon thread; writes its counters to a file."""
+
+    def __init__(self, uplink: Uplink, counters_file: Path | None = None) -> None:
+        self.uplink = uplink
+        self.counters_file = counters_file
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.uplink.start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        if self.counters_file is not None:
+            self._loop.create_task(self._write_counters_every(5.0))
+        self._loop.run_forever()
+        self._loop.run_until_complete(self.uplink.close())
+        self.write_counters()
+        self._loop.close()
+
+    async def _write_counters_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            self.write_counters()
+
+    def write_counters(self) -> None:
+        if self.counters_file is None:
+            return
+        c = self.uplink.counters
+        tmp = self.counters_file.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "bytes_out": c.bytes_out,
+                    "bytes_in": c.bytes_in,
+                    "connections": c.connections,
+                    "failed_connections": c.failed_connections,
+                }
+            )
+        )
+        tmp.replace(self.counters_file)
+
+    def start(self, timeout: float = 10.0) -> int:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("uplink did not start")
+        if self._error is not None:
+            raise self._error
+        return self.uplink.listen_port
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5.0)

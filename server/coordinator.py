@@ -1,0 +1,182 @@
+"""`visionfm-server start`: the coordinator's long-running process.
+
+It starts the SuperLink on loopback (TLS, node authentication, SQLite state in the state folder),
+registers the hospitals of the provisioning folder, opens the fleet gateway on the public address,
+and then watches: when the revocation register or the hospitals change, registrations follow within
+seconds. Everything is stopped together on SIGTERM/SIGINT or when the SuperLink dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from certs.participants import load_participants, split_address
+from certs.store import CertStore
+from server.control import ControlPlane, sync_registrations
+from server.gateway import GatewayConfig, GatewayThread
+from server.processes import free_port, pid_alive, stop_tree
+from server.superlink import SuperLinkSpec, start_superlink
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "coordinator.json"
+
+
+@dataclass
+class CoordinatorState:
+    """What other `visionfm-server` commands need to find a running coordinator."""
+
+    pid: int
+    superlink_pid: int
+    superlink_port: int
+    gateway_host: str
+    gateway_port: int
+    certs_dir: str
+    started_at: float
+
+    @classmethod
+    def load(cls, state_dir: Path) -> CoordinatorState | None:
+        path = state_dir / STATE_FILE
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, state_dir: Path) -> None:
+        tmp = state_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(state_dir / STATE_FILE)
+
+    @property
+    def running(self) -> bool:
+        return pid_alive(self.pid) and pid_alive(self.superlink_pid)
+
+
+def running_state(state_dir: Path) -> CoordinatorState:
+    """The state of the coordinator running on `state_dir`; RuntimeError when none runs."""
+    state = CoordinatorState.load(state_dir)
+    if state is None or not state.running:
+        raise RuntimeError(f"no coordinator is running on {state_dir}: start it with `visionfm-server start`")
+    return state
+
+
+def _registration_inputs(store: CertStore) -> tuple[float, ...]:
+    """Modification times that mean registrations may have to change."""
+    paths = [store.revoked_register, store.participants, store.root / "hospitals"]
+    return tuple(p.stat().st_mtime if p.exists() else 0.0 for p in paths)
+
+
+class Coordinator:
+    """The SuperLink, the registrations and the gateway, started and stopped as one."""
+
+    def __init__(
+        self, certs_dir: Path, state_dir: Path, listen: str | None = None, superlink_port: int | None = None
+    ) -> None:
+        self.store = CertStore(certs_dir).require()
+        self.state_dir = state_dir
+        participants = load_participants(self.store.participants)
+        self.listen_host, self.listen_port = split_address(
+            listen or participants.coordinator.address, "listen"
+        )
+        self.superlink_port = superlink_port or free_port()
+        self.spec = SuperLinkSpec(self.superlink_port, self.store, state_dir)
+        self.gateway: GatewayThread | None = None
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> CoordinatorState:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        existing = CoordinatorState.load(self.state_dir)
+        if existing is not None and existing.running:
+            raise RuntimeError(f"a coordinator already runs on {self.state_dir} (pid {existing.pid})")
+        self.superlink = start_superlink(self.spec)
+        try:
+            self.sync()
+            config = GatewayConfig.from_store(
+                self.store, self.listen_host, self.listen_port, self.superlink_port
+            )
+            self.gateway = GatewayThread(config)
+            port = self.gateway.start()
+        except BaseException:
+            self.shutdown()
+            raise
+        state = CoordinatorState(
+            os.getpid(),
+            self.superlink.pid,
+            self.superlink_port,
+            self.listen_host,
+            port,
+            str(self.store.root.resolve()),
+            time.time(),
+        )
+        state.save(self.state_dir)
+        return state
+
+    def sync(self) -> None:
+        with ControlPlane(self.superlink_port, self.store) as control:
+            report = sync_registrations(control, self.store)
+        for name in report.registered:
+            logger.info("registered hospital %s", name)
+        for name in report.unregistered:
+            logger.warning("unregistered revoked hospital %s", name)
+
+    def watch(self, poll_s: float = 1.0, on_tick: Callable[[], None] | None = None) -> int:
+        """Block until stopped or the SuperLink exits; returns the exit code for the CLI."""
+        seen = _registration_inputs(self.store)
+        while not self._stop.wait(poll_s):
+            if self.superlink is not None and self.superlink.poll() is not None:
+                logger.error(
+                    "the SuperLink exited (code %s); see %s", self.superlink.returncode, self.spec.log
+                )
+                return 1
+            current = _registration_inputs(self.store)
+            if current != seen:
+                seen = current
+                try:
+                    self.sync()
+                except Exception as exc:  # keep serving; the next change retries
+                    logger.error("could not update registrations: %s", exc)
+            if on_tick is not None:
+                on_tick()
+        return 0
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        if self.superlink is not None:
+            stop_tree(self.superlink)
+            self.superlink = None
+        state_file = self.state_dir / STATE_FILE
+        if state_file.exists():
+            state_file.unlink()
+
+
+def run_coordinator(
+    certs_dir: Path,
+    state_dir: Path,
+    listen: str | None = None,
+    superlink_port: int | None = None,
+    on_ready: Callable[[CoordinatorState], None] | None = None,
+) -> int:
+    """Start, serve until SIGTERM/SIGINT, stop everything; the exit code for the CLI."""
+    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port)
+    signal.signal(signal.SIGTERM, coordinator.request_stop)
+    signal.signal(signal.SIGINT, coordinator.request_stop)
+    state = coordinator.start()
+    try:
+        if on_ready is not None:
+            on_ready(state)
+        return coordinator.watch()
+    finally:
+        coordinator.shutdown()

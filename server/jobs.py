@@ -1,0 +1,172 @@
+"""Job files: what `visionfm-server run JOB.toml` federates, as a Flower run-config override.
+
+```toml
+[job]
+name = "fundus-pretrain"      # the run folder (runs/<name> in the coordinator's state folder)
+app = "."                     # the Flower app project, relative to this file (default: visionfm-fed)
+phases = ["pretrain"]         # what the app runs; it must support each phase
+modalities = ["fundus"]
+rounds = 50
+strategy = "fedavg"
+min-sites = 2                 # a round goes on with this many replies; fewer fails the round
+round-timeout = 1800          # seconds a round waits for the slowest site
+
+[privacy]                     # passed to the app as privacy.<key> (e.g. noise-multiplier, target-epsilon)
+
+[run-config]                  # any other run-config key the app declares (local-steps, arch, ...)
+```
+Every key must be one the app declares in its `[tool.flwr.app.config]`: Flower rejects unknown
+override keys when the run starts, so the job is checked here first and the error names the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from visionfm_core.errors import ConfigError
+
+JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KNOWN_PHASES = ("pretrain", "fine-tune")
+# Job field -> the app's run-config key.
+FIELD_KEYS = {
+    "rounds": "num-rounds",
+    "strategy": "strategy",
+    "min-sites": "min-sites",
+    "round-timeout": "round-timeout",
+}
+Scalar = str | int | float | bool
+
+
+@dataclass
+class Job:
+    """A parsed job file."""
+
+    name: str
+    app: Path
+    phases: list[str]
+    overrides: dict[str, Scalar] = field(default_factory=dict)
+    source: str = "<job>"
+
+
+def default_app_dir() -> Path:
+    """The visionfm-fed project folder (where its pyproject.toml declares the Flower app)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _scalar(key: str, value: Any) -> Scalar:
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    raise ConfigError(
+        key, f"must be a string, number, boolean or list of strings, got {type(value).__name__}"
+    )
+
+
+def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Job:
+    """Validate a parsed job table; every error names the key at fault."""
+    unknown = set(data) - {"job", "privacy", "run-config"}
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], f"unknown table in {source}")
+    job = data.get("job")
+    if not isinstance(job, dict):
+        raise ConfigError("job", f"missing [job] table in {source}")
+    name = job.get("name")
+    if not isinstance(name, str) or not JOB_NAME.match(name):
+        raise ConfigError("job.name", "required: letters, digits, dots, dashes and underscores (max 64)")
+    app_value = job.get("app")
+    app = default_app_dir() if app_value is None else (base_dir / str(app_value)).resolve()
+    phases = job.get("phases", ["pretrain"])
+    if not isinstance(phases, list) or not phases or not all(p in KNOWN_PHASES for p in phases):
+        raise ConfigError("job.phases", f"a non-empty list of {', '.join(KNOWN_PHASES)}, got {phases!r}")
+    overrides: dict[str, Scalar] = {}
+    extra = set(job) - {"name", "app", "phases", "modalities", *FIELD_KEYS}
+    if extra:
+        raise ConfigError(f"job.{sorted(extra)[0]}", "unknown key (put app settings under [run-config])")
+    if "modalities" in job:
+        modalities = job["modalities"]
+        if (
+            not isinstance(modalities, list)
+            or not modalities
+            or not all(isinstance(m, str) for m in modalities)
+        ):
+            raise ConfigError("job.modalities", "a non-empty list of modality names")
+        from visionfm_core.modalities import canonical_modality
+
+        overrides["modalities"] = ",".join(canonical_modality(m) for m in modalities)
+    for job_key, config_key in FIELD_KEYS.items():
+        if job_key in job:
+            overrides[config_key] = _scalar(f"job.{job_key}", job[job_key])
+    if phases != ["pretrain"]:
+        overrides["phases"] = ",".join(phases)
+    for table in ("privacy", "run-config"):
+        values = data.get(table, {})
+        if not isinstance(values, dict):
+            raise ConfigError(table, "must be a table")
+        prefix = "privacy." if table == "privacy" else ""
+        for key, value in _flatten(values).items():
+            overrides[prefix + key] = _scalar(f"{table}.{key}", value)
+    return Job(name=name, app=app, phases=list(phases), overrides=overrides, source=source)
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_job(path: str | Path) -> Job:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError("job", f"file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("job", f"{path} is not valid TOML ({exc})") from exc
+    return parse_job(data, path.resolve().parent, source=str(path))
+
+
+def app_config_keys(app: Path) -> dict[str, Any]:
+    """The run-config keys (flattened with dots) and defaults an app declares."""
+    pyproject = app / "pyproject.toml"
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError("job.app", f"{app} has no pyproject.toml (not a Flower app)") from exc
+    config = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return _flatten(config)
+
+
+def check_against_app(job: Job, overrides: dict[str, Scalar]) -> None:
+    """ConfigError naming the first key the app does not declare (Flower would refuse the run)."""
+    declared = app_config_keys(job.app)
+    for key in overrides:
+        if key not in declared:
+            hint = "this app does not support the phase(s) asked for" if key == "phases" else "not declared"
+            raise ConfigError(
+                key, f"{hint}: {job.app / 'pyproject.toml'} has no [tool.flwr.app.config] '{key}'"
+            )
+
+
+def toml_overrides(overrides: dict[str, Scalar]) -> str:
+    """The overrides as a TOML document of quoted flat keys (Flower flattens it back)."""
+    lines = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            rendered = repr(value)
+        else:
+            rendered = json.dumps(value)  # a JSON string is a valid TOML basic string
+        lines.append(f"{json.dumps(key)} = {rendered}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""A tiny Flower app for the deployment tests: each site adds its own constant to a shared array."""
