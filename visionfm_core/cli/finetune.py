@@ -1,0 +1,222 @@
+"""`visionfm finetune`, `visionfm evaluate` and `visionfm predict`: downstream tasks on one site."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from PIL import Image
+
+from visionfm_core.cli.common import clean_numbers, console, emit_json, reports_errors, split_names
+from visionfm_core.cli.task_data import TASK_KINDS, TaskOptions, build_task, read_task_data
+from visionfm_core.errors import ConfigError
+from visionfm_core.runtime import resolve_device
+from visionfm_core.tasks import pipeline
+from visionfm_core.tasks.persistence import load_task_model
+from visionfm_core.tasks.splits import split_samples
+from visionfm_core.tasks.trainer import FineTuneConfig
+
+DATA_HELP = (
+    "Classification: a CSV (image,label[,patient_id]), a folder of class folders, or a MedMNIST .npz. "
+    "Segmentation: CSV image,mask[,fov]. Landmarks: CSV image,<point>_x,<point>_y. Detection: CSV "
+    "image,x0,y0,x1,y1,label (one row per box). Regression: CSV image,<target>,... Paths are relative "
+    "to the CSV."
+)
+
+
+@reports_errors
+def finetune_command(
+    train: Annotated[Path, typer.Argument(help=f"training data. {DATA_HELP}")],
+    out: Annotated[Path, typer.Option(help="where to write the fine-tuned task model (.safetensors)")],
+    task: Annotated[str, typer.Option(help=" | ".join(TASK_KINDS))] = "classification",
+    val: Annotated[
+        Path | None,
+        typer.Option(
+            help="validation data (model selection); default: split off "
+            "--val-fraction of train, or the .npz 'val' split"
+        ),
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="share of train kept for validation when --val is absent")] = 0.2,
+    modality: Annotated[str, typer.Option(help="imaging modality (fundus, oct, ...)")] = "fundus",
+    encoder: Annotated[
+        Path | None,
+        typer.Option(help="pretrained encoder: our .safetensors, or a VisionFM / RETFound .pth (imported on the fly)"),
+    ] = None,
+    arch: Annotated[str, typer.Option(help="architecture when training from scratch (no --encoder)")] = "micro",
+    patch_size: Annotated[int, typer.Option(help="patch size when training from scratch")] = 16,
+    trust: Annotated[bool, typer.Option(help="fully unpickle a .pth you trust (can run code from the file)")] = False,
+    image_size: Annotated[int, typer.Option(help="input size; images are letterboxed, any size works")] = 224,
+    regime: Annotated[str, typer.Option(help="full (fine-tune everything) | frozen (VisionFM probe)")] = "full",
+    epochs: int = 10,
+    batch_size: int = 16,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the head")] = 1e-3,
+    layer_decay: Annotated[float, typer.Option(help="per-block learning-rate decay of the encoder")] = 0.65,
+    weight_decay: float = 0.05,
+    patience: Annotated[int | None, typer.Option(help="stop after this many epochs without improvement")] = None,
+    select_metric: Annotated[str | None, typer.Option(help="validation metric that picks the epoch")] = None,
+    mode: Annotated[
+        str, typer.Option(help="classification: binary | multiclass | multilabel | ordinal")
+    ] = "multiclass",
+    names: Annotated[str | None, typer.Option(help="comma-separated class / point / target names")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="classes (segmentation: including background)")] = None,
+    mask_mode: Annotated[str, typer.Option(help="segmentation masks: binary | index | colour")] = "binary",
+    mask_colours: Annotated[str | None, typer.Option(help="colour-coded masks, e.g. '0,0,0=0;255,255,0=1'")] = None,
+    class_weights: Annotated[str, typer.Option(help="none | balanced (imbalanced classes)")] = "none",
+    label_smoothing: float = 0.1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    seed: int = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
+) -> None:
+    """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
+    options = TaskOptions(
+        task, mode, split_names(names), num_classes, mask_mode, mask_colours, class_weights, label_smoothing
+    )
+    train_data = read_task_data(options, train, "train", modality)
+    val_samples = None
+    if val is not None:
+        val_samples = read_task_data(options, val, "val", modality, train_data.names).samples
+    elif train.suffix == ".npz":
+        val_samples = read_task_data(options, train, "val", modality, train_data.names).samples
+    train_samples = train_data.samples
+    if val_samples is None:
+        train_samples, val_samples = split_samples(train_samples, [val_fraction], seed)
+    adapter = build_task(options, train_data)
+    config = FineTuneConfig(
+        regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        layer_decay=layer_decay,
+        weight_decay=weight_decay,
+        patience=patience,
+        select_metric=select_metric,
+        seed=seed,
+        threads=threads,
+    )
+    source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
+    console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}")
+    result = pipeline.finetune(
+        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out
+    )
+    emit_json(
+        {
+            "model": str(out),
+            "best_epoch": result.best_epoch,
+            "selection_metric": result.selection_metric,
+            "validation": result.best_validation,
+            "skipped": len(result.skipped),
+            "history": [
+                {
+                    "epoch": r.epoch,
+                    "train_loss": r.train["loss"],
+                    result.selection_metric: r.validation.get(result.selection_metric),
+                }
+                for r in result.history
+            ],
+        },
+        report,
+    )
+
+
+def _task_names(task: Any) -> list[str]:
+    for attribute in ("class_names", "point_names", "target_names"):
+        if hasattr(task, attribute):
+            return list(getattr(task, attribute))
+    return []
+
+
+@reports_errors
+def evaluate_command(
+    model: Annotated[Path, typer.Argument(help="task model written by `visionfm finetune`")],
+    data: Annotated[Path, typer.Argument(help=f"labelled data to score. {DATA_HELP}")],
+    split: Annotated[str, typer.Option(help="the .npz split to score")] = "test",
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the AUC confidence interval")] = 1000,
+    batch_size: int = 16,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="write the metrics JSON here instead of stdout")] = None,
+) -> None:
+    """Score a fine-tuned model on labelled data (AUC with a bootstrap 95% interval for classification)."""
+    loaded = load_task_model(model)
+    task = loaded.task
+    options = TaskOptions(task.kind, getattr(task, "mode", "multiclass"))
+    modality = loaded.encoder_metadata.get("modality", "fundus")
+    samples = read_task_data(options, data, split, modality, _task_names(task)).samples
+    metrics = pipeline.evaluate(loaded, samples, resolve_device(device), batch_size, bootstrap)
+    emit_json({"model": str(model), "task": task.kind, "metrics": metrics}, out)
+
+
+def _flatten(prediction: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for key, value in prediction.items():
+        if key in ("index",):
+            continue
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                if isinstance(inner, list) and len(inner) == 2:
+                    row[f"{name}_x"], row[f"{name}_y"] = inner
+                else:
+                    row[f"{key}_{name}"] = inner
+        elif isinstance(value, list):
+            row[key] = json.dumps(value)
+        else:
+            row[key] = value
+    return row
+
+
+def _save_masks(predictions: list[dict[str, Any]], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, prediction in enumerate(predictions):
+        mask = prediction.pop("mask", None)
+        if mask is None:
+            continue
+        name = f"{number:05d}_{Path(prediction['source']).stem}_mask.png"
+        Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(folder / name)
+        prediction["mask_file"] = str(folder / name)
+
+
+@reports_errors
+def predict_command(
+    model: Annotated[Path, typer.Argument(help="task model written by `visionfm finetune`")],
+    inputs: Annotated[Path, typer.Argument(help="an image, a folder (nested; images and DICOM) or a DICOM file")],
+    out: Annotated[Path, typer.Option(help="predictions file: .csv or .json")],
+    masks: Annotated[
+        Path | None, typer.Option(help="segmentation: folder for the mask PNGs (default: next to --out)")
+    ] = None,
+    batch_size: int = 16,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Predict on unlabelled images; segmentation masks are written as PNGs at each image's own size."""
+    from visionfm_core.data.site import open_site
+
+    if out.suffix not in (".csv", ".json"):
+        raise ConfigError("out", f"predictions go to a .csv or .json file, got {out.name}")
+    loaded = load_task_model(model)
+    modality = loaded.encoder_metadata.get("modality")
+    scan = open_site(inputs, modality)
+    if not scan.items:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in scan.skipped[:3])
+        raise ConfigError("inputs", f"no usable image in {inputs}" + (f" ({reasons})" if reasons else ""))
+    predictions = pipeline.predict(loaded, scan.items, resolve_device(device), batch_size)
+    predictions += [{"source": s.path, "error": s.reason} for s in scan.skipped]
+    if loaded.task.kind == "segmentation":
+        _save_masks(predictions, masks or out.with_name(f"{out.stem}_masks"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".json":
+        out.write_text(
+            json.dumps(clean_numbers([{k: v for k, v in p.items() if k != "index"} for p in predictions]), indent=2)
+            + "\n",
+            encoding="utf-8",
+        )
+    else:
+        rows = [_flatten(p) for p in predictions]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with out.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    console.print(f"{len(scan.items)} image(s) predicted, {len(scan.skipped)} skipped: {out}")

@@ -1,0 +1,328 @@
+"""Task heads on a timm ViT encoder's intermediate blocks, and the encoder+head model they form.
+
+One encoder pass (`encode`) yields the [CLS] token and the patch-token map of every block a head asks
+for; heads never touch the encoder themselves, so the same encoder weights serve every task and the
+federation can average the encoder alone. Every head is rebuilt from ``head.config`` (plain JSON) by
+:func:`build_head`, which is how task checkpoints store them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visionfm_core.errors import ConfigError
+
+HeadOutput = Tensor | dict[str, Tensor]
+
+
+@dataclass
+class EncoderFeatures:
+    """What heads see: per block index, the [CLS] token (B, D) and the patch map (B, D, h, w)."""
+
+    cls: dict[int, Tensor]
+    maps: dict[int, Tensor]
+    image: Tensor
+
+
+def encode(encoder: nn.Module, images: Tensor, blocks: Sequence[int], norm: bool = True) -> EncoderFeatures:
+    """Run ``encoder`` once and keep the requested blocks (timm ``forward_intermediates``).
+
+    ``norm=True`` applies the encoder's final LayerNorm to every kept block, as DINO's and VisionFM's
+    linear evaluation do; it puts early and late blocks on one scale for the heads.
+    """
+    wanted = sorted(set(blocks))
+    outputs = encoder.forward_intermediates(  # type: ignore[operator]
+        images,
+        indices=wanted,
+        return_prefix_tokens=True,
+        norm=norm,
+        output_fmt="NCHW",
+        intermediates_only=True,
+    )
+    cls = {block: prefix[:, 0] for block, (_, prefix) in zip(wanted, outputs, strict=True)}
+    maps = {block: spatial for block, (spatial, _) in zip(wanted, outputs, strict=True)}
+    return EncoderFeatures(cls=cls, maps=maps, image=images)
+
+
+def last_blocks(depth: int, count: int) -> tuple[int, ...]:
+    """Indices of the last ``count`` blocks (fewer when the encoder is shallower)."""
+    return tuple(range(max(0, depth - count), depth))
+
+
+def spread_blocks(depth: int, count: int = 4) -> tuple[int, ...]:
+    """``count`` block indices spread evenly up to the last (UNETR's 3, 6, 9, 12 for a depth-12 ViT)."""
+    return tuple(max(0, round(depth * (k + 1) / count) - 1) for k in range(count))
+
+
+class TaskHead(nn.Module):
+    """Base of every head: ``blocks`` says which encoder blocks it reads, ``config`` rebuilds it."""
+
+    kind: ClassVar[str] = ""
+    blocks: tuple[int, ...]
+    config: dict[str, Any]
+
+    def forward(self, features: EncoderFeatures) -> HeadOutput:
+        raise NotImplementedError
+
+
+class ProbeHead(TaskHead):
+    """VisionFM's frozen-encoder probe: concatenated [CLS] of the last blocks, BatchNorm, 3-layer MLP.
+
+    With a ViT-B (768-d, 4 blocks) this is VisionFM's 3072-1536-768-C classifier.
+    """
+
+    kind = "probe"
+
+    def __init__(self, embed_dim: int, depth: int, num_outputs: int, num_last_blocks: int = 4) -> None:
+        super().__init__()
+        self.config = {
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_outputs": num_outputs,
+            "num_last_blocks": num_last_blocks,
+        }
+        self.blocks = last_blocks(depth, num_last_blocks)
+        width = embed_dim * len(self.blocks)
+        self.mlp = nn.Sequential(
+            nn.BatchNorm1d(width),
+            nn.Linear(width, width // 2),
+            nn.GELU(),
+            nn.Linear(width // 2, width // 4),
+            nn.GELU(),
+            nn.Linear(width // 4, num_outputs),
+        )
+
+    def forward(self, features: EncoderFeatures) -> Tensor:
+        pooled = torch.cat([features.cls[b] for b in self.blocks], dim=1)
+        out: Tensor = self.mlp(pooled.float())
+        return out
+
+
+class LinearHead(TaskHead):
+    """[CLS] of the last block, dropout, one linear layer: the usual full fine-tuning classifier."""
+
+    kind = "linear"
+
+    def __init__(self, embed_dim: int, depth: int, num_outputs: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.config = {"embed_dim": embed_dim, "depth": depth, "num_outputs": num_outputs, "dropout": dropout}
+        self.blocks = (depth - 1,)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(embed_dim, num_outputs)
+        nn.init.trunc_normal_(self.fc.weight, std=2e-5)  # small init so the pretrained features lead at first
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: EncoderFeatures) -> Tensor:
+        out: Tensor = self.fc(self.dropout(features.cls[self.blocks[0]]))
+        return out
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions with GroupNorm (works at batch size 1, unlike BatchNorm) and GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.GELU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels), out_channels),
+            nn.GELU(),
+        )
+
+
+class UpBlock(nn.Sequential):
+    """Double the resolution (transposed convolution) then refine."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2), ConvBlock(out_channels, out_channels)
+        )
+
+
+def _project(in_channels: int, out_channels: int, doublings: int) -> nn.Module:
+    """UNETR's skip path: a block's patch map brought up ``doublings`` times to its decoder stage."""
+    layers: list[nn.Module] = [ConvBlock(in_channels, out_channels)] if doublings == 0 else []
+    channels = in_channels
+    for _ in range(doublings):
+        layers.append(UpBlock(channels, out_channels))
+        channels = out_channels
+    return nn.Sequential(*layers)
+
+
+class UNETRHead(TaskHead):
+    """UNETR-style decoder: the last block's patch map is doubled stage by stage back to the input
+    size; at each of the first stages an earlier block's map, brought up to the same size, is fused
+    in (coarse to fine), and a full-resolution skip from the image itself is fused last (thin
+    structures such as vessels).
+
+    The number of stages is log2 of the patch size (4 for patch 16, as in UNETR); a patch size that
+    is not a power of two is reconciled by interpolation before the image skip, so any patch size
+    and any input size (a multiple of the patch) works. Output: logits (B, C, H, W).
+    """
+
+    kind = "unetr"
+
+    def __init__(self, embed_dim: int, depth: int, num_classes: int, features: int = 16, patch_size: int = 16) -> None:
+        super().__init__()
+        self.config = {
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_classes": num_classes,
+            "features": features,
+            "patch_size": patch_size,
+        }
+        self.blocks = spread_blocks(depth, 4)
+        stages = max(1, round(math.log2(patch_size)))
+        widths = [features * 2 ** (stages - s) for s in range(1, stages + 1)]  # 8f, 4f, 2f, f for patch 16
+        skips = min(3, stages)  # earlier blocks feed the first stages, deepest first
+        self.ups = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        self.fuses = nn.ModuleList()
+        channels = embed_dim
+        for stage, width in enumerate(widths, start=1):
+            self.ups.append(UpBlock(channels, width))
+            if stage <= skips:
+                self.skips.append(_project(embed_dim, width, stage))
+                self.fuses.append(ConvBlock(width * 2, width))
+            channels = width
+        self.image_skip = ConvBlock(3, features)
+        self.fuse_full = ConvBlock(channels + features, features)
+        self.classifier = nn.Conv2d(features, num_classes, 1)
+
+    def forward(self, features: EncoderFeatures) -> Tensor:
+        maps = [features.maps[b].float() for b in self.blocks]
+        x = maps[-1]
+        for stage, up in enumerate(self.ups):
+            x = up(x)
+            if stage < len(self.skips):
+                skip = self.skips[stage](maps[-2 - stage])
+                x = self.fuses[stage](torch.cat([x, skip], 1))
+        image = features.image.float()
+        if x.shape[-2:] != image.shape[-2:]:
+            x = F.interpolate(x, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.fuse_full(torch.cat([x, self.image_skip(image)], 1))
+        out: Tensor = self.classifier(x)
+        return out
+
+
+class _TokenDecoder(nn.Module):
+    """The last block's map plus a middle block's, fused and doubled ``doublings`` times."""
+
+    def __init__(self, embed_dim: int, channels: int, doublings: int) -> None:
+        super().__init__()
+        self.fuse = ConvBlock(embed_dim * 2, channels)
+        self.ups = nn.Sequential(*[UpBlock(channels, channels) for _ in range(doublings)])
+
+    def forward(self, middle: Tensor, last: Tensor) -> Tensor:
+        out: Tensor = self.ups(self.fuse(torch.cat([middle.float(), last.float()], 1)))
+        return out
+
+
+class HeatmapHead(TaskHead):
+    """K landmark heatmaps (logits) at 1/4 of the patch size's stride (stride 4 for patch 16).
+
+    The landmark adapter turns them into coordinates with a spatial soft-argmax, so training can
+    supervise both the heatmap and the coordinate.
+    """
+
+    kind = "heatmap"
+
+    def __init__(self, embed_dim: int, depth: int, num_points: int, channels: int = 32) -> None:
+        super().__init__()
+        self.config = {"embed_dim": embed_dim, "depth": depth, "num_points": num_points, "channels": channels}
+        self.blocks = (max(0, depth // 2 - 1), depth - 1)
+        self.decoder = _TokenDecoder(embed_dim, channels, doublings=2)
+        self.out = nn.Conv2d(channels, num_points, 1)
+
+    def forward(self, features: EncoderFeatures) -> Tensor:
+        out: Tensor = self.out(self.decoder(features.maps[self.blocks[0]], features.maps[self.blocks[1]]))
+        return out
+
+
+class CenterNetHead(TaskHead):
+    """A light anchor-free box head (CenterNet-style) at half the patch stride.
+
+    Outputs ``heatmap`` (B, C, h, w) centre logits per class, ``size`` (B, 2, h, w) log width and
+    height in stride units, and ``offset`` (B, 2, h, w) sub-cell centre offsets in [0, 1].
+    """
+
+    kind = "center"
+
+    def __init__(self, embed_dim: int, depth: int, num_classes: int, channels: int = 32) -> None:
+        super().__init__()
+        self.config = {
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_classes": num_classes,
+            "channels": channels,
+        }
+        self.blocks = (max(0, depth // 2 - 1), depth - 1)
+        self.decoder = _TokenDecoder(embed_dim, channels, doublings=1)
+        self.heatmap = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.size = nn.Conv2d(channels, 2, 3, padding=1)
+        self.offset = nn.Conv2d(channels, 2, 3, padding=1)
+        nn.init.constant_(self.heatmap.bias, -2.19)  # type: ignore[arg-type]  # prior 0.1 objectness: the focal loss starts stable
+
+    def forward(self, features: EncoderFeatures) -> dict[str, Tensor]:
+        x = self.decoder(features.maps[self.blocks[0]], features.maps[self.blocks[1]])
+        return {"heatmap": self.heatmap(x), "size": self.size(x), "offset": torch.sigmoid(self.offset(x))}
+
+
+HEADS: dict[str, type[TaskHead]] = {h.kind: h for h in (ProbeHead, LinearHead, UNETRHead, HeatmapHead, CenterNetHead)}
+
+
+def build_head(kind: str, config: dict[str, Any]) -> TaskHead:
+    """Rebuild a head from its ``kind`` and ``config`` (as stored in a task checkpoint)."""
+    if kind not in HEADS:
+        raise ConfigError("head", f"unknown head {kind!r}; known: {', '.join(HEADS)}")
+    try:
+        return HEADS[kind](**config)
+    except TypeError as exc:
+        raise ConfigError("head", f"config does not fit a {kind!r} head: {exc}") from exc
+
+
+class TaskModel(nn.Module):
+    """An encoder and a head. With ``freeze_encoder`` the encoder runs without gradients in eval
+    mode (no dropout or drop-path), as VisionFM's frozen-encoder evaluation does."""
+
+    def __init__(self, encoder: nn.Module, head: TaskHead, freeze_encoder: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.freeze_encoder = freeze_encoder
+        self.encoder.requires_grad_(not freeze_encoder)
+
+    def train(self, mode: bool = True) -> TaskModel:
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def forward(self, images: Tensor) -> HeadOutput:
+        if self.freeze_encoder:
+            with torch.no_grad():
+                features = encode(self.encoder, images, self.head.blocks)
+        else:
+            features = encode(self.encoder, images, self.head.blocks)
+        return self.head(features)
+
+
+def encoder_dims(encoder: nn.Module) -> tuple[int, int, int]:
+    """(embed_dim, depth, patch_size) of a timm ViT encoder."""
+    patch: Any = getattr(encoder.patch_embed, "patch_size", 16)
+    patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
+    embed_dim: Any = encoder.embed_dim
+    blocks: Any = encoder.blocks
+    return int(embed_dim), len(blocks), patch_size

@@ -1,0 +1,72 @@
+"""What every task adapter provides to the one fine-tuning trainer.
+
+An adapter knows its head, how to place a sample's targets in the input window, its loss, how to
+accumulate metrics over an evaluation, which validation metric selects the model, and how to turn
+outputs into per-image predictions in source-image coordinates. Everything else (optimiser,
+schedule, precision, model selection, federation seams) lives once, in the trainer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+from visionfm_core.models.heads import HeadOutput, TaskHead
+from visionfm_core.tasks.data import Batch
+from visionfm_core.tasks.geometry import Window
+from visionfm_core.tasks.samples import TaskSample
+
+Regime = Literal["frozen", "full"]
+
+
+class Meter(ABC):
+    """Accumulates one evaluation pass; ``compute`` returns plain numbers (nan when undefined)."""
+
+    @abstractmethod
+    def update(self, outputs: HeadOutput, batch: Batch) -> None: ...
+
+    @abstractmethod
+    def compute(self) -> dict[str, float]: ...
+
+
+class TaskAdapter(ABC):
+    """Loss, targets, metrics and predictions of one task kind."""
+
+    kind: ClassVar[str] = ""
+    selection_metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
+        """A fresh head for an encoder of this width, depth and patch size."""
+
+    @abstractmethod
+    def prepare(self, sample: TaskSample, window: Window, source_size: tuple[int, int]) -> dict[str, Any]:
+        """The sample's targets placed in the input window (tensors, or lists for ragged data)."""
+
+    @abstractmethod
+    def loss(self, outputs: HeadOutput, batch: Batch) -> Tensor: ...
+
+    @abstractmethod
+    def meter(self) -> Meter: ...
+
+    @abstractmethod
+    def predictions(self, outputs: HeadOutput, batch: Batch) -> list[dict[str, Any]]:
+        """Per image, JSON-friendly results in source coordinates (arrays for masks)."""
+
+    @abstractmethod
+    def to_config(self) -> dict[str, Any]:
+        """Plain JSON that :meth:`from_config` turns back into an equal adapter."""
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> TaskAdapter:
+        return cls(**raw)
+
+    def fit_to_data(self, samples: Sequence[TaskSample]) -> None:  # noqa: B027 - optional hook
+        """Learn statistics from the training samples only (class weights, target scaling)."""
+
+    def check(self, samples: Sequence[TaskSample]) -> None:  # noqa: B027 - optional hook
+        """Raise DataError naming the first sample whose targets do not fit this task."""

@@ -1,0 +1,199 @@
+"""Where a network input comes from in its source image, and resampling images and label maps there.
+
+Every input is a square window of the source (it may reach beyond the image; that part is black
+and not scored) resampled to ``size x size``. Evaluation uses the letterbox window (the whole image,
+aspect kept, centred), so photographs of any size and camera fit one model; training may zoom,
+shift and mirror the window. Because the window is kept, predictions map back to source pixels
+exactly: landmark and box coordinates, and masks at the source resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class Window:
+    """Source square ``(x0, y0, side)`` in pixels shown on a ``size`` input, optionally mirrored."""
+
+    x0: float
+    y0: float
+    side: float
+    size: int
+    flip: bool = False
+
+    @property
+    def scale(self) -> float:
+        """Input pixels per source pixel."""
+        return self.size / self.side
+
+    def to_input(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) source x, y -> input x, y."""
+        out = (np.asarray(points, dtype=np.float64) - (self.x0, self.y0)) * self.scale
+        if self.flip:
+            out[..., 0] = self.size - out[..., 0]
+        return out
+
+    def to_source(self, points: np.ndarray) -> np.ndarray:
+        """(..., 2) input x, y -> source x, y (the inverse of :meth:`to_input`)."""
+        out = np.array(points, dtype=np.float64)
+        if self.flip:
+            out[..., 0] = self.size - out[..., 0]
+        return out / self.scale + (self.x0, self.y0)
+
+    def boxes_to_input(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) x0, y0, x1, y1 source boxes -> input boxes (corners re-ordered after mirroring)."""
+        corners = self.to_input(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2))
+        return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+
+    def boxes_to_source(self, boxes: np.ndarray) -> np.ndarray:
+        corners = self.to_source(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2))
+        return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
+
+    def as_tensor(self) -> Tensor:
+        return torch.tensor([self.x0, self.y0, self.side, float(self.size), float(self.flip)], dtype=torch.float64)
+
+    @classmethod
+    def from_tensor(cls, values: Tensor) -> Window:
+        x0, y0, side, size, flip = values.tolist()
+        return cls(x0, y0, side, int(size), bool(flip))
+
+
+def letterbox(height: int, width: int, size: int) -> Window:
+    """The whole image, aspect ratio kept, centred in a ``size`` square."""
+    side = float(max(height, width))
+    return Window((width - side) / 2.0, (height - side) / 2.0, side, size)
+
+
+def random_window(
+    height: int, width: int, size: int, max_zoom: float, flip: bool, generator: torch.Generator | None = None
+) -> Window:
+    """A training window: the letterbox zoomed in by up to ``max_zoom`` at a random place."""
+    base = letterbox(height, width, size)
+    draws = torch.rand(4, generator=generator).tolist()
+    zoom = 1.0 + (max_zoom - 1.0) * draws[0]
+    side = base.side / zoom
+    return Window(
+        base.x0 + draws[1] * (base.side - side),
+        base.y0 + draws[2] * (base.side - side),
+        side,
+        size,
+        flip=flip and draws[3] < 0.5,
+    )
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Integer source crop, its resized shape, and the part of it that lands on the input canvas."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    resized_height: int
+    resized_width: int
+    # Where the resized crop starts on the canvas (may be negative: then its first rows/cols are cut).
+    out_top: int
+    out_left: int
+
+    def paste(self, canvas: Tensor, resized: Tensor) -> None:
+        """Copy ``resized`` (..., h, w) onto ``canvas`` (..., S, S), clipped to both."""
+        size_y, size_x = canvas.shape[-2:]
+        y0, x0 = max(0, self.out_top), max(0, self.out_left)
+        y1 = min(size_y, self.out_top + self.resized_height)
+        x1 = min(size_x, self.out_left + self.resized_width)
+        if y1 > y0 and x1 > x0:
+            canvas[..., y0:y1, x0:x1] = resized[
+                ..., y0 - self.out_top : y1 - self.out_top, x0 - self.out_left : x1 - self.out_left
+            ]
+
+
+def _placement(window: Window, height: int, width: int) -> _Placement | None:
+    left, top = max(0, math.floor(window.x0)), max(0, math.floor(window.y0))
+    right = min(width, math.ceil(window.x0 + window.side))
+    bottom = min(height, math.ceil(window.y0 + window.side))
+    if right <= left or bottom <= top:
+        return None
+    scale = window.scale
+    return _Placement(
+        top,
+        bottom,
+        left,
+        right,
+        resized_height=max(1, round((bottom - top) * scale)),
+        resized_width=max(1, round((right - left) * scale)),
+        out_top=round((top - window.y0) * scale),
+        out_left=round((left - window.x0) * scale),
+    )
+
+
+def resample_image(image: np.ndarray, window: Window) -> Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) float in [0, 1]; outside the image is black."""
+    canvas = torch.zeros(3, window.size, window.size)
+    place = _placement(window, image.shape[0], image.shape[1])
+    if place is not None:
+        crop = torch.from_numpy(np.array(image[place.top : place.bottom, place.left : place.right]))
+        crop = crop.permute(2, 0, 1).float().div_(255.0)[None]
+        resized = F.interpolate(
+            crop,
+            size=(place.resized_height, place.resized_width),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0].clamp_(0.0, 1.0)
+        place.paste(canvas, resized)
+    return canvas.flip(-1) if window.flip else canvas
+
+
+def resample_labels(labels: np.ndarray, window: Window, num_classes: int) -> Tensor:
+    """(H, W) class map -> (size, size) long; each output pixel takes the class covering most of it
+    (an area vote, so shrinking does not alias), outside the image = ignore."""
+    canvas = torch.full((window.size, window.size), IGNORE_INDEX, dtype=torch.long)
+    place = _placement(window, labels.shape[0], labels.shape[1])
+    if place is not None:
+        crop = labels[place.top : place.bottom, place.left : place.right]
+        codes = [*range(num_classes), IGNORE_INDEX]
+        # Pillow's box filter averages each class's indicator in C, far faster than a float one-hot.
+        votes = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(((crop == code) * 255).astype(np.uint8)).resize(
+                        (place.resized_width, place.resized_height), Image.Resampling.BOX
+                    )
+                )
+                for code in codes
+            ]
+        )
+        winner = np.asarray(codes, dtype=np.int64)[votes.argmax(0)]
+        place.paste(canvas, torch.from_numpy(winner))
+    return canvas.flip(-1) if window.flip else canvas
+
+
+def logits_to_source(logits: Tensor, window: Window, height: int, width: int) -> Tensor:
+    """(C, size, size) input-resolution scores -> (C, height, width) at the source's pixels."""
+    ys = torch.arange(height, dtype=torch.float64) + 0.5
+    xs = torch.arange(width, dtype=torch.float64) + 0.5
+    u = (xs - window.x0) * window.scale
+    v = (ys - window.y0) * window.scale
+    if window.flip:
+        u = window.size - u
+    grid_x = (2.0 * u / window.size - 1.0).float()
+    grid_y = (2.0 * v / window.size - 1.0).float()
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
+    out: Tensor = F.grid_sample(
+        logits[None].float(),
+        grid.to(logits.device),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )[0]
+    return out

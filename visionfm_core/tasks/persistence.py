@@ -1,0 +1,107 @@
+"""A fine-tuned task model in one safetensors file: encoder and head weights plus everything needed
+to rebuild and run it (task, head, encoder architecture, preprocessing) as JSON metadata.
+
+Keys: ``encoder.<timm key>`` and ``head.<key>``. The encoder part is a plain timm state dict, so
+``load_task_model(...).model.encoder`` can be exported like any encoder checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from visionfm_core.errors import CheckpointError, ConfigError
+from visionfm_core.models.checkpoint import atomic_write_bytes
+from visionfm_core.models.heads import TaskModel, build_head
+from visionfm_core.tasks.adapters import TaskAdapter, task_from_config
+from visionfm_core.tasks.data import Preprocess
+
+TASK_METADATA_KEY = "visionfm_task"
+TASK_FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedTaskModel:
+    model: TaskModel
+    task: TaskAdapter
+    preprocess: Preprocess
+    metadata: dict[str, Any]
+
+    @property
+    def encoder_metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = self.metadata["encoder"]
+        return meta
+
+
+def save_task_model(
+    path: str | Path,
+    model: TaskModel,
+    task: TaskAdapter,
+    preprocess: Preprocess,
+    encoder_metadata: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model atomically; ``encoder_metadata`` must hold ``timm_name`` and ``timm_kwargs``."""
+    for key in ("timm_name", "timm_kwargs"):
+        if key not in encoder_metadata:
+            raise ConfigError(f"encoder.{key}", "missing from the encoder metadata")
+    path = Path(path)
+    tensors = {f"encoder.{k}": v.detach().to("cpu").contiguous() for k, v in model.encoder.state_dict().items()}
+    tensors.update({f"head.{k}": v.detach().to("cpu").contiguous() for k, v in model.head.state_dict().items()})
+    metadata = {
+        "format_version": TASK_FORMAT_VERSION,
+        "task": {"kind": task.kind, "config": task.to_config()},
+        "head": {"kind": model.head.kind, "config": model.head.config},
+        "encoder": encoder_metadata,
+        "preprocess": preprocess.to_dict(),
+        "freeze_encoder": model.freeze_encoder,
+        **(extra or {}),
+    }
+    header = {TASK_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return path
+
+
+def read_task_metadata(path: str | Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(TASK_METADATA_KEY)
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from exc
+    if raw is None:
+        raise CheckpointError(str(path), "no task metadata: not a fine-tuned visionfm task model")
+    metadata: dict[str, Any] = json.loads(raw)
+    return metadata
+
+
+def _part(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_task_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedTaskModel:
+    """Rebuild encoder, head and task adapter from a file written by :func:`save_task_model`."""
+    name = str(path)
+    metadata = read_task_metadata(path)
+    try:
+        state = load_file(name)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(name, f"corrupt tensors ({exc})") from exc
+    try:
+        task = task_from_config(metadata["task"]["kind"], metadata["task"]["config"])
+        head = build_head(metadata["head"]["kind"], metadata["head"]["config"])
+        encoder = timm.create_model(metadata["encoder"]["timm_name"], **metadata["encoder"]["timm_kwargs"])
+        encoder.load_state_dict(_part(state, "encoder."), strict=True)
+        head.load_state_dict(_part(state, "head."), strict=True)
+    except (KeyError, RuntimeError, ConfigError) as exc:
+        raise CheckpointError(name, f"cannot rebuild the task model: {str(exc).splitlines()[0]}") from exc
+    model = TaskModel(encoder, head, freeze_encoder=bool(metadata.get("freeze_encoder", False))).to(device)
+    model.eval()
+    return LoadedTaskModel(model, task, Preprocess.from_dict(metadata["preprocess"]), metadata)

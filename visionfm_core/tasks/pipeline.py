@@ -1,0 +1,126 @@
+"""Single-site workflows the CLI and benches call: get an encoder, fine-tune, evaluate, predict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from visionfm_core.data.items import ImageItem
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
+from visionfm_core.models.encoders import EncoderSpec, create_encoder
+from visionfm_core.models.importers import build_encoder, import_encoder
+from visionfm_core.tasks.adapters import TaskAdapter
+from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
+from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, FitResult
+
+
+@dataclass
+class EncoderSource:
+    """Where the encoder comes from: a checkpoint (ours, or an upstream .pth) or a fresh architecture."""
+
+    checkpoint: str | None = None
+    arch: str = "micro"
+    patch_size: int = 16
+    trust: bool = False
+
+
+def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """An encoder at ``image_size`` (position embedding resampled when it was trained at another size)
+    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...)."""
+    if source.checkpoint is None:
+        spec = EncoderSpec(arch=source.arch, image_size=image_size, patch_size=source.patch_size)
+        return create_encoder(spec), encoder_metadata(spec, modality, source_format="scratch")
+    path = Path(source.checkpoint)
+    if path.suffix == ".safetensors":
+        state, meta = load_encoder(path)
+    else:
+        imported = import_encoder(path, modality, trust=source.trust)
+        state, meta = imported.state, imported.metadata
+    encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
+    return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
+
+
+def preprocess_for(encoder_meta: dict[str, Any], image_size: int, **options: Any) -> Preprocess:
+    """Normalisation from the encoder's metadata (what its weights were trained with)."""
+    mean, std = encoder_meta.get("mean"), encoder_meta.get("std")
+    if mean is None or std is None:
+        raise ConfigError("encoder.mean", "the encoder metadata has no normalisation (mean/std)")
+    return Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), **options)  # type: ignore[arg-type]
+
+
+def finetune(
+    task: TaskAdapter,
+    source: EncoderSource,
+    modality: str,
+    train: Sequence[TaskSample],
+    val: Sequence[TaskSample],
+    config: FineTuneConfig,
+    image_size: int,
+    device: torch.device | str,
+    out: str | Path | None = None,
+    preprocess_options: dict[str, Any] | None = None,
+) -> FitResult:
+    """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
+    encoder, meta = prepare_encoder(source, modality, image_size)
+    preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
+    tuner = FineTuner(task, config, device)
+    result = tuner.fit(encoder, train, val, preprocess)
+    if out is not None:
+        save_task_model(
+            out,
+            result.model,
+            task,
+            preprocess,
+            meta,
+            extra={
+                "finetune": config.to_dict(),
+                "best_epoch": result.best_epoch,
+                "selection_metric": result.selection_metric,
+                "validation": {k: v for k, v in result.best_validation.items() if v == v},  # drop nan (JSON)
+            },
+        )
+    return result
+
+
+def evaluate(
+    loaded: LoadedTaskModel,
+    samples: Sequence[TaskSample],
+    device: torch.device | str,
+    batch_size: int = 16,
+    bootstrap: int = 0,
+) -> dict[str, float]:
+    """Metrics of a saved task model on ``samples`` (bootstrap AUC interval for classification)."""
+    if bootstrap and hasattr(loaded.task, "bootstrap_resamples"):
+        loaded.task.bootstrap_resamples = bootstrap
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    loaded.model.to(tuner.device)
+    loaded.task.check(samples)
+    return tuner.evaluate(loaded.model, tuner.loader(samples, loaded.preprocess, train=False))
+
+
+def predict(
+    loaded: LoadedTaskModel, items: Sequence[ImageItem], device: torch.device | str, batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """Predictions for unlabelled images, each with ``source`` (the image's name on this site)."""
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    loaded.model.to(tuner.device)
+    samples = [TaskSample(item) for item in items]
+    loader = tuner.loader(samples, loaded.preprocess, train=False, with_targets=False)
+    results = tuner.predict(loaded.model, loader)
+    for result in results:
+        item = samples[result["index"]].item
+        result["source"] = item.source
+        if item.frame is not None:
+            result["frame"] = item.frame
+    skipped = getattr(loader.dataset, "skipped", {})
+    for source, reason in skipped.items():
+        results.append({"source": source, "error": reason})
+    return results

@@ -1,0 +1,389 @@
+"""The one fine-tuning trainer every downstream task uses; the task adapter supplies the rest.
+
+AdamW with layer-wise learning-rate decay (the head and last block at the full rate, each earlier
+block ``layer_decay`` times less), linear warm-up then cosine decay, mixed precision where the
+device has it, gradient clipping, and model selection on the validation split (never on test).
+
+Seams for a federated client, which rebuilds everything per round: ``build_model`` ->
+``init_state(model, total_steps, start_step)`` -> ``train_epochs(state, loader, epochs)`` ->
+``evaluate(model, loader)``, with ``get_weights`` / ``set_weights`` to move the encoder's and the
+head's weights as ``dict[str, Tensor]`` (timm key names for the encoder).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.heads import TaskHead, TaskModel, encoder_dims
+from visionfm_core.runtime import autocast_dtype, autocast_for, seed_everything, torch_threads
+from visionfm_core.tasks.adapters.base import Regime, TaskAdapter
+from visionfm_core.tasks.data import Preprocess, TaskDataset, collate, move, select
+from visionfm_core.tasks.samples import TaskSample
+
+logger = logging.getLogger(__name__)
+
+WeightPart = Literal["encoder", "head", "all"]
+_NO_DECAY_NAMES = frozenset({"cls_token", "pos_embed", "reg_token", "dist_token", "mask_token"})
+
+
+@dataclass
+class FineTuneConfig:
+    """Hyper-parameters of one fine-tuning run (defaults follow RETFound/VisionFM, scaled down)."""
+
+    regime: Regime = "full"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    encoder_lr_scale: float = 1.0
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-6
+    grad_clip: float | None = 3.0
+    patience: int | None = None
+    select_metric: str | None = None
+    seed: int = 0
+    num_workers: int = 0
+    eval_batch_size: int | None = None
+    mixed_precision: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.regime not in ("frozen", "full"):
+            raise ConfigError("regime", f"unknown regime {self.regime!r}; use 'frozen' or 'full'")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be at least 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be positive, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError("layer_decay", f"must lie in (0, 1], got {self.layer_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FineTuneConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "not a fine-tuning setting")
+        return cls(**raw)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth of an encoder parameter: embeddings 0, block i -> i + 1, final norm depth + 1."""
+    if name.split(".")[0] in _NO_DECAY_NAMES or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def _decays(name: str, param: Tensor) -> bool:
+    return param.ndim > 1 and name.split(".")[0] not in _NO_DECAY_NAMES
+
+
+def parameter_groups(model: TaskModel, config: FineTuneConfig) -> list[dict[str, Any]]:
+    """AdamW groups with an ``lr_scale`` each; the frozen regime trains the head only."""
+    groups: dict[tuple[str, int, bool], dict[str, Any]] = {}
+
+    def add(part: str, layer: int, scale: float, name: str, param: Tensor) -> None:
+        decay = _decays(name, param)
+        group = groups.setdefault(
+            (part, layer, decay),
+            {"params": [], "lr_scale": scale, "weight_decay": config.weight_decay if decay else 0.0},
+        )
+        group["params"].append(param)
+
+    for name, param in model.head.named_parameters():
+        if param.requires_grad:
+            add("head", 0, 1.0, name, param)
+    if config.regime == "full":
+        depth = len(model.encoder.blocks)  # type: ignore[arg-type]
+        for name, param in model.encoder.named_parameters():
+            if param.requires_grad:
+                layer = layer_id(name, depth)
+                scale = config.encoder_lr_scale * config.layer_decay ** (depth + 1 - layer)
+                add("encoder", layer, scale, name, param)
+    return list(groups.values())
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
+    """Linear warm-up to ``peak`` then cosine decay to ``floor`` at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """A model being trained and its optimiser; ``step`` counts optimiser steps across rounds."""
+
+    model: TaskModel
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+    scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train: dict[str, float]
+    validation: dict[str, float]
+
+
+@dataclass
+class FitResult:
+    """The model with its best-on-validation weights restored, and how it got there."""
+
+    model: TaskModel
+    best_epoch: int
+    best_validation: dict[str, float]
+    selection_metric: str
+    history: list[EpochRecord] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def get_weights(model: TaskModel, part: WeightPart = "encoder") -> dict[str, Tensor]:
+    """Detached CPU copies of the encoder's (timm keys), the head's, or both (prefixed) weights."""
+    if part == "all":
+        return {f"{p}.{k}": v for p in ("encoder", "head") for k, v in get_weights(model, p).items()}  # type: ignore[arg-type]
+    module: nn.Module = model.encoder if part == "encoder" else model.head
+    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+
+
+def set_weights(model: TaskModel, weights: dict[str, Tensor], part: WeightPart = "encoder") -> None:
+    """Load weights from :func:`get_weights` (strict: every key must match)."""
+    if part == "all":
+        for name in ("encoder", "head"):
+            prefix = f"{name}."
+            set_weights(model, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, name)  # type: ignore[arg-type]
+        return
+    module: nn.Module = model.encoder if part == "encoder" else model.head
+    try:
+        module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(part, f"weights do not fit the model: {exc}") from exc
+
+
+def _no_targets(sample: TaskSample, window: Any, source_size: tuple[int, int]) -> dict[str, Any]:
+    return {}
+
+
+def selection_score(validation: dict[str, float], metric: str, higher: bool) -> tuple[int, float]:
+    """Larger is better. An epoch where the metric is defined beats one where it is nan (e.g. AUC on a
+    validation split with one class); among nan epochs the lower validation loss wins."""
+    value = validation[metric]
+    if math.isnan(value):
+        loss = validation.get("loss", float("nan"))
+        return (0, -loss if not math.isnan(loss) else -math.inf)
+    return (1, value if higher else -value)
+
+
+class FineTuner:
+    """Fine-tunes an encoder plus a task head; see the module docstring for the federated seams."""
+
+    def __init__(self, task: TaskAdapter, config: FineTuneConfig, device: torch.device | str = "cpu") -> None:
+        self.task = task
+        self.config = config
+        self.device = torch.device(device)
+        self.selection_metric = config.select_metric or task.selection_metric
+
+    # --- building -------------------------------------------------------------------------------------
+
+    def build_model(self, encoder: nn.Module, head: TaskHead | None = None) -> TaskModel:
+        """Encoder plus the task's head (a fresh one unless given), on the device."""
+        if head is None:
+            embed_dim, depth, patch_size = encoder_dims(encoder)
+            head = self.task.build_head(embed_dim, depth, patch_size, self.config.regime)
+        model = TaskModel(encoder, head, freeze_encoder=self.config.regime == "frozen")
+        return model.to(self.device)
+
+    def init_state(
+        self, model: TaskModel, total_steps: int, start_step: int = 0, steps_per_epoch: int | None = None
+    ) -> TrainState:
+        groups = parameter_groups(model, self.config)
+        optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
+        per_epoch = steps_per_epoch or max(1, total_steps // self.config.epochs)
+        warmup = min(total_steps, round(self.config.warmup_epochs * per_epoch))
+        scaler = None
+        if self.config.mixed_precision and autocast_dtype(self.device) == torch.float16:
+            scaler = torch.amp.GradScaler(self.device.type)  # fp16 needs loss scaling; bf16 does not
+        return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler)
+
+    def loader(
+        self, samples: Sequence[TaskSample], preprocess: Preprocess, train: bool, with_targets: bool = True
+    ) -> DataLoader[Any]:
+        """Batches of ``samples``; ``with_targets=False`` for unlabelled images (prediction only)."""
+        prepare = self.task.prepare if with_targets else _no_targets
+        dataset = TaskDataset(samples, preprocess, prepare, train=train)
+        batch_size = self.config.batch_size if train else (self.config.eval_batch_size or self.config.batch_size)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            collate_fn=collate,
+            generator=generator,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # BatchNorm in the probe cannot train on a last batch of one image.
+            drop_last=train and len(dataset) > batch_size,
+        )
+
+    # --- the per-round seams -------------------------------------------------------------------------
+
+    def train_epochs(self, state: TrainState, loader: DataLoader[Any], epochs: int = 1) -> dict[str, float]:
+        """Train ``epochs`` passes; returns mean loss, steps taken and the last learning rate."""
+        model, config = state.model, self.config
+        model.train()
+        total_loss, steps, lr = 0.0, 0, 0.0
+        with torch_threads(config.threads):
+            for _ in range(epochs):
+                for batch in loader:
+                    lr = learning_rate(state.step, state.total_steps, state.warmup_steps, config.lr, config.min_lr)
+                    for group in state.optimizer.param_groups:
+                        group["lr"] = lr * group["lr_scale"]
+                    batch = move(batch, self.device)
+                    with autocast_for(self.device, config.mixed_precision):
+                        outputs = model(batch["image"])
+                    loss = self.task.loss(outputs, batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite training loss at step {state.step}; lower the lr")
+                    state.optimizer.zero_grad(set_to_none=True)
+                    self._backward_and_step(state, loss)
+                    total_loss += float(loss.detach())
+                    steps += 1
+                    state.step += 1
+        return {"loss": total_loss / max(1, steps), "steps": float(steps), "lr": lr}
+
+    def _backward_and_step(self, state: TrainState, loss: Tensor) -> None:
+        params = [p for g in state.optimizer.param_groups for p in g["params"]]
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+            state.scaler.unscale_(state.optimizer)
+        else:
+            loss.backward()
+        if self.config.grad_clip:
+            nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if state.scaler is not None:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+
+    @torch.no_grad()
+    def evaluate(self, model: TaskModel, loader: DataLoader[Any]) -> dict[str, float]:
+        """Metrics of the task on ``loader`` (plus ``loss``), the model in eval mode."""
+        was_training = model.training
+        model.eval()
+        meter = self.task.meter()
+        total_loss, images = 0.0, 0
+        with torch_threads(self.config.threads):
+            for batch in loader:
+                batch = select(batch, batch["valid"])
+                if len(batch["index"]) == 0:
+                    continue
+                batch = move(batch, self.device)
+                with autocast_for(self.device, self.config.mixed_precision):
+                    outputs = model(batch["image"])
+                count = len(batch["index"])
+                total_loss += float(self.task.loss(outputs, batch)) * count
+                images += count
+                meter.update(outputs, batch)
+        model.train(was_training)
+        results = meter.compute()
+        results["loss"] = total_loss / images if images else float("nan")
+        results["skipped"] = float(len(getattr(loader.dataset, "skipped", {})))
+        return results
+
+    @torch.no_grad()
+    def predict(self, model: TaskModel, loader: DataLoader[Any]) -> list[dict[str, Any]]:
+        """Per-sample predictions in source coordinates, each with its sample ``index``."""
+        model.eval()
+        results: list[dict[str, Any]] = []
+        with torch_threads(self.config.threads):
+            for batch in loader:
+                batch = select(batch, batch["valid"])
+                if len(batch["index"]) == 0:
+                    continue
+                batch = move(batch, self.device)
+                with autocast_for(self.device, self.config.mixed_precision):
+                    outputs = model(batch["image"])
+                for index, prediction in zip(
+                    batch["index"].tolist(), self.task.predictions(outputs, batch), strict=True
+                ):
+                    results.append({"index": index, **prediction})
+        return results
+
+    # --- the single-site entry point -----------------------------------------------------------------
+
+    def fit(
+        self,
+        encoder: nn.Module,
+        train_samples: Sequence[TaskSample],
+        val_samples: Sequence[TaskSample],
+        preprocess: Preprocess,
+        head: TaskHead | None = None,
+    ) -> FitResult:
+        """Train on ``train_samples``, pick the epoch that is best on ``val_samples``, restore it."""
+        if not val_samples:
+            raise ConfigError("validation", "model selection needs a validation split (never the test split)")
+        seed_everything(self.config.seed)
+        self.task.check(list(train_samples) + list(val_samples))
+        self.task.fit_to_data(train_samples)
+        model = self.build_model(encoder, head)
+        train_loader = self.loader(train_samples, preprocess, train=True)
+        val_loader = self.loader(val_samples, preprocess, train=False)
+        per_epoch = len(train_loader)
+        state = self.init_state(model, per_epoch * self.config.epochs, steps_per_epoch=per_epoch)
+        metric, higher = self.selection_metric, self.task.higher_is_better
+        if metric in ("loss", "mre", "mae", "rmse"):
+            higher = False
+        best_score: tuple[int, float] | None = None
+        best_state: dict[str, Tensor] = {}
+        best_epoch, best_validation, history, waited = 0, {}, [], 0
+        for epoch in range(self.config.epochs):
+            train_metrics = self.train_epochs(state, train_loader, 1)
+            validation = self.evaluate(model, val_loader)
+            if metric not in validation:
+                raise ConfigError(
+                    "select_metric",
+                    f"{metric!r} is not a {self.task.kind} metric; choose from {', '.join(sorted(validation))}",
+                )
+            history.append(EpochRecord(epoch, train_metrics, validation))
+            logger.info(
+                "epoch %d: train loss %.4f, validation %s %.4f",
+                epoch,
+                train_metrics["loss"],
+                metric,
+                validation[metric],
+            )
+            score = selection_score(validation, metric, higher)
+            if best_score is None or score > best_score:
+                best_score, best_epoch, best_validation, waited = score, epoch, validation, 0
+                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+            else:
+                waited += 1
+                if self.config.patience is not None and waited >= self.config.patience:
+                    break
+        model.load_state_dict(best_state)
+        skipped = {
+            **getattr(train_loader.dataset, "skipped", {}),
+            **getattr(val_loader.dataset, "skipped", {}),
+        }
+        return FitResult(model, best_epoch, best_validation, metric, history, skipped)
