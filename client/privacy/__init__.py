@@ -1,5 +1,5 @@
-"""Sample-level differential privacy for a site: DP-SGD (one image is the unit), Poisson sampling, and
-the (epsilon, delta) budget the site spends and enforces."""
+"""Sample-level differential privacy for a site: DP-SGD (one image is the unit) for pretraining and
+fine-tuning, Poisson sampling, and the (epsilon, delta) budget the site spends and enforces."""
 
 from client.privacy.accountant import (
     PrivacyBudget,
@@ -9,11 +9,18 @@ from client.privacy.accountant import (
     epsilon_of,
 )
 from client.privacy.config import DPConfig
+from client.privacy.dp_finetune import DPFineTuner
+from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.dp_step import DPStepResult, NoiseSettings, dp_step, noise_generator, per_sample_gradients
+from client.privacy.entry import dp_ssl_loader, new_dp_trainer
+from client.privacy.reporting import RELEASABLE_METRICS, releasable_metrics
 from client.privacy.sampling import PoissonLoader, ssl_poisson_loader
 
 __all__ = [
+    "RELEASABLE_METRICS",
     "DPConfig",
+    "DPFineTuner",
+    "DPSSLTrainer",
     "DPStepResult",
     "NoiseSettings",
     "PoissonLoader",
@@ -21,9 +28,12 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "SiteAccountant",
     "combined_noise_multiplier",
+    "dp_ssl_loader",
     "dp_step",
     "epsilon_of",
+    "new_dp_trainer",
     "noise_generator",
     "per_sample_gradients",
+    "releasable_metrics",
     "ssl_poisson_loader",
 ]

@@ -119,7 +119,9 @@ class SiteAccountant:
 
     def __init__(self, budget: PrivacyBudget, mechanism: Mechanism = "rdp", label: str = "this site") -> None:
         if mechanism not in MECHANISMS:
-            raise ConfigError("privacy.accountant", f"must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
+            raise ConfigError(
+                "privacy.accountant", f"must be one of {', '.join(MECHANISMS)}, got {mechanism!r}"
+            )
         self.budget = budget
         self.mechanism: Mechanism = mechanism
         self.label = label
@@ -152,8 +154,9 @@ class SiteAccountant:
             self._cached = self._epsilon(self._history)
         return self._cached
 
-    def epsilon_after(self, steps: int, noise_multiplier: float | None = None,
-                      sample_rate: float | None = None) -> float:
+    def epsilon_after(
+        self, steps: int, noise_multiplier: float | None = None, sample_rate: float | None = None
+    ) -> float:
         """Epsilon the site would have spent after `steps` more steps (default: the last mechanism used)."""
         sigma, rate = self._mechanism_or_last(noise_multiplier, sample_rate)
         _check_mechanism(sigma, rate, steps)
@@ -173,16 +176,22 @@ class SiteAccountant:
     def _rdp_one_step(self, sigma: float, rate: float) -> np.ndarray:
         key = (sigma, rate)
         if key not in self._rdp_per_step:
-            self._rdp_per_step[key] = np.asarray(rdp_analysis.compute_rdp(
-                q=rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+            self._rdp_per_step[key] = np.asarray(
+                rdp_analysis.compute_rdp(
+                    q=rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+                )
+            )
         return self._rdp_per_step[key]
 
-    def can_train(self, steps: int, noise_multiplier: float | None = None,
-                  sample_rate: float | None = None) -> bool:
+    def can_train(
+        self, steps: int, noise_multiplier: float | None = None, sample_rate: float | None = None
+    ) -> bool:
         """Whether `steps` more steps stay within the budget (predicted before training)."""
         return self.epsilon_after(steps, noise_multiplier, sample_rate) <= self.budget.epsilon
 
-    def check(self, steps: int, noise_multiplier: float | None = None, sample_rate: float | None = None) -> None:
+    def check(
+        self, steps: int, noise_multiplier: float | None = None, sample_rate: float | None = None
+    ) -> None:
         """Raise PrivacyBudgetExceeded (naming budget and spending) unless `can_train(...)`."""
         projected = self.epsilon_after(steps, noise_multiplier, sample_rate)
         if not projected <= self.budget.epsilon:
@@ -203,8 +212,11 @@ class SiteAccountant:
         while high <= limit and self.can_train(high, noise_multiplier, sample_rate):
             low, high = high, high * 2
         if high > limit:
-            return limit if self.can_train(limit, noise_multiplier, sample_rate) else self._bisect_steps(
-                low, limit, noise_multiplier, sample_rate)
+            return (
+                limit
+                if self.can_train(limit, noise_multiplier, sample_rate)
+                else self._bisect_steps(low, limit, noise_multiplier, sample_rate)
+            )
         return self._bisect_steps(low, high, noise_multiplier, sample_rate)
 
     def _bisect_steps(self, low: int, high: int, noise_multiplier: float, sample_rate: float) -> int:
@@ -227,8 +239,15 @@ class SiteAccountant:
             return self._search_noise(sample_rate, steps)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")
-            return float(get_noise_multiplier(target_epsilon=self.budget.epsilon, target_delta=self.budget.delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=self.mechanism))
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=self.budget.epsilon,
+                    target_delta=self.budget.delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=self.mechanism,
+                )
+            )
 
     def _search_noise(self, sample_rate: float, steps: int) -> float:
         with warnings.catch_warnings():
@@ -249,12 +268,15 @@ class SiteAccountant:
                 low = middle
         return high
 
-    def _mechanism_or_last(self, noise_multiplier: float | None,
-                           sample_rate: float | None) -> tuple[float, float]:
+    def _mechanism_or_last(
+        self, noise_multiplier: float | None, sample_rate: float | None
+    ) -> tuple[float, float]:
         if noise_multiplier is None or sample_rate is None:
             if not self._history:
-                raise ConfigError("privacy.noise-multiplier",
-                                  "no step was taken yet: give the noise multiplier and sample rate")
+                raise ConfigError(
+                    "privacy.noise-multiplier",
+                    "no step was taken yet: give the noise multiplier and sample rate",
+                )
             last_sigma, last_rate, _ = self._history[-1]
             noise_multiplier = last_sigma if noise_multiplier is None else noise_multiplier
             sample_rate = last_rate if sample_rate is None else sample_rate
@@ -274,15 +296,20 @@ class SiteAccountant:
             return
         table = state[HISTORY_KEY]
         if table.ndim != 2 or table.shape[1] != 3:
-            raise CheckpointError("<local state>", f"'{HISTORY_KEY}' has shape {tuple(table.shape)}, "
-                                  "expected [n, 3]")
+            raise CheckpointError(
+                "<local state>", f"'{HISTORY_KEY}' has shape {tuple(table.shape)}, expected [n, 3]"
+            )
         self._load_rows(table.to(torch.float64).tolist(), f"'{HISTORY_KEY}'")
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON: mechanism, budget, history and the epsilon spent (for reports kept on the site)."""
-        return {"mechanism": self.mechanism, "epsilon_budget": self.budget.epsilon,
-                "delta": self.budget.delta, "epsilon_spent": self.epsilon_spent(),
-                "history": [[s, q, n] for s, q, n in self._history]}
+        return {
+            "mechanism": self.mechanism,
+            "epsilon_budget": self.budget.epsilon,
+            "delta": self.budget.delta,
+            "epsilon_spent": self.epsilon_spent(),
+            "history": [[s, q, n] for s, q, n in self._history],
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], label: str = "this site") -> SiteAccountant:
@@ -304,7 +331,9 @@ class SiteAccountant:
                 if steps != int(steps):
                     raise ValueError(f"fractional step count {steps}")
             except (ValueError, TypeError, IndexError, ConfigError) as exc:
-                raise CheckpointError("<accountant state>", f"{where}: bad entry {list(row)!r}: {exc}") from exc
+                raise CheckpointError(
+                    "<accountant state>", f"{where}: bad entry {list(row)!r}: {exc}"
+                ) from exc
             history.append((sigma, rate, int(steps)))
         self._history = history
         self._cached = None

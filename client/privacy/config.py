@@ -49,17 +49,21 @@ class DPConfig:
         if self.expected_batch_size < 1:
             raise ConfigError("privacy.expected-batch-size", f"must be >= 1, got {self.expected_batch_size}")
         if self.center not in CENTER_MODES:
-            raise ConfigError("privacy.center", f"must be one of {', '.join(CENTER_MODES)}, got {self.center!r}")
+            raise ConfigError(
+                "privacy.center", f"must be one of {', '.join(CENTER_MODES)}, got {self.center!r}"
+            )
         if not self.center_noise_multiplier > 0.0:
-            raise ConfigError("privacy.center-noise-multiplier",
-                              f"must be > 0, got {self.center_noise_multiplier}")
+            raise ConfigError(
+                "privacy.center-noise-multiplier", f"must be > 0, got {self.center_noise_multiplier}"
+            )
         if self.center_clip is not None and not self.center_clip > 0.0:
             raise ConfigError("privacy.center-clip", f"must be > 0, got {self.center_clip}")
         if self.microbatch_size is not None and self.microbatch_size < 1:
             raise ConfigError("privacy.microbatch-size", f"must be >= 1 or unset, got {self.microbatch_size}")
         if self.accountant not in MECHANISMS:
-            raise ConfigError("privacy.accountant",
-                              f"must be one of {', '.join(MECHANISMS)}, got {self.accountant!r}")
+            raise ConfigError(
+                "privacy.accountant", f"must be one of {', '.join(MECHANISMS)}, got {self.accountant!r}"
+            )
 
     @classmethod
     def from_dict(cls, flat: Mapping[str, Any]) -> DPConfig:

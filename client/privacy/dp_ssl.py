@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from client.privacy.accountant import SiteAccountant, combined_noise_multiplier
 from client.privacy.config import DPConfig
-from client.privacy.dp_step import DPStepResult, NoiseSettings, dp_step, noise_generator
+from client.privacy.dp_step import DPStepResult, NoiseSettings, PerSampleLoss, dp_step, noise_generator
 from client.privacy.sampling import PoissonLoader, cycle_batches
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import Modality
@@ -44,6 +44,7 @@ from visionfm_core.ssl.schedules import StepSchedule, schedule_at
 from visionfm_core.ssl.trainer import SSLTrainer
 
 Views = Sequence[Tensor]
+
 
 @dataclass
 class _TeacherOutputs:
@@ -61,15 +62,29 @@ class DPSSLTrainer(SSLTrainer):
     for tests only: by default the noise generator is seeded from the OS.
     """
 
-    def __init__(self, spec: EncoderSpec, modality: Modality, cfg: SSLConfig, total_steps: int, dp: DPConfig,
-                 accountant: SiteAccountant, device: torch.device | str = "cpu", seed: int = 0,
-                 noise_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        modality: Modality,
+        cfg: SSLConfig,
+        total_steps: int,
+        dp: DPConfig,
+        accountant: SiteAccountant,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        noise_seed: int | None = None,
+    ) -> None:
         super().__init__(spec, modality, cfg, total_steps, device=device, seed=seed)
         self.dp = dp
         self.accountant = accountant
         self.noise = noise_generator(self.device, noise_seed)
         # fp16 would need loss scaling inside every per-sample gradient; run such devices in fp32.
         self.dp_autocast = self.amp_dtype if self.amp_dtype == torch.bfloat16 else None
+        if getattr(self.student, "token_dtype", None) is not None:
+            # A bf16 residual stream breaks vmap's backward (LayerNorm(x + mlp(x)) under autocast raises
+            # "expected scalar type BFloat16 but found Float", torch 2.14); the student keeps fp32
+            # tokens, its matmuls still run in bf16.
+            self.student.token_dtype = None
         self.center_clip = dp.center_clip or 2.0 * math.sqrt(cfg.out_dim / cfg.head_bottleneck_dim)
         self.sampling: tuple[float, float] | None = None  # (sample rate, expected batch size)
         self.last_step: DPStepResult = DPStepResult()
@@ -82,16 +97,24 @@ class DPSSLTrainer(SSLTrainer):
         if self.dp.center == "fixed":
             return self.dp.noise_multiplier
         centres = 2 if self.ibot else 1
-        return combined_noise_multiplier(self.dp.noise_multiplier, *[self.dp.center_noise_multiplier] * centres)
+        return combined_noise_multiplier(
+            self.dp.noise_multiplier, *[self.dp.center_noise_multiplier] * centres
+        )
 
     def use_sampling(self, loader: PoissonLoader[Any]) -> None:
         """Take the sample rate and expected batch size from a Poisson loader (train_steps does this)."""
         if not isinstance(loader, PoissonLoader):
-            raise ConfigError("loader", "DP-SGD needs Poisson-sampled batches (client.privacy.PoissonLoader), "
-                              f"got {type(loader).__name__}: the accountant's guarantee assumes them")
+            raise ConfigError(
+                "loader",
+                "DP-SGD needs Poisson-sampled batches (client.privacy.PoissonLoader), "
+                f"got {type(loader).__name__}: the accountant's guarantee assumes them",
+            )
         if self.accountant.budget.delta >= 1.0 / loader.dataset_size:
-            raise ConfigError("privacy.delta", f"{self.accountant.budget.delta:g} is not below 1/{loader.dataset_size}"
-                              " (one over the number of training images)")
+            raise ConfigError(
+                "privacy.delta",
+                f"{self.accountant.budget.delta:g} is not below 1/{loader.dataset_size}"
+                " (one over the number of training images)",
+            )
         self.sampling = (loader.sample_rate, loader.expected_batch_size)
 
     def local_state(self) -> dict[str, Tensor]:
@@ -117,7 +140,9 @@ class DPSSLTrainer(SSLTrainer):
         self.student.train()
         self.teacher.eval()
         batches = cycle_batches(loader)
-        sums = dict.fromkeys(("loss", "loss_cls", "loss_patch", "lr", "teacher_temp", "teacher_momentum"), 0.0)
+        sums = dict.fromkeys(
+            ("loss", "loss_cls", "loss_patch", "lr", "teacher_temp", "teacher_momentum"), 0.0
+        )
         losses_seen, images, clipped = 0, 0, 0
         started = time.perf_counter()
         for i in range(num_steps):
@@ -137,22 +162,34 @@ class DPSSLTrainer(SSLTrainer):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = max(time.perf_counter() - started, 1e-9)
-        metrics = {k: v / num_steps for k, v in sums.items() if k in ("lr", "teacher_temp", "teacher_momentum")}
+        metrics = {
+            k: v / num_steps for k, v in sums.items() if k in ("lr", "teacher_temp", "teacher_momentum")
+        }
         for key in ("loss", "loss_cls", "loss_patch"):
             metrics[key] = sums[key] / losses_seen if losses_seen else float("nan")
         metrics.update(self.privacy_metrics())
-        metrics.update(images=float(images), images_per_s=images / elapsed, steps=float(num_steps),
-                       clipped_fraction=clipped / images if images else 0.0)
+        metrics.update(
+            images=float(images),
+            images_per_s=images / elapsed,
+            steps=float(num_steps),
+            clipped_fraction=clipped / images if images else 0.0,
+        )
         return metrics
 
     def privacy_metrics(self) -> dict[str, float]:
         """epsilon spent so far, the budget, and the mechanism of the last round."""
         sample_rate = self.sampling[0] if self.sampling else float("nan")
-        return {"epsilon": self.accountant.epsilon_spent(), "delta": self.accountant.budget.delta,
-                "epsilon_budget": self.accountant.budget.epsilon,
-                "noise_multiplier": self.effective_noise_multiplier(), "sample_rate": sample_rate}
+        return {
+            "epsilon": self.accountant.epsilon_spent(),
+            "delta": self.accountant.budget.delta,
+            "epsilon_budget": self.accountant.budget.epsilon,
+            "noise_multiplier": self.effective_noise_multiplier(),
+            "sample_rate": sample_rate,
+        }
 
-    def train_step(self, views: Views | None, step: int, schedule: StepSchedule | None = None) -> dict[str, float]:
+    def train_step(
+        self, views: Views | None, step: int, schedule: StepSchedule | None = None
+    ) -> dict[str, float]:
         """One DP step on one Poisson batch (None: an empty draw, noise only). Needs `use_sampling` first;
         refuses with PrivacyBudgetExceeded if the step would exceed the budget."""
         sample_rate, _ = self._require_sampling()
@@ -171,22 +208,33 @@ class DPSSLTrainer(SSLTrainer):
         cuda_rng = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_rng):
             torch.manual_seed(step_seed)  # drop-path draws, as in SSLTrainer
-            result = dp_step(self.student, self.image_loss(schedule), None if inputs is None else inputs.samples,
-                             settings, self.noise, trainable=self.trainable_names(schedule),
-                             autocast_dtype=self.dp_autocast, microbatch_size=self.dp.microbatch_size)
+            result = dp_step(
+                self.student,
+                self.image_loss(schedule),
+                None if inputs is None else inputs.samples,
+                settings,
+                self.noise,
+                trainable=self.trainable_names(schedule),
+                autocast_dtype=self.dp_autocast,
+                microbatch_size=self.dp.microbatch_size,
+            )
         self._apply_update(schedule)
         if self.dp.center == "noised":
             self._noised_center_update(self.center_cls, None if inputs is None else inputs.cls_rows, expected)
             if self.ibot:
-                self._noised_center_update(self.center_patch, None if inputs is None else inputs.patch_rows,
-                                           expected)
+                self._noised_center_update(
+                    self.center_patch, None if inputs is None else inputs.patch_rows, expected
+                )
         self.accountant.spend(self.effective_noise_multiplier(), sample_rate, 1)
         self.step = step + 1
         self._teacher_fresh = False
         self.last_step = result
         finite = max(result.samples - result.nonfinite, 1)
-        return {"loss": result.mean_loss, "loss_cls": result.aux_sums.get("loss_cls", 0.0) / finite,
-                "loss_patch": result.aux_sums.get("loss_patch", 0.0) / finite}
+        return {
+            "loss": result.mean_loss,
+            "loss_cls": result.aux_sums.get("loss_cls", 0.0) / finite,
+            "loss_patch": result.aux_sums.get("loss_patch", 0.0) / finite,
+        }
 
     def trainable_names(self, schedule: StepSchedule) -> list[str]:
         """Student parameters this step trains (the last layer is left out while it is frozen)."""
@@ -194,7 +242,9 @@ class DPSSLTrainer(SSLTrainer):
         return [n for n, p in self.student.named_parameters() if p.requires_grad and id(p) not in frozen]
 
     @torch.no_grad()
-    def teacher_outputs(self, views: list[Tensor], masks: Tensor | None, schedule: StepSchedule) -> _TeacherOutputs:
+    def teacher_outputs(
+        self, views: list[Tensor], masks: Tensor | None, schedule: StepSchedule
+    ) -> _TeacherOutputs:
         """Image-aligned student inputs and teacher targets (centres from earlier batches only).
 
         samples: "global" [B, G, 3, H, W], "local<j>" [B, L_j, 3, h, w] per local resolution, "targets"
@@ -225,8 +275,8 @@ class DPSSLTrainer(SSLTrainer):
             patch_rows = t_patch.mean(dim=(0, 2))
         return _TeacherOutputs({k: v.contiguous() for k, v in samples.items()}, t_cls.mean(dim=0), patch_rows)
 
-    def image_loss(self, schedule: StepSchedule) -> Any:
-        """The per-image loss for `dp_step`: DINO [CLS] loss over the image's own views (+ iBOT's patch loss)."""
+    def image_loss(self, schedule: StepSchedule) -> PerSampleLoss:
+        """The per-image loss for `dp_step`: DINO's [CLS] loss over the image's own views (+ iBOT's)."""
         cfg = self.cfg
         ibot = self.ibot
 
@@ -243,12 +293,18 @@ class DPSSLTrainer(SSLTrainer):
                 # Every patch token goes through the head (vmap needs fixed shapes); weights pick the masked.
                 head_in = torch.cat([head_in, tokens[:, prefix:].flatten(0, 1)])
             out = student.head(head_in)
-            loss_cls = dino_cls_loss(out[:n_views].unsqueeze(1), sample["targets"].unsqueeze(1), cfg.student_temp)
+            loss_cls = dino_cls_loss(
+                out[:n_views].unsqueeze(1), sample["targets"].unsqueeze(1), cfg.student_temp
+            )
             total = cfg.lambda_cls * loss_cls
             terms = {"loss_cls": loss_cls}
             if ibot:
-                loss_patch = ibot_patch_loss(out[n_views:], sample["patch_targets"].flatten(0, 1),
-                                             sample["patch_weights"].flatten(), cfg.student_temp)
+                loss_patch = ibot_patch_loss(
+                    out[n_views:],
+                    sample["patch_targets"].flatten(0, 1),
+                    sample["patch_weights"].flatten(),
+                    cfg.student_temp,
+                )
                 total = total + cfg.lambda_patch * loss_patch
                 terms["loss_patch"] = loss_patch
             return total, terms
@@ -282,8 +338,11 @@ class DPSSLTrainer(SSLTrainer):
 
     def _require_sampling(self) -> tuple[float, float]:
         if self.sampling is None:
-            raise ConfigError("loader", "no Poisson sampling set: call train_steps with a PoissonLoader "
-                              "(or use_sampling(loader)) first")
+            raise ConfigError(
+                "loader",
+                "no Poisson sampling set: call train_steps with a PoissonLoader "
+                "(or use_sampling(loader)) first",
+            )
         return self.sampling
 
 

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-RELEASABLE_METRICS = ("epsilon", "delta", "epsilon_budget", "noise_multiplier", "sample_rate", "steps", "lr",
-                      "teacher_temp", "teacher_momentum")
+RELEASABLE_METRICS = (
+    "epsilon",
+    "delta",
+    "epsilon_budget",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "lr",
+    "teacher_temp",
+    "teacher_momentum",
+)
 
 
 def releasable_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -89,15 +89,22 @@ class PoissonLoader(Generic[B]):
     `expected_batch_size / len(dataset)` is the sample rate the accountant charges.
     """
 
-    def __init__(self, dataset: Dataset[Any] | Sequence[Any], expected_batch_size: float,
-                 collate_fn: Callable[[list[Any]], B],
-                 num_workers: int = 0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset[Any] | Sequence[Any],
+        expected_batch_size: float,
+        collate_fn: Callable[[list[Any]], B],
+        num_workers: int = 0,
+        seed: int | None = None,
+    ) -> None:
         size = len(dataset)  # type: ignore[arg-type]
         if size < 1:
             raise DataError("<dataset>", "no images to train on")
         if not 0 < expected_batch_size <= size:
-            raise ConfigError("privacy.expected-batch-size",
-                              f"must lie in (0, {size}] (the number of training images), got {expected_batch_size}")
+            raise ConfigError(
+                "privacy.expected-batch-size",
+                f"must lie in (0, {size}] (the number of training images), got {expected_batch_size}",
+            )
         self.dataset = dataset
         self.dataset_size = size
         self.expected_batch_size = float(expected_batch_size)
@@ -108,13 +115,20 @@ class PoissonLoader(Generic[B]):
         self.generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
 
     def __iter__(self) -> Iterator[B | None]:
-        sampler = UniformWithReplacementSampler(num_samples=self.dataset_size, sample_rate=self.sample_rate,
-                                                generator=self.generator,
-                                                steps=max(1, round(1 / self.sample_rate)))
+        sampler = UniformWithReplacementSampler(
+            num_samples=self.dataset_size,
+            sample_rate=self.sample_rate,
+            generator=self.generator,
+            steps=max(1, round(1 / self.sample_rate)),
+        )
         # A sequence is a map-style dataset as far as DataLoader is concerned.
         dataset = cast(Dataset[Any], self.dataset)
-        loader: DataLoader[Any] = DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                             collate_fn=_DropMissing(self.collate_fn))
+        loader: DataLoader[Any] = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=_DropMissing(self.collate_fn),
+        )
         yield from loader
 
     def __len__(self) -> int:
@@ -132,9 +146,18 @@ def cycle_batches(loader: Iterable[B | None]) -> Iterator[B | None]:
             raise DataError("<loader>", "the Poisson loader yielded no batch")
 
 
-def ssl_poisson_loader(items: Sequence[ImageItem], transform: Callable[[np.ndarray], Any],
-                       expected_batch_size: float, num_workers: int = 0,
-                       seed: int | None = None) -> PoissonLoader[tuple[list[torch.Tensor], torch.Tensor]]:
+def ssl_poisson_loader(
+    items: Sequence[ImageItem],
+    transform: Callable[[np.ndarray], Any],
+    expected_batch_size: float,
+    num_workers: int = 0,
+    seed: int | None = None,
+) -> PoissonLoader[tuple[list[torch.Tensor], torch.Tensor]]:
     """Poisson-sampled multi-crop batches (`collate_multicrop` format) of a site's training images."""
-    return PoissonLoader(ReadableImageDataset(items, transform), expected_batch_size, collate_multicrop,
-                         num_workers=num_workers, seed=seed)
+    return PoissonLoader(
+        ReadableImageDataset(items, transform),
+        expected_batch_size,
+        collate_multicrop,
+        num_workers=num_workers,
+        seed=seed,
+    )

@@ -1,0 +1,29 @@
+"""Shared fixtures of the DP tests: one torch thread (2 shared cores) and the bundled real images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import simulations
+from visionfm_core.data.items import ImageItem
+from visionfm_core.data.sources import load_npz_split
+
+RETINAMNIST = Path(simulations.__file__).parent / "data" / "retinamnist" / "retinamnist.npz"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def fundus_items() -> list[ImageItem]:
+    """64 real RetinaMNIST fundus photographs (28 px) with their DR grades."""
+    return load_npz_split(RETINAMNIST, "train").items[:64]
