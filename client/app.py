@@ -13,6 +13,8 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.finetuning import finetune_evaluate, finetune_round
+from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data
@@ -22,6 +24,7 @@ from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
 
 LOCAL_STATE_PREFIX = "local-ssl-state/"
+PERSONAL_HEAD_PREFIX = "personal-head/"
 
 app = ClientApp()
 
@@ -55,6 +58,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg, context)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     site = load_site_data(context.node_config, cfg)
+    if cfg.phase == "finetune":
+        return _finetune_train(msg, context, cfg, server_round, site)
     local_states = {
         key[len(LOCAL_STATE_PREFIX):]: record_to_tensors(record)
         for key, record in context.state.array_records.items()
@@ -62,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     }
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
-        result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context))
+        result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
+                             budget=PrivacyBudget.from_node_config(context.node_config) if cfg.dp else None)
     for modality, state in result.local_state.items():
         context.state[LOCAL_STATE_PREFIX + modality] = arrays_to_record(state)
     metrics = dict(result.metrics)
@@ -89,6 +95,28 @@ def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, t
     return encode(delta, cfg.compression).arrays
 
 
+def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
+    return {key[len(PERSONAL_HEAD_PREFIX):]: record_to_tensors(record)
+            for key, record in context.state.array_records.items() if key.startswith(PERSONAL_HEAD_PREFIX)}
+
+
+def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int,
+                    site: dict[str, Any]) -> Message:
+    """One fine-tuning round; a personal head is kept in the node's state and never put in the reply."""
+    global_arrays = record_to_tensors(msg.content.array_records["arrays"])
+    with torch_threads(cfg.client_threads):
+        result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
+                                site_seed=_site_seed(context))
+    for modality, head in result.local_heads.items():
+        context.state[PERSONAL_HEAD_PREFIX + modality] = arrays_to_record(head)
+    metrics = dict(result.metrics)
+    metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
+    metrics.update(_site_numbers(context))
+    metrics["bytes-sent"] = float(payload_bytes({k: v.numpy() for k, v in result.arrays.items()}))
+    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(dict[str, Any](metrics))})
+    return Message(content=content, reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Secure-aggregation stages driven by the server (see client/secure.py)."""
@@ -103,7 +131,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg, context)
     site = load_site_data(context.node_config, cfg)
     with torch_threads(cfg.client_threads):
-        metrics = evaluate_round(site, record_to_tensors(msg.content.array_records["arrays"]), cfg)
+        global_arrays = record_to_tensors(msg.content.array_records["arrays"])
+        if cfg.phase == "finetune":
+            metrics = finetune_evaluate(site, global_arrays, cfg, _personal_heads(context))
+        else:
+            metrics = evaluate_round(site, global_arrays, cfg)
     metrics["num-examples"] = float(sum(len(s.val) for s in site.values()))
     metrics.update(_site_numbers(context))
     return Message(content=RecordDict({"metrics": MetricRecord(dict[str, Any](metrics))}), reply_to=msg)

@@ -8,19 +8,26 @@ site's own labelled validation data. The Flower handlers in client/app.py only t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from client.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.config import DPConfig
+from client.privacy.entry import dp_ssl_loader, new_dp_trainer
+from client.privacy.reporting import releasable_metrics
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import collate_multicrop, multicrop_transform
+from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device, seed_everything
 from visionfm_core.splits import ModalitySplit
+from visionfm_core.ssl.trainer import SSLTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ class RoundResult:
 
 def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int) -> DataLoader:
     """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers)."""
-    transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size)
+    transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ImageDataset(split.train, transform), batch_size=min(cfg.batch_size, len(split.train)),
                       shuffle=True, drop_last=True, collate_fn=collate_multicrop, num_workers=cfg.num_workers,
@@ -55,8 +62,15 @@ def train_round(
     server_round: int,
     local_states: Mapping[str, Mapping[str, torch.Tensor]],
     site_seed: int = 0,
+    budget: PrivacyBudget | None = None,
 ) -> RoundResult:
-    """Train every modality this site holds (and the global model has) for `cfg.local_steps` steps."""
+    """Train every modality this site holds (and the global model has) for `cfg.local_steps` steps.
+
+    With `cfg.dp`, training is DP-SGD within the site's `budget` (one accountant per modality: the image
+    sets are disjoint). A modality whose budget would be exceeded is not trained and sends nothing; only
+    privacy accounting numbers, never un-noised statistics of the images, are reported for it."""
+    if cfg.dp and budget is None:
+        raise ConfigError("privacy-epsilon", "the run uses DP-SGD: set this site's privacy budget in its node config")
     device = resolve_device(cfg.device)
     arrays: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
@@ -67,15 +81,28 @@ def train_round(
             continue
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
-        trainer = new_trainer(cfg, modality, device, seed_offset=site_seed)
+        if cfg.dp and budget is not None:
+            dp = DPConfig.from_dict(cfg.privacy)
+            accountant = SiteAccountant(budget, mechanism=dp.accountant, label=f"{modality} data")
+            trainer: SSLTrainer = new_dp_trainer(cfg, modality, device, dp, accountant, seed_offset=site_seed)
+            loader: Iterable[Any] = dp_ssl_loader(split, cfg, dp)
+        else:
+            trainer = new_trainer(cfg, modality, device, seed_offset=site_seed)
+            loader = ssl_loader(split, cfg, seed)
         if modality in local_states:
             trainer.load_local_state(local_states[modality])
             trainer.load_shared_state(shared, teacher_sync=cfg.teacher_sync, teacher_ema=cfg.teacher_ema)
         else:
             # First round on this site: the teacher starts as the global student.
             trainer.load_shared_state(shared, teacher_sync="reset")
-        stats = trainer.train_steps(ssl_loader(split, cfg, seed), cfg.local_steps,
-                                    start_step=(server_round - 1) * cfg.local_steps)
+        try:
+            stats = trainer.train_steps(loader, cfg.local_steps, start_step=(server_round - 1) * cfg.local_steps)
+        except PrivacyBudgetExceeded as refused:
+            logger.warning("%s", refused)
+            metrics[f"{modality}/budget-exhausted"] = 1.0
+            continue
+        if cfg.dp:
+            stats = releasable_metrics(stats)
         arrays.update({f"{modality}/{k}": v for k, v in trainer.shared_state().items()})
         new_states[modality] = trainer.local_state()
         metrics[f"{modality}/num-examples"] = float(len(split.train))

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
-    """Build the initial global model and run every round on `grid`."""
-    initial = {k: v.numpy() for k, v in initial_global_arrays(cfg).items()}
+    """Build the initial global model and run every round on `grid`: pretraining (unless `init-encoders`
+    gives the encoders), then `finetune-rounds` fine-tuning rounds when configured."""
     evaluator = None
     site_names: list[str] = []
     if cfg.scenario:
@@ -32,7 +32,27 @@ def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
         site_names = [s.name for s in load_scenario(cfg.scenario).sites]
         if cfg.server_eval == "scenario":
             evaluator = scenario_test_evaluator(cfg)
-    return Federation(grid, cfg, initial, evaluator, site_names).run()
+    if cfg.init_encoders:
+        from server.finetune_phase import load_init_encoders
+
+        pretrained, rounds_done = load_init_encoders(cfg), 0
+    else:
+        initial = {k: v.numpy() for k, v in initial_global_arrays(cfg).items()}
+        result = Federation(grid, cfg, initial, evaluator, site_names).run()
+        if cfg.finetune_rounds == 0:
+            return result
+        pretrained, rounds_done = result.arrays, cfg.num_rounds
+    return _run_finetune_phase(grid, cfg, pretrained, site_names, rounds_done)
+
+
+def _run_finetune_phase(grid: Grid, cfg: RunConfig, pretrained: dict[str, Any], site_names: list[str],
+                        rounds_done: int) -> FederationResult:
+    from server.finetune_phase import FineTunePhase, classifier_test_evaluator, resolve_class_counts
+
+    evaluator = None
+    if cfg.scenario and cfg.server_eval == "scenario":
+        evaluator = classifier_test_evaluator(resolve_class_counts(cfg))
+    return FineTunePhase(grid, cfg, pretrained, evaluator, site_names, round_offset=rounds_done).run()
 
 
 def resolve_run_config(flat: Mapping[str, Any]) -> RunConfig:

@@ -305,7 +305,9 @@ class FleetGateway:
                 tls = self._tls.wrap_socket(conn, server_side=True)  # handshake: alerts reach the peer
             except (ssl.SSLError, OSError) as exc:
                 reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-                logger.warning("TLS handshake refused: %s", reason)
+                # A bare connect-and-close (port check, load balancer probe) is not worth a warning.
+                level = logging.DEBUG if "EOF" in str(reason) else logging.WARNING
+                logger.log(level, "TLS handshake refused: %s", reason)
                 _close_gently(conn)
                 return
             with tls:

@@ -3,7 +3,8 @@
 ```toml
 [job]
 name = "fundus-pretrain"      # the run folder (runs/<name> in the coordinator's state folder)
-app = "."                     # the Flower app project, relative to this file (default: visionfm-fed)
+app = "path/to/project"       # optional: a Flower app project, relative to this file (default: the
+                              # deployment app, see server/deploy_app.py: config only, installed code)
 phases = ["pretrain"]         # what the app runs; it must support each phase
 modalities = ["fundus"]
 rounds = 50
@@ -48,15 +49,10 @@ class Job:
     """A parsed job file."""
 
     name: str
-    app: Path
+    app: Path | None  # None: the generated deployment app
     phases: list[str]
     overrides: dict[str, Scalar] = field(default_factory=dict)
     source: str = "<job>"
-
-
-def default_app_dir() -> Path:
-    """The visionfm-fed project folder (where its pyproject.toml declares the Flower app)."""
-    return Path(__file__).resolve().parent.parent
 
 
 def _scalar(key: str, value: Any) -> Scalar:
@@ -64,9 +60,7 @@ def _scalar(key: str, value: Any) -> Scalar:
         return value
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return ",".join(value)
-    raise ConfigError(
-        key, f"must be a string, number, boolean or list of strings, got {type(value).__name__}"
-    )
+    raise ConfigError(key, f"must be a string, number, boolean or list of strings, got {type(value).__name__}")
 
 
 def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Job:
@@ -81,7 +75,7 @@ def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Jo
     if not isinstance(name, str) or not JOB_NAME.match(name):
         raise ConfigError("job.name", "required: letters, digits, dots, dashes and underscores (max 64)")
     app_value = job.get("app")
-    app = default_app_dir() if app_value is None else (base_dir / str(app_value)).resolve()
+    app = None if app_value is None else (base_dir / str(app_value)).resolve()
     phases = job.get("phases", ["pretrain"])
     if not isinstance(phases, list) or not phases or not all(p in KNOWN_PHASES for p in phases):
         raise ConfigError("job.phases", f"a non-empty list of {', '.join(KNOWN_PHASES)}, got {phases!r}")
@@ -91,11 +85,7 @@ def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Jo
         raise ConfigError(f"job.{sorted(extra)[0]}", "unknown key (put app settings under [run-config])")
     if "modalities" in job:
         modalities = job["modalities"]
-        if (
-            not isinstance(modalities, list)
-            or not modalities
-            or not all(isinstance(m, str) for m in modalities)
-        ):
+        if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
             raise ConfigError("job.modalities", "a non-empty list of modality names")
         from visionfm_core.modalities import canonical_modality
 
@@ -147,15 +137,13 @@ def app_config_keys(app: Path) -> dict[str, Any]:
     return _flatten(config)
 
 
-def check_against_app(job: Job, overrides: dict[str, Scalar]) -> None:
+def check_against_app(app: Path, overrides: dict[str, Scalar]) -> None:
     """ConfigError naming the first key the app does not declare (Flower would refuse the run)."""
-    declared = app_config_keys(job.app)
+    declared = app_config_keys(app)
     for key in overrides:
         if key not in declared:
             hint = "this app does not support the phase(s) asked for" if key == "phases" else "not declared"
-            raise ConfigError(
-                key, f"{hint}: {job.app / 'pyproject.toml'} has no [tool.flwr.app.config] '{key}'"
-            )
+            raise ConfigError(key, f"{hint}: {app / 'pyproject.toml'} has no [tool.flwr.app.config] '{key}'")
 
 
 def toml_overrides(overrides: dict[str, Scalar]) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
 KEY_COLUMNS = ("round", "site", "modality", "phase")
-PLOTTED = ("loss", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
+PLOTTED = ("loss", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc", "epsilon", "bytes_sent")
 
 
 class MetricsLog:
@@ -118,6 +118,18 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
         for r in sorted(trains, key=lambda r: (r["round"], r["site"], r["modality"])):
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
                 "round", "site", "modality", "loss", "images_per_s")) + " |")
+    private = [r for r in trains if "epsilon" in r or "budget_exhausted" in r]
+    if private:
+        lines += ["", "## Privacy spent per site (DP-SGD)", "", "| round | site | modality | epsilon | delta | budget |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(private, key=lambda r: (r["round"], r["site"], r["modality"])):
+            budget = "exhausted: round refused" if r.get("budget_exhausted") else _fmt(r.get("epsilon_budget", ""))
+            lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in ("round", "site", "modality", "epsilon", "delta"))
+                         + f" | {budget} |")
+    transport = [r for r in rows if r["phase"] == "transport"]
+    if transport:
+        lines += ["", "## Bytes sent per site and round", "", "| round | site | bytes |", "|---|---|---|"]
+        lines += [f"| {r['round']} | {r['site']} | {int(r['bytes_sent'])} |" for r in transport]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = out_dir / "report.md"

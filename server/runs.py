@@ -20,6 +20,7 @@ from typing import Any
 from certs.store import CertStore
 from server.control import ControlPlane, RunInfo
 from server.coordinator import CoordinatorState, running_state
+from server.deploy_app import write_deployment_app
 from server.jobs import Job, check_against_app, toml_overrides
 from server.processes import flower_env, flower_script
 from server.superlink import LOOPBACK
@@ -107,10 +108,13 @@ def submit(state_dir: Path, job: Job, resume: bool = False) -> RunRecord:
             f"{out_dir} already holds rounds up to {max(done)}: pass --resume to "
             "continue that run, or give the job another name",
         )
+    app = job.app if job.app is not None else write_deployment_app(state_dir / "app")
+    overrides: dict[str, Any] = {**job.overrides, "out-dir": str(out_dir)}
+    if resume:
+        overrides["resume"] = True  # the ServerApp restarts after the folder's last complete round
+    check_against_app(app, overrides)
     if resume:
         _stop_stale_runs(state_dir, state, job.name)
-    overrides: dict[str, Any] = {**job.overrides, "out-dir": str(out_dir)}
-    check_against_app(job, overrides)
     out_dir.mkdir(parents=True, exist_ok=True)
     override_file = out_dir / f"submitted-{int(time.time())}.toml"
     override_file.write_text(toml_overrides(overrides))
@@ -118,7 +122,7 @@ def submit(state_dir: Path, job: Job, resume: bool = False) -> RunRecord:
     command = [
         flower_script("flwr"),
         "run",
-        str(job.app),
+        str(app),
         CONNECTION,
         "--run-config",
         str(override_file),

@@ -17,8 +17,15 @@ from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
 
 SSL_PREFIX = "ssl."
+PRIVACY_PREFIX = "privacy."
+NESTED = {SSL_PREFIX: "ssl", PRIVACY_PREFIX: "privacy"}
 STRATEGIES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
 CODECS = ("none", "fp16", "bf16", "int8")
+PHASES = ("pretrain", "finetune")
+FINETUNE_ENCODER = ("frozen", "trained")
+FINETUNE_HEAD = ("shared", "personal")
+FINETUNE_TASKS = ("classification",)
+FINETUNE_MODES = ("binary", "multiclass", "ordinal")
 
 
 @dataclass
@@ -67,7 +74,26 @@ class RunConfig:
     progress: bool = False
     # Continue a run folder from its last complete round checkpoint instead of starting afresh.
     resume: bool = False
+    # Federated fine-tuning after pretraining (0 = none): the global encoder "frozen" or "trained", the
+    # classification head "shared" (averaged) or "personal" (kept on each site, never sent).
+    finetune_rounds: int = 0
+    finetune_epochs: int = 1
+    finetune_lr: float = 1e-3
+    finetune_batch_size: int = 32
+    finetune_encoder: str = "trained"
+    finetune_head: str = "shared"
+    finetune_task: str = "classification"
+    finetune_mode: str = "multiclass"
+    # Classes per modality, e.g. "fundus=5,oct=4"; unset modalities take the simulation dataset's count.
+    finetune_classes: str = ""
+    # A folder of <modality>.safetensors encoders to fine-tune instead of pretraining first.
+    init_encoders: str = ""
+    # Which phase a message belongs to; set by the server for each phase, not by users.
+    phase: str = "pretrain"
+    # Sample-level DP-SGD at every site (each site's budget comes from its own node config).
+    dp: bool = False
     ssl: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,33 +132,73 @@ class RunConfig:
             raise ConfigError("compression", "secure aggregation quantises updates itself: use 'none'")
         if not self.modality_list:
             raise ConfigError("modalities", "names no modality")
+        self._validate_finetune()
+
+    def _validate_finetune(self) -> None:
+        for name in ("finetune_epochs", "finetune_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(_kebab(name), f"must be >= 1, got {getattr(self, name)}")
+        if self.finetune_rounds < 0:
+            raise ConfigError("finetune-rounds", f"must be >= 0, got {self.finetune_rounds}")
+        if not self.finetune_lr > 0:
+            raise ConfigError("finetune-lr", f"must be > 0, got {self.finetune_lr}")
+        choices = {"finetune-encoder": (self.finetune_encoder, FINETUNE_ENCODER),
+                   "finetune-head": (self.finetune_head, FINETUNE_HEAD),
+                   "finetune-task": (self.finetune_task, FINETUNE_TASKS),
+                   "finetune-mode": (self.finetune_mode, FINETUNE_MODES), "phase": (self.phase, PHASES)}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        self.finetune_class_counts()  # parses, or names the bad entry
+        if self.init_encoders and self.finetune_rounds == 0:
+            raise ConfigError("init-encoders", "only the fine-tuning phase uses it: set finetune-rounds > 0")
+        if self.finetune_rounds > 0 and self.secure_aggregation:
+            raise ConfigError("secure-aggregation", "the fine-tuning phase does not support secure aggregation")
+        if self.finetune_rounds > 0 and self.compression != "none":
+            raise ConfigError("compression", "the fine-tuning phase sends uncompressed updates: use 'none'")
+
+    def finetune_class_counts(self) -> dict[str, int]:
+        """`finetune-classes` as {canonical modality: number of classes}."""
+        counts: dict[str, int] = {}
+        for entry in filter(None, (part.strip() for part in self.finetune_classes.split(","))):
+            name, sep, value = entry.partition("=")
+            try:
+                count = int(value)
+            except ValueError:
+                count = 0
+            if not sep or count < 2:
+                raise ConfigError("finetune-classes", f"expected '<modality>=<classes >= 2>', got {entry!r}")
+            counts[canonical_modality(name.strip())] = count
+        return counts
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:
         """Build from Flower-style flat config; unknown keys are an error that names them."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
-        ssl: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {name: {} for name in NESTED.values()}
         for key, value in flat.items():
-            if key.startswith(SSL_PREFIX):
-                ssl[key[len(SSL_PREFIX):].replace("-", "_")] = value
+            prefix = next((p for p in NESTED if key.startswith(p)), None)
+            if prefix is not None:
+                nested[NESTED[prefix]][key[len(prefix):].replace("-", "_")] = value
                 continue
             name = key.replace("-", "_")
-            if name not in names or name == "ssl":
+            if name not in names or name in nested:
                 raise ConfigError(key, "unknown run-config key")
             kwargs[name] = _coerce(key, value, names[name].type)
-        kwargs["ssl"] = ssl
+        kwargs.update(nested)
         return cls(**kwargs)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat kebab-case mapping (Flower UserConfig); round-trips through `from_flat`."""
         flat: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "ssl":
+            if f.name in NESTED.values():
                 continue
             flat[_kebab(f.name)] = getattr(self, f.name)
-        for key, value in self.ssl.items():
-            flat[SSL_PREFIX + _kebab(key)] = value
+        for prefix, name in NESTED.items():
+            for key, value in getattr(self, name).items():
+                flat[prefix + _kebab(key)] = value
         return flat
 
     def replace(self, **changes: Any) -> RunConfig:

@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from strategies.fedavg import ModalityAccumulator, SiteReply, aggregate_by_modality, split_by_modality, weighted_average
+from strategies.fedavg import (
+    ModalityAccumulator,
+    SiteReply,
+    aggregate_by_modality,
+    split_by_modality,
+    weighted_average,
+)
 
 
 def _arrays(modality: str, value: float) -> dict[str, np.ndarray]:

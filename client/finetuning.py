@@ -1,0 +1,193 @@
+"""The site's side of one federated fine-tuning round, without any Flower types.
+
+Arrays are keyed like the pretraining phase's: `<modality>/backbone.<timm key>` for the global encoder
+and `<modality>/classifier.<key>` for the classification head. `finetune_round` builds the classifier
+from the global encoder and either the global (shared) head or the site's own (personal) head, trains
+`finetune-epochs` on the site's labelled train split and returns only what the config shares: the
+encoder when it is trained, the head when it is shared. A personal head comes back in `local_heads`,
+which the Flower handler keeps in the node's state and never sends. `finetune_evaluate` scores the
+global (or personalised) classifier on the site's labelled validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from visionfm_core.data.items import ImageItem
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.heads import TaskModel
+from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, modality_arrays
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import resolve_device, seed_everything
+from visionfm_core.splits import ModalitySplit
+from visionfm_core.tasks.adapters import ClassificationTask
+from visionfm_core.tasks.adapters.classification import Mode
+from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
+
+CLASSIFIER_PREFIX = "classifier."
+REPORTED = ("accuracy", "auc", "kappa", "f1", "loss", "count")
+
+
+@dataclass
+class FineTuneResult:
+    """What a site produced in one fine-tuning round."""
+
+    arrays: dict[str, Tensor]                    # sent: trained encoder and/or shared head, per modality
+    metrics: dict[str, float]                    # numbers only
+    local_heads: dict[str, dict[str, Tensor]]    # personal heads per modality; stay on the site
+
+
+def finetune_config(cfg: RunConfig) -> FineTuneConfig:
+    """The fine-tuning hyperparameters of the run (one epoch of warm-up spread over the first round)."""
+    return FineTuneConfig(regime="frozen" if cfg.finetune_encoder == "frozen" else "full",
+                          epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+                          warmup_epochs=min(1.0, float(cfg.finetune_epochs)), seed=cfg.seed,
+                          num_workers=cfg.num_workers)
+
+
+def class_count(cfg: RunConfig, modality: str, split: ModalitySplit | None = None) -> int:
+    """Classes of `modality`'s task: `finetune-classes`, else what the site's data declares."""
+    configured = cfg.finetune_class_counts().get(modality)
+    if configured is not None:
+        return configured
+    if split is not None and split.num_classes >= 2:
+        return split.num_classes
+    raise ConfigError("finetune-classes", f"set the number of {modality} classes, e.g. '{modality}=5'")
+
+
+def new_tuner(cfg: RunConfig, num_classes: int, device: torch.device) -> FineTuner:
+    mode = cast(Mode, cfg.finetune_mode)  # validated by RunConfig
+    return FineTuner(ClassificationTask(num_classes, mode=mode), finetune_config(cfg), device)
+
+
+def shareable(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The floating-point part of a state dict as float32 (BatchNorm's step counter is not averaged)."""
+    return {k: v.detach().to("cpu", torch.float32) for k, v in weights.items() if v.is_floating_point()}
+
+
+def load_head(model: TaskModel, weights: Mapping[str, Tensor]) -> None:
+    """Load a (shareable) head; keys it lacks, such as BatchNorm's counter, keep the model's own values."""
+    merged = get_weights(model, "head")
+    for key, value in weights.items():
+        merged[key] = value.to(merged[key].dtype) if key in merged else value
+    set_weights(model, merged, "head")
+
+
+def build_classifier(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tensor],
+                     head: Mapping[str, Tensor] | None) -> TaskModel:
+    """Encoder from the `backbone.*` arrays plus the given head (a fresh, seeded one when None)."""
+    seed_everything(cfg.seed)
+    model = tuner.build_model(encoder_from_arrays(shared, cfg))
+    if head:
+        load_head(model, head)
+    return model
+
+
+def initial_head(cfg: RunConfig, num_classes: int) -> dict[str, Tensor]:
+    """The round-1 shared head: the same seeded head every site would build."""
+    tuner = new_tuner(cfg, num_classes, torch.device("cpu"))
+    seed_everything(cfg.seed)
+    from visionfm_core.models.encoders import create_encoder
+    from visionfm_core.pretraining import encoder_spec
+
+    return shareable(get_weights(tuner.build_model(create_encoder(encoder_spec(cfg))), "head"))
+
+
+def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
+    """Labelled items as classification samples (unlabelled ones cannot be fine-tuned on)."""
+    return [TaskSample(item, label=item.label) for item in items if item.label is not None]
+
+
+def _reported(scores: Mapping[str, float], modality: str, prefix: str = "") -> dict[str, float]:
+    # "ce-loss": a name of its own, so reports never mix it up with the SSL loss of pretraining rows.
+    return {f"{modality}/{prefix}{'ce-loss' if k == 'loss' else k}": float(scores[k]) for k in REPORTED if k in scores}
+
+
+def _head_of(arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(CLASSIFIER_PREFIX):]: v for k, v in arrays.items() if k.startswith(CLASSIFIER_PREFIX)}
+
+
+def _encoder_of(arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in arrays.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def finetune_round(
+    site: Mapping[str, ModalitySplit],
+    global_arrays: Mapping[str, Tensor],
+    cfg: RunConfig,
+    server_round: int,
+    personal_heads: Mapping[str, Mapping[str, Tensor]],
+    site_seed: int = 0,
+) -> FineTuneResult:
+    """Fine-tune every modality this site holds labelled data for (and the global model has)."""
+    device = resolve_device(cfg.device)
+    arrays: dict[str, Tensor] = {}
+    metrics: dict[str, float] = {}
+    local_heads: dict[str, dict[str, Tensor]] = {}
+    for modality, split in site.items():
+        shared = modality_arrays(global_arrays, modality)
+        train, val = task_samples(split.train), task_samples(split.val)
+        if not _encoder_of(shared) or not train:
+            continue
+        tuner = new_tuner(cfg, class_count(cfg, modality, split), device)
+        tuner.task.check(train + val)
+        head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
+        model = build_classifier(tuner, cfg, shared, head)
+        preprocess = Preprocess.for_modality(modality, cfg.image_size)
+        seed = cfg.seed + 1000 * server_round + site_seed
+        seed_everything(seed)
+        tuner.config.seed = seed  # a different shuffle each round and site
+        loader = tuner.loader(train, preprocess, train=True)
+        per_epoch = len(loader)
+        epochs = cfg.finetune_epochs
+        state = tuner.init_state(model, cfg.finetune_rounds * epochs * per_epoch,
+                                 start_step=(server_round - 1) * epochs * per_epoch, steps_per_epoch=per_epoch)
+        stats = tuner.train_epochs(state, loader, epochs)
+        metrics[f"{modality}/num-examples"] = float(len(train))
+        metrics[f"{modality}/finetune-loss"] = stats["loss"]
+        metrics[f"{modality}/steps"] = stats["steps"]
+        if val:
+            scores = tuner.evaluate(model, tuner.loader(val, preprocess, train=False))
+            metrics.update(_reported(scores, modality, "val-"))
+        if cfg.finetune_encoder == "trained":
+            arrays.update({f"{modality}/{BACKBONE_PREFIX}{k}": v
+                           for k, v in shareable(get_weights(model, "encoder")).items()})
+        head_weights = shareable(get_weights(model, "head"))
+        if cfg.finetune_head == "shared":
+            arrays.update({f"{modality}/{CLASSIFIER_PREFIX}{k}": v for k, v in head_weights.items()})
+        else:
+            local_heads[modality] = head_weights
+    return FineTuneResult(arrays, metrics, local_heads)
+
+
+def finetune_evaluate(
+    site: Mapping[str, ModalitySplit],
+    global_arrays: Mapping[str, Tensor],
+    cfg: RunConfig,
+    personal_heads: Mapping[str, Mapping[str, Tensor]],
+) -> dict[str, float]:
+    """Scores of the global classifier (or the global encoder with this site's personal head) on the
+    site's labelled validation split; a modality without a head yet is skipped."""
+    device = resolve_device(cfg.device)
+    metrics: dict[str, float] = {}
+    for modality, split in site.items():
+        shared = modality_arrays(global_arrays, modality)
+        val = task_samples(split.val)
+        head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
+        if not _encoder_of(shared) or not val or not head:
+            continue
+        tuner = new_tuner(cfg, class_count(cfg, modality, split), device)
+        tuner.task.check(val)
+        model = build_classifier(tuner, cfg, shared, head)
+        scores = tuner.evaluate(model, tuner.loader(val, Preprocess.for_modality(modality, cfg.image_size),
+                                                    train=False))
+        metrics[f"{modality}/num-examples"] = float(len(val))
+        metrics.update(_reported(scores, modality))
+    return metrics

@@ -1,0 +1,304 @@
+"""The fine-tuning phase of a run: federated rounds that train a classifier on the global encoders.
+
+`FineTunePhase` is a `Federation` (same messaging, streaming modality-aware FedAvg or robust rule,
+rejection of bad replies, metrics log and report) whose messages carry `phase = "finetune"`. Each round
+it sends the global encoder per modality (plus the classification head when the head is shared), folds
+the sites' trained encoder and/or shared head into the average, and asks every site to score the new
+global model (or the global encoder with its personal head) on its validation split. With a shared
+head, the server also scores the global classifier on public labelled data (the simulation's test
+split) as `global-test`.
+
+Rows are numbered after the pretraining rounds (`round = pretraining rounds + fine-tune round`, with
+`finetune_round` in the row) and have phases "finetune" and "finetune-evaluate". Checkpoints go to
+`checkpoints/finetune-round-NNNN/`; a round counts for resume only when its `round.json` exists and
+records the same starting model, so a re-run pretraining never resumes a stale fine-tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from client.finetuning import (
+    CLASSIFIER_PREFIX,
+    REPORTED,
+    build_classifier,
+    class_count,
+    initial_head,
+    new_tuner,
+    task_samples,
+)
+from client.records import record_to_numpy
+from server.federation import CentralEvaluator, Federation, FederationResult, _modality_metrics, _site_label
+from server.progress import RoundProgress
+from server.report import plot_metrics, write_report
+from strategies.fedavg import SiteReply
+from strategies.validation import validate_reply
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.checkpoint import atomic_write_bytes, encoder_metadata, load_encoder, save_encoder
+from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, encoder_spec, modality_arrays
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import resolve_device
+from visionfm_core.tasks.data import Preprocess
+
+logger = logging.getLogger(__name__)
+
+MARKER = "round.json"
+PHASES = ("finetune", "finetune-evaluate")
+PLOTTED = ("finetune_loss", "accuracy", "auc", "kappa")
+
+
+def finetune_round_dir(out_dir: Path, finetune_round: int) -> Path:
+    return out_dir / "checkpoints" / f"finetune-round-{finetune_round:04d}"
+
+
+def resolve_class_counts(cfg: RunConfig) -> RunConfig:
+    """The config with `finetune-classes` set for every modality (sites must agree on the head's shape);
+    modalities it leaves out take their simulation dataset's count."""
+    counts = cfg.finetune_class_counts()
+    missing = [m for m in cfg.modality_list if m not in counts]
+    if missing and cfg.scenario:
+        from simulations.datasets import load_dataset
+        from simulations.scenario import load_scenario
+
+        datasets = load_scenario(cfg.scenario).datasets
+        counts.update({m: load_dataset(datasets[m]).num_classes for m in missing if m in datasets})
+    for modality in cfg.modality_list:
+        class_count(cfg.replace(finetune_classes=_format(counts)), modality)  # names a missing modality
+    return cfg.replace(finetune_classes=_format(counts), phase="finetune")
+
+
+def _format(counts: Mapping[str, int]) -> str:
+    return ",".join(f"{m}={n}" for m, n in counts.items())
+
+
+def load_init_encoders(cfg: RunConfig) -> dict[str, np.ndarray]:
+    """`<modality>/backbone.*` arrays from the `init-encoders` folder (one `<modality>.safetensors` each)."""
+    folder = Path(cfg.init_encoders)
+    arrays: dict[str, np.ndarray] = {}
+    for modality in cfg.modality_list:
+        path = folder / f"{modality}.safetensors"
+        if not path.is_file():
+            raise ConfigError("init-encoders", f"no {modality} encoder: {path} is missing")
+        state, _ = load_encoder(path)
+        shared = {BACKBONE_PREFIX + k: v for k, v in state.items()}
+        try:
+            encoder_from_arrays(shared, cfg)
+        except RuntimeError as exc:
+            raise ConfigError("init-encoders", f"{path.name} does not fit arch {cfg.arch!r} "
+                                               f"at {cfg.image_size} px, patch {cfg.patch_size}: {exc}") from exc
+        arrays.update({f"{modality}/{k}": v.to(torch.float32).numpy() for k, v in shared.items()})
+    return arrays
+
+
+def finetune_arrays(pretrained: Mapping[str, np.ndarray], cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The fine-tune phase's global model: each modality's encoder, plus a seeded head when shared."""
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in pretrained.items()
+              if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
+    if cfg.finetune_head == "shared":
+        for modality in cfg.modality_list:
+            head = initial_head(cfg, class_count(cfg, modality))
+            arrays.update({f"{modality}/{CLASSIFIER_PREFIX}{k}": v.numpy() for k, v in head.items()})
+    return arrays
+
+
+def digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """A fingerprint of a global model (resume only continues from the same starting model)."""
+    hasher = hashlib.sha256()
+    for key in sorted(arrays):
+        hasher.update(key.encode())
+        hasher.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return hasher.hexdigest()
+
+
+def classifier_test_evaluator(cfg: RunConfig) -> CentralEvaluator:
+    """Score the global classifier (encoder + shared head) of every modality on its simulation dataset's
+    held-out test split (never trained or selected on)."""
+    from simulations.datasets import load_dataset
+    from simulations.scenario import load_scenario
+
+    datasets = load_scenario(cfg.scenario).datasets
+    device = resolve_device(cfg.device)
+
+    def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        results: dict[str, dict[str, float]] = {}
+        for modality in cfg.modality_list:
+            shared = modality_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, modality)
+            head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
+            if modality not in datasets or not head:
+                continue
+            tuner = new_tuner(cfg, class_count(cfg, modality), device)
+            model = build_classifier(tuner, cfg, shared, head)
+            test = task_samples(load_dataset(datasets[modality]).test)
+            scores = tuner.evaluate(model, tuner.loader(test, Preprocess.for_modality(modality, cfg.image_size),
+                                                        train=False))
+            results[modality] = {"ce-loss" if k == "loss" else k: scores[k] for k in REPORTED if k in scores}
+        return results
+
+    return evaluate
+
+
+class FineTunePhase(Federation):
+    """Runs `cfg.finetune_rounds` federated fine-tuning rounds after pretraining (or from given encoders)."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, pretrained: Mapping[str, np.ndarray],
+                 central_evaluator: CentralEvaluator | None = None, site_names: Iterable[str] = (),
+                 round_offset: int = 0, poll_interval: float = 0.05) -> None:
+        cfg = resolve_class_counts(cfg)
+        initial = finetune_arrays(pretrained, cfg)
+        super().__init__(grid, cfg, initial, central_evaluator, site_names, poll_interval)
+        self.round_offset = round_offset
+        self.start_digest = digest(initial)
+        self.progress = RoundProgress(cfg.finetune_rounds, enabled=cfg.progress)
+
+    def _row_round(self, finetune_round: int) -> int:
+        return self.round_offset + finetune_round
+
+    def _expected(self) -> dict[str, np.ndarray]:
+        """The part of the global model a site sends back: trained encoder and/or shared head."""
+        return {k: v for k, v in self.arrays.items()
+                if (self.cfg.finetune_encoder == "trained" and f"/{BACKBONE_PREFIX}" in k)
+                or f"/{CLASSIFIER_PREFIX}" in k}
+
+    # -- one round ---------------------------------------------------------------------------------
+    def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
+        """Record a site's fine-tuning numbers and check its arrays against the shared part of the model."""
+        if reply.has_error():
+            self._reject(server_round, site, f"site error: {reply.error.reason}")
+            return None
+        metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+        per_modality = _modality_metrics(metrics)
+        counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
+        arrays = record_to_numpy(reply.content.array_records["arrays"])
+        update = SiteReply(site, arrays, counts)
+        expected = self._expected()
+        if expected or arrays:  # frozen encoder + personal head: nothing is shared, nothing to check
+            problem = validate_reply(update, expected)
+            if problem is not None:
+                self._reject(server_round, site, str(problem))
+                return None
+        for modality, values in per_modality.items():
+            self.metrics.add(self._row_round(server_round), site, modality, "finetune",
+                             {**values, "finetune-round": server_round})
+        self.metrics.add(self._row_round(server_round), site, "all", "transport",
+                         {"bytes_sent": int(metrics.get("bytes-sent", 0)), "finetune-round": server_round})
+        losses = [v.get("finetune-loss", np.nan) for v in per_modality.values()]
+        self.progress.site_done(site, float(np.mean(losses)) if losses else float("nan"))
+        return update
+
+    def evaluate(self, server_round: int) -> None:
+        """Every site scores the new global classifier (or its personalised one) on its validation split;
+        with a shared head the server scores the global classifier on public test data."""
+        row_round = self._row_round(server_round)
+
+        def record(reply: Message) -> None:
+            site = _site_label(reply, self.node_names, self.site_names)
+            if reply.has_error():
+                logger.warning("fine-tune round %d: evaluation failed at %s: %s", server_round, site,
+                               reply.error.reason)
+                return
+            for modality, values in _modality_metrics(dict(reply.content.metric_records["metrics"])).items():
+                self.metrics.add(row_round, site, modality, "finetune-evaluate",
+                                 {**values, "finetune-round": server_round})
+
+        self._exchange(MessageType.EVALUATE, server_round, record)
+        if self.central_evaluator is not None and self.cfg.finetune_head == "shared":
+            for modality, values in self.central_evaluator(self.arrays).items():
+                self.metrics.add(row_round, "global-test", modality, "finetune-evaluate",
+                                 {**values, "finetune-round": server_round})
+                self.progress.score(modality, values.get("auc", float("nan")))
+
+    # -- checkpoints and resume --------------------------------------------------------------------
+    def _save_round(self, finetune_round: int) -> Path:
+        folder = finetune_round_dir(self.out_dir, finetune_round)
+        if folder.exists():
+            shutil.rmtree(folder)
+        self._save_models(folder, round=finetune_round)
+        payload = json.dumps({"round": finetune_round, "phase": "finetune", "start-digest": self.start_digest},
+                             indent=2, sort_keys=True).encode()
+        atomic_write_bytes(folder / MARKER, lambda tmp: Path(tmp).write_bytes(payload))
+        return folder
+
+    def _save_models(self, folder: Path, **meta: Any) -> None:
+        """Per modality: the encoder (timm keys) and, when shared, the head, as safetensors files."""
+        spec = encoder_spec(self.cfg)
+        for modality in self.cfg.modality_list:
+            shared = modality_arrays({k: torch.from_numpy(v) for k, v in self.arrays.items()}, modality)
+            backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in shared.items() if k.startswith(BACKBONE_PREFIX)}
+            head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
+            metadata = encoder_metadata(spec, modality, phase="finetune", **meta)
+            save_encoder(folder / f"{modality}.safetensors", backbone, metadata)
+            if head:
+                save_encoder(folder / f"{modality}.classifier.safetensors", head,
+                             {**metadata, "part": "classifier", "num_classes": class_count(self.cfg, modality),
+                              "finetune_mode": self.cfg.finetune_mode, "finetune_encoder": self.cfg.finetune_encoder})
+
+    def resumable_round(self) -> int | None:
+        """The last complete fine-tune round that started from this run's model, if any."""
+        rounds = []
+        for folder in (self.out_dir / "checkpoints").glob("finetune-round-*"):
+            marker = folder / MARKER
+            if marker.is_file() and json.loads(marker.read_text()).get("start-digest") == self.start_digest:
+                rounds.append(int(folder.name.rsplit("-", 1)[1]))
+        return max(rounds) if rounds else None
+
+    def _load_round(self, finetune_round: int) -> None:
+        folder = finetune_round_dir(self.out_dir, finetune_round)
+        for modality in self.cfg.modality_list:
+            for name, prefix in ((f"{modality}.safetensors", BACKBONE_PREFIX),
+                                 (f"{modality}.classifier.safetensors", CLASSIFIER_PREFIX)):
+                if (folder / name).is_file():
+                    state, _ = load_encoder(folder / name)
+                    self.arrays.update({f"{modality}/{prefix}{k}": v.numpy() for k, v in state.items()})
+
+    # -- the phase ---------------------------------------------------------------------------------
+    def run(self) -> FederationResult:
+        """Run (or resume) the fine-tune rounds; write checkpoints, metrics, plots and the report."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.out_dir / "config.json").is_file():  # no pretraining phase wrote it
+            (self.out_dir / "config.json").write_text(json.dumps(self.cfg.to_flat(), indent=2, sort_keys=True))
+        resumed = self.resumable_round() if self.cfg.resume else None
+        if resumed is not None:
+            self._load_round(resumed)
+            last_kept = self._row_round(resumed)
+            self.metrics.rows = [r for r in self.metrics.rows
+                                 if not (r["phase"] in PHASES or "finetune_round" in r) or int(r["round"]) <= last_kept]
+            logger.info("resuming fine-tuning after fine-tune round %d", resumed)
+        else:
+            for folder in (self.out_dir / "checkpoints").glob("finetune-round-*"):
+                shutil.rmtree(folder)
+            self.metrics.rows = [r for r in self.metrics.rows if not (r["phase"] in PHASES or "finetune_round" in r)]
+        start = 1 if resumed is None else resumed + 1
+        with self.progress:
+            for finetune_round in range(start, self.cfg.finetune_rounds + 1):
+                self.train_round(finetune_round)
+                if finetune_round % self.cfg.eval_every == 0 or finetune_round == self.cfg.finetune_rounds:
+                    self.evaluate(finetune_round)
+                self.metrics.save()  # before the marker, as in pretraining
+                self._save_round(finetune_round)
+        self._save_models(self.out_dir / "finetuned", round=self.cfg.finetune_rounds)
+        plots = plot_metrics(self.metrics.rows, self.out_dir / "plots")
+        plots += plot_metrics([r for r in self.metrics.rows if r["phase"] in PHASES], self.out_dir / "plots", PLOTTED)
+        write_report(self.out_dir, "visionfm-fed federated pretraining and fine-tuning", self.cfg.to_flat(),
+                     self.metrics.rows, plots, self._notes())
+        return FederationResult(self.out_dir, self.cfg.finetune_rounds, self.arrays, self.metrics, self.rejected)
+
+    def _notes(self) -> list[str]:
+        last = self._row_round(self.cfg.finetune_rounds)
+        notes = [f"fine-tuning: {self.cfg.finetune_rounds} rounds, encoder {self.cfg.finetune_encoder}, "
+                 f"head {self.cfg.finetune_head}, {self.cfg.finetune_epochs} epoch(s) per round"]
+        for row in sorted(self.metrics.select(round=last, phase="finetune-evaluate"),
+                          key=lambda r: (r["site"], r["modality"])):
+            scores = ", ".join(f"{k} {row[k]:.3f}" for k in ("accuracy", "auc", "kappa") if k in row)
+            notes.append(f"fine-tune round {self.cfg.finetune_rounds}, {row['site']} {row['modality']}: {scores}")
+        return notes + self.rejected

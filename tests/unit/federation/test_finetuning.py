@@ -1,0 +1,123 @@
+"""The site's side of federated fine-tuning, through the real ClientApp with real Flower Messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import PERSONAL_HEAD_PREFIX
+from client.app import app as client_app
+from client.finetuning import CLASSIFIER_PREFIX, finetune_round
+from client.records import arrays_to_record, record_to_numpy
+from client.site import load_site_data
+from server.finetune_phase import finetune_arrays, resolve_class_counts
+from visionfm_core.errors import ConfigError
+from visionfm_core.pretraining import initial_global_arrays
+from visionfm_core.run_config import RunConfig
+
+BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "image-size": 32, "patch-size": 8,
+        "modalities": "fundus", "scenario": "quick", "finetune-rounds": 2, "finetune-batch-size": 32,
+        "ssl.out-dim": 32, "ssl.head-hidden-dim": 32, "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0}
+
+
+def _config(**changes: object) -> RunConfig:
+    return resolve_class_counts(RunConfig.from_flat({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}}))
+
+
+def _global(cfg: RunConfig) -> dict[str, np.ndarray]:
+    return finetune_arrays({k: v.numpy() for k, v in initial_global_arrays(cfg).items()}, cfg)
+
+
+def _message(cfg: RunConfig, arrays: dict[str, np.ndarray], message_type: str, server_round: int = 1) -> Message:
+    config = ConfigRecord({**cfg.to_flat(), "server-round": server_round})
+    return Message(RecordDict({"arrays": arrays_to_record(arrays), "config": config}), dst_node_id=3,
+                   message_type=message_type)
+
+
+def _context() -> Context:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 3
+    return Context(run_id=1, node_id=3, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+
+def _reply(cfg: RunConfig, arrays: dict[str, np.ndarray], context: Context, message_type: str = MessageType.TRAIN,
+           server_round: int = 1) -> Message:
+    reply = client_app(_message(cfg, arrays, message_type, server_round), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return reply
+
+
+@pytest.mark.parametrize(("key", "value"), [("finetune-encoder", "thawed"), ("finetune-head", "local"),
+                                            ("finetune-task", "segmentation"), ("finetune-mode", "multilabel"),
+                                            ("finetune-rounds", -1), ("finetune-lr", 0.0),
+                                            ("finetune-classes", "fundus=1"), ("finetune-classes", "fundus")])
+def test_bad_finetune_keys_are_rejected_by_name(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_flat({**BASE, key: value})
+    assert raised.value.key == key
+
+
+def test_init_encoders_without_finetune_rounds_is_an_error() -> None:
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_flat({**BASE, "finetune-rounds": 0, "init-encoders": "somewhere"})
+    assert raised.value.key == "init-encoders"
+
+
+def test_class_counts_come_from_the_scenario_and_round_trip() -> None:
+    cfg = _config()
+    assert cfg.finetune_class_counts() == {"fundus": 5} and cfg.phase == "finetune"
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+
+
+def test_shared_head_and_trained_encoder_come_back_trained_with_validation_scores() -> None:
+    cfg = _config(finetune_mode="ordinal")
+    sent = _global(cfg)
+    assert any(k.startswith(f"fundus/{CLASSIFIER_PREFIX}") for k in sent)
+    site = load_site_data({"partition-id": 0}, cfg)
+    result = finetune_round(site, {k: torch.from_numpy(v) for k, v in sent.items()}, cfg, 1, {})
+    assert set(result.arrays) == set(sent)
+    for key in ("fundus/classifier.fc.weight", "fundus/backbone.blocks.1.mlp.fc2.weight"):
+        assert not np.allclose(result.arrays[key].numpy(), sent[key])
+    assert result.metrics["fundus/num-examples"] == len(site["fundus"].train)
+    for name in ("val-accuracy", "val-auc", "val-kappa", "finetune-loss"):
+        assert np.isfinite(result.metrics[f"fundus/{name}"]), name
+    assert result.local_heads == {}
+
+
+def test_frozen_encoder_is_not_sent_back() -> None:
+    cfg = _config(finetune_encoder="frozen")
+    reply = _reply(cfg, _global(cfg), _context())
+    sent = record_to_numpy(reply.content.array_records["arrays"])
+    assert sent and all(k.startswith(f"fundus/{CLASSIFIER_PREFIX}") for k in sent)
+    # BatchNorm's integer step counter is site bookkeeping, never averaged.
+    assert all(v.dtype == np.float32 for v in sent.values())
+
+
+def test_personal_head_stays_on_the_site_and_is_reused_next_round() -> None:
+    cfg = _config(finetune_head="personal")
+    arrays = _global(cfg)
+    assert not any(CLASSIFIER_PREFIX in k for k in arrays)  # the server never holds a personal head
+    context = _context()
+    reply = _reply(cfg, arrays, context)
+    sent = record_to_numpy(reply.content.array_records["arrays"])
+    assert sent and all(k.startswith("fundus/backbone.") for k in sent)
+    head = record_to_numpy(context.state.array_records[PERSONAL_HEAD_PREFIX + "fundus"])
+    # Not a single head tensor's bytes appear anywhere in the serialised reply.
+    payload = b"".join(record.deflate() for record in reply.content.values()) + reply.content.deflate()
+    for value in head.values():
+        assert value.tobytes()[:64] not in payload
+    # Next round, at a vanishing learning rate, training continues from the stored head (a fresh head
+    # would be far from it).
+    still = cfg.replace(finetune_lr=1e-12)
+    _reply(still, arrays, context, server_round=2)
+    again = record_to_numpy(context.state.array_records[PERSONAL_HEAD_PREFIX + "fundus"])
+    assert np.abs(head["fc.weight"]).max() > 1e-3  # trained well away from the fresh head's 2e-5 scale
+    for key, value in head.items():
+        np.testing.assert_allclose(again[key], value, atol=1e-4)
+    # Evaluation scores the global encoder with the site's personal head.
+    evaluated = _reply(cfg, arrays, context, MessageType.EVALUATE)
+    metrics = dict(evaluated.content.metric_records["metrics"])
+    assert 0.0 <= metrics["fundus/accuracy"] <= 1.0 and metrics["fundus/num-examples"] > 0
+    assert not evaluated.content.array_records
