@@ -120,12 +120,12 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
                 "round", "site", "modality", "loss", "images_per_s")) + " |")
     private = [r for r in trains if "epsilon" in r or "budget_exhausted" in r]
     if private:
-        lines += ["", "## Privacy spent per site (DP-SGD)", "", "| round | site | modality | epsilon | delta | budget |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Privacy spent per site (DP-SGD)", "",
+                  "| round | site | modality | epsilon | delta | budget |", "|---|---|---|---|---|---|"]
         for r in sorted(private, key=lambda r: (r["round"], r["site"], r["modality"])):
             budget = "exhausted: round refused" if r.get("budget_exhausted") else _fmt(r.get("epsilon_budget", ""))
-            lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in ("round", "site", "modality", "epsilon", "delta"))
-                         + f" | {budget} |")
+            cells = [_fmt(r.get(k, "")) for k in ("round", "site", "modality", "epsilon", "delta")]
+            lines.append("| " + " | ".join(cells) + f" | {budget} |")
     transport = [r for r in rows if r["phase"] == "transport"]
     if transport:
         lines += ["", "## Bytes sent per site and round", "", "| round | site | bytes |", "|---|---|---|"]
