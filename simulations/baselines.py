@@ -33,7 +33,7 @@ def _train_alone(
     device = resolve_device(cfg.device)
     arrays: dict[str, np.ndarray] = {}
     trainers = {}
-    for modality, split in data.items():
+    for modality in data:
         seed_everything(cfg.seed)
         run_cfg = cfg.replace(local_steps=steps_per_round[modality])
         trainers[modality] = (new_trainer(run_cfg, modality, device, seed_offset), run_cfg)

@@ -51,16 +51,28 @@ def simulate_command(
     teacher_sync: Annotated[str | None, typer.Option(help="ema (FedEMA-style) | reset")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (partition and training)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run folder from its last complete round")] = False,
+    finetune_rounds: Annotated[int | None, typer.Option(help="federated fine-tuning rounds after pretraining")]
+    = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="local fine-tuning epochs per round")] = None,
+    finetune_encoder: Annotated[str | None, typer.Option(help="fine-tuning: frozen | trained encoder")] = None,
+    finetune_head: Annotated[str | None, typer.Option(help="fine-tuning: shared (averaged) | personal head")]
+    = None,
+    init_encoders: Annotated[Path | None, typer.Option(help="fine-tune these <modality>.safetensors encoders "
+                                                            "instead of pretraining")] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Simulate a federation of hospitals on this machine and write checkpoints, metrics, plots and a report."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         quiet_framework_logs()
     overrides: dict[str, Any] = {
         "num-rounds": rounds, "local-steps": local_steps, "objective": objective, "arch": arch,
         "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
-        "device": device, "progress": True,
+        "device": device, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
+        "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
+        "init-encoders": str(init_encoders) if init_encoders else None,
     }
     scenario_overrides: dict[str, Any] = {"sites": sites}
     if partition is not None or alpha is not None:

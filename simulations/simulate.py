@@ -69,7 +69,7 @@ def run_federated(scenario: Scenario, cfg: RunConfig, cpus_per_site: float = 1.0
     os.environ.setdefault("RAY_TMPDIR", _ray_tmpdir(out))
     os.environ.setdefault("FLWR_HOME", str((out / "flwr-home").resolve()))
     total_cpus = os.cpu_count() or 1
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {"num_cpus": total_cpus, "include_dashboard": False, "log_to_driver": True,
                       "_temp_dir": os.environ["RAY_TMPDIR"]},

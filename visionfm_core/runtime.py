@@ -22,7 +22,8 @@ def resolve_device(name: str | None = None) -> torch.device:
 def cpu_supports_bf16() -> bool:
     """Whether bf16 matmul runs natively here (AMX / avx512_bf16): then bf16 autocast is fast, else slow."""
     try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            flags = handle.read()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags

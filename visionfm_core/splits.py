@@ -27,12 +27,12 @@ def split_train_val(num_items: int, val_fraction: float, seed: int,
     rng = np.random.default_rng(seed)
     if groups is None or all(g is None for g in groups):
         order = rng.permutation(num_items)
-        n_val = max(1, int(round(num_items * val_fraction))) if num_items > 1 else 0
+        n_val = max(1, round(num_items * val_fraction)) if num_items > 1 else 0
         return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
     keys = [g if g is not None else f"#item{i}" for i, g in enumerate(groups)]
     unique = sorted(set(keys))
     shuffled = [unique[i] for i in rng.permutation(len(unique))]
-    n_val = max(1, int(round(len(unique) * val_fraction))) if len(unique) > 1 else 0
+    n_val = max(1, round(len(unique) * val_fraction)) if len(unique) > 1 else 0
     val_groups = set(shuffled[:n_val])
     train = [i for i, k in enumerate(keys) if k not in val_groups]
     val = [i for i, k in enumerate(keys) if k in val_groups]

@@ -39,5 +39,5 @@ def test_no_temporary_files_left_and_corrupt_files_are_named(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["oct.safetensors"]
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.safetensors"):
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors"):
         load_encoder(bad)

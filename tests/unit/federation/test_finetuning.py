@@ -118,6 +118,37 @@ def test_personal_head_stays_on_the_site_and_is_reused_next_round() -> None:
         np.testing.assert_allclose(again[key], value, atol=1e-4)
     # Evaluation scores the global encoder with the site's personal head.
     evaluated = _reply(cfg, arrays, context, MessageType.EVALUATE)
-    metrics = dict(evaluated.content.metric_records["metrics"])
+    metrics = {k: float(v) for k, v in evaluated.content.metric_records["metrics"].items()}  # type: ignore[arg-type]
     assert 0.0 <= metrics["fundus/accuracy"] <= 1.0 and metrics["fundus/num-examples"] > 0
     assert not evaluated.content.array_records
+
+
+def test_server_averages_shared_heads_by_examples_and_rejects_a_misshapen_one(tmp_path) -> None:
+    from flwr.app import Array
+
+    from server.finetune_phase import FineTunePhase
+    from strategies.fedavg import ModalityAccumulator
+
+    cfg = _config(out_dir=str(tmp_path))
+    phase = FineTunePhase(None, cfg, {k: v.numpy() for k, v in initial_global_arrays(cfg).items()},  # type: ignore[arg-type]
+                          round_offset=1)
+    replies = []
+    for partition in (0, 1):
+        context = _context()
+        context.node_config["partition-id"] = partition
+        replies.append(client_app(_message(phase.cfg, phase.arrays, MessageType.TRAIN), context))
+    updates = [phase._site_update(1, f"site-{i}", reply) for i, reply in enumerate(replies)]
+    accumulator = ModalityAccumulator()
+    for update in updates:
+        assert update is not None
+        accumulator.add(update)
+    key = "fundus/classifier.fc.weight"
+    weights = [u.num_examples["fundus"] for u in updates if u is not None]
+    expected = sum(w * u.arrays[key] for w, u in zip(weights, updates, strict=True) if u is not None) / sum(weights)
+    np.testing.assert_allclose(accumulator.result()[key], expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(updates[0].arrays[key], updates[1].arrays[key])  # type: ignore[union-attr]
+    rows = phase.metrics.select(phase="finetune", round=2)
+    assert {r["site"] for r in rows} == {"site-0", "site-1"} and all(r["finetune_round"] == 1 for r in rows)
+    replies[0].content.array_records["arrays"]["fundus/classifier.fc.bias"] = Array(np.zeros(7, np.float32))
+    assert phase._site_update(2, "site-0", replies[0]) is None
+    assert "fundus/classifier.fc.bias" in phase.rejected[-1] and "site-0" in phase.rejected[-1]

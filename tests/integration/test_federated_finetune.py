@@ -1,0 +1,91 @@
+"""Federated fine-tuning on Flower's simulation engine (Ray): the quick scenario's 3 sites, nano ViT.
+
+Two simulations in all: (1) one pretraining round then two fine-tuning rounds with a trained encoder
+and a shared head; (2) fine-tuning from (1)'s exported encoders with a frozen encoder and personal heads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.finetuning import initial_head
+from server.finetune_phase import resolve_class_counts
+from simulations.simulate import simulate
+from visionfm_core.models.checkpoint import load_encoder
+from visionfm_core.run_config import RunConfig
+
+pytestmark = pytest.mark.integration
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+FAST = {"num-rounds": 1, "local-steps": 1, "finetune-rounds": 2, "finetune-mode": "ordinal",
+        "finetune-batch-size": 32}
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory):
+    return simulate("quick", "federated", tmp_path_factory.mktemp("ft") / "shared", overrides=FAST)
+
+
+@pytest.fixture(scope="module")
+def personal_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
+    overrides = {**FAST, "finetune-rounds": 1, "finetune-encoder": "frozen", "finetune-head": "personal",
+                 "init-encoders": str(shared_run.out_dir / "encoders")}
+    return simulate("quick", "federated", tmp_path_factory.mktemp("ft") / "personal", overrides=overrides)
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_shared_head_run_logs_per_site_and_pooled_metrics_every_round(shared_run) -> None:
+    rows = _rows(shared_run.out_dir)
+    # Pretraining rows keep their rounds; fine-tune rounds 1-2 follow as rows 2-3.
+    assert {r["round"] for r in rows if r["phase"] == "train"} == {1}
+    for ft_round in (1, 2):
+        trained = {(r["site"], r["modality"]) for r in rows
+                   if r["phase"] == "finetune" and r["finetune_round"] == ft_round}
+        assert {(s, "fundus") for s in SITES} | {("hospital-c", "oct")} <= trained
+        evaluated = [r for r in rows if r["phase"] == "finetune-evaluate" and r["round"] == 1 + ft_round]
+        assert {(r["site"], r["modality"]) for r in evaluated} >= {("global-test", "fundus"),
+                                                                  ("global-test", "oct"), ("hospital-a", "fundus")}
+        for row in evaluated:
+            assert 0.0 <= row["accuracy"] <= 1.0 and "kappa" in row and "auc" in row
+    assert all(np.isfinite(r["finetune_loss"]) for r in rows if r["phase"] == "finetune")
+    report = (shared_run.out_dir / "report.md").read_text()
+    assert "fine-tune round 2, global-test fundus" in report
+
+
+def test_shared_head_is_trained_averaged_and_checkpointed(shared_run) -> None:
+    out = shared_run.out_dir
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["finetune-round-0001", "finetune-round-0002", "round-0000", "round-0001"]
+    cfg = resolve_class_counts(RunConfig.from_flat(json.loads((out / "config.json").read_text())))
+    start = initial_head(cfg, 5)["fc.weight"].numpy()
+    heads = [load_encoder(out / "checkpoints" / f"finetune-round-000{r}" / "fundus.classifier.safetensors")[0]
+             for r in (1, 2)]
+    assert heads[0]["fc.weight"].shape == (5, start.shape[1])
+    assert not np.allclose(heads[0]["fc.weight"].numpy(), start)
+    assert not np.allclose(heads[1]["fc.weight"].numpy(), heads[0]["fc.weight"].numpy())
+    # The trained encoder moved away from the pretrained one.
+    pretrained, _ = load_encoder(out / "encoders" / "fundus.safetensors")
+    tuned, meta = load_encoder(out / "finetuned" / "fundus.safetensors")
+    assert meta["phase"] == "finetune"
+    assert not np.allclose(tuned["blocks.0.attn.qkv.weight"].numpy(), pretrained["blocks.0.attn.qkv.weight"].numpy())
+
+
+def test_personal_heads_never_reach_the_server_and_frozen_encoder_stays(personal_run, shared_run) -> None:
+    out = personal_run.out_dir
+    assert not list(out.rglob("*.classifier.safetensors"))
+    assert not (out / "checkpoints" / "round-0000").exists()  # init-encoders: no pretraining phase
+    rows = _rows(out)
+    evaluated = {(r["site"], r["modality"]) for r in rows if r["phase"] == "finetune-evaluate"}
+    assert {(s, "fundus") for s in SITES} | {("hospital-c", "oct")} <= evaluated
+    assert not any(site == "global-test" for site, _ in evaluated)  # no pooled score without a global head
+    given, _ = load_encoder(shared_run.out_dir / "encoders" / "fundus.safetensors")
+    kept, _ = load_encoder(out / "checkpoints" / "finetune-round-0001" / "fundus.safetensors")
+    for key, value in given.items():
+        np.testing.assert_array_equal(kept[key].numpy(), value.numpy())
