@@ -19,6 +19,7 @@ from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data
 from client.training import evaluate_round, train_round
+from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
@@ -83,15 +84,20 @@ def train(msg: Message, context: Context) -> Message:
 def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, torch.Tensor],
                     trained: dict[str, torch.Tensor], metrics: dict[str, float]) -> dict[str, np.ndarray]:
     """What the reply carries: the trained arrays; their encoded delta (compression); or nothing at all
-    under secure aggregation, where the delta waits on the site for the masked exchange."""
-    trained_np = {k: v.numpy() for k, v in trained.items()}
+    under secure aggregation, where the delta waits on the site for the masked exchange. With central DP
+    the site's whole delta is clipped first (the server adds the noise)."""
+    reference = {k: global_arrays[k].numpy() for k in trained}
+    delta = {k: v.numpy() - reference[k] for k, v in trained.items()}
+    if cfg.central_dp_clip > 0:
+        delta = clip_site_update(delta, cfg.central_dp_clip).arrays
     if cfg.secure_aggregation:
-        weights = {k.split("/", 1)[0]: int(v) for k, v in metrics.items() if k.endswith("/num-examples")}
-        keep_update(context, {k: global_arrays[k].numpy() for k in trained_np}, trained_np, weights)
+        # Central DP weighs sites equally (example counts would make the sensitivity data-dependent).
+        weights = {k.split("/", 1)[0]: 1 if cfg.central_dp_clip > 0 else int(v)
+                   for k, v in metrics.items() if k.endswith("/num-examples")}
+        keep_update(context, reference, {k: reference[k] + d for k, d in delta.items()}, weights)
         return {}
     if cfg.compression == "none":
-        return trained_np
-    delta = {k: v - global_arrays[k].numpy() for k, v in trained_np.items()}
+        return {k: reference[k] + d for k, d in delta.items()}
     return encode(delta, cfg.compression).arrays
 
 

@@ -121,6 +121,7 @@ class SiteNode:
         self._log_offset = 0
         self.restarts = 0
         self.cleared_stale = False
+        self._id_recorded = False
 
     def start_uplink(self) -> int:
         return self.uplink.start()
@@ -142,12 +143,16 @@ class SiteNode:
 
     def remember_node_id(self) -> None:
         """Keep the SuperLink's id for this site once the SuperNode is activated (for crash recovery)."""
+        if self._id_recorded:
+            return
         match = NODE_ID_LINE.search(self._new_log_text())
-        if match is not None and (not self.node_id_file.exists() or self.node_id_file.read_text() != match[1]):
+        if match is not None:
             self.node_id_file.write_text(match[1])
+            self._id_recorded = True
 
     def start_node(self) -> None:
         self._log_offset = self.supernode_log.stat().st_size if self.supernode_log.exists() else 0
+        self._id_recorded = False
         spec = SuperNodeSpec(
             bundle=self.bundle,
             loopback=self.loopback,

@@ -7,7 +7,6 @@ holds a valid-looking certificate.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -92,15 +91,10 @@ class ControlPlane:
 
     def nodes(self) -> list[NodeInfo]:
         response = self._client.ListNodes(ListNodesRequest())
-        return [
-            NodeInfo(n.node_id, n.name, n.status, _fingerprint_of_pem(n.public_key))
-            for n in response.nodes_info
-        ]
+        return [NodeInfo(n.node_id, n.name, n.status, _fingerprint_of_pem(n.public_key)) for n in response.nodes_info]
 
     def register(self, name: str, public_key: ec.EllipticCurvePublicKey) -> int:
-        response = self._client.RegisterNode(
-            RegisterNodeRequest(public_key=public_key_to_bytes(public_key), name=name)
-        )
+        response = self._client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(public_key), name=name))
         return int(response.node_id)
 
     def unregister(self, node_id: int) -> None:
@@ -156,8 +150,3 @@ def sync_registrations(control: ControlPlane, store: CertStore) -> SyncReport:
         control.register(hospital.name, key)
         report.registered.append(hospital.name)
     return report
-
-
-def decode_header_key(value: str) -> str:
-    """Fingerprint of a base64 PEM key as Flower sends it in headers (helper for diagnostics)."""
-    return _fingerprint_of_pem(base64.b64decode(value).decode())

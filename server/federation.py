@@ -26,6 +26,7 @@ from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
 from server.report import MetricsLog, plot_metrics, write_report
+from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
 from strategies.fedavg import ModalityAccumulator, SiteReply, split_by_modality
 from strategies.robust import (
@@ -109,6 +110,9 @@ class Federation:
         self.rejected: list[str] = []
         self.accepted: list[str] = []
         self.traffic = TrafficMeter()
+        # Noise must be unpredictable to the sites: OS entropy, never the run seed.
+        self.dp_rng = np.random.default_rng()
+        self.central_accountant = SiteLevelAccountant(max(cfg.central_dp_noise, 1e-6))
         self.progress = RoundProgress(cfg.num_rounds, enabled=cfg.progress)
 
     # -- messaging ---------------------------------------------------------------------------------
@@ -182,10 +186,12 @@ class Federation:
             logger.error("round %d failed: %d accepted update(s), %d required; global model kept",
                          server_round, len(self.accepted), self.cfg.min_sites)
             return False
+        previous = dict(self.arrays)
         if robust:
             self.arrays = aggregate_per_modality(held, robust_aggregator(self.cfg), self.arrays)
         else:
             self.arrays.update(accumulator.result())
+        self._add_central_noise(server_round, previous, {m: len(s) for m, s in accumulator.contributors.items()})
         logger.info("round %d aggregated (%s) from %s", server_round, self.cfg.strategy, ", ".join(self.accepted))
         return True
 
@@ -205,6 +211,9 @@ class Federation:
                 self._reject(server_round, site, f"undecodable {self.cfg.compression} update: {exc}")
                 return None
             arrays = {k: self.arrays[k] + v if k in self.arrays else v for k, v in delta.items()}
+        if self.cfg.central_dp_clip > 0:
+            # Central DP: every site counts once, whatever its size.
+            counts = {m: min(c, 1) for m, c in counts.items()}
         update = SiteReply(site, arrays, counts)
         problem = validate_reply(update, self.arrays)
         if problem is not None:
@@ -217,6 +226,20 @@ class Federation:
         self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
         self.progress.site_done(site, float(np.mean([v.get("loss", np.nan) for v in per_modality.values()])))
         return update
+
+    def _add_central_noise(self, server_round: int, previous: dict[str, np.ndarray], sites: dict[str, int]) -> None:
+        """Site-level DP: Gaussian noise (std z*C/n) on each modality's mean update; epsilon is accounted."""
+        if self.cfg.central_dp_noise <= 0 or not sites:
+            return
+        means = {k: self.arrays[k] - previous[k] for k in self.arrays if k.split("/", 1)[0] in sites}
+        noised = add_noise_to_means(means, sites, self.cfg.central_dp_noise, self.cfg.central_dp_clip, self.dp_rng)
+        for key, value in noised.items():
+            self.arrays[key] = (previous[key] + value).astype(np.float32)
+        self.central_accountant.step()
+        epsilon = self.central_accountant.epsilon(self.cfg.central_dp_delta)
+        spent = {"epsilon": epsilon, "delta": self.cfg.central_dp_delta, "noise_multiplier": self.cfg.central_dp_noise}
+        self.metrics.add(server_round, "server", "all", "central-dp", spent)
+        logger.info("round %d: site-level DP noise added, epsilon %.3f", server_round, epsilon)
 
     def _bounded(self, update: SiteReply) -> SiteReply:
         bounded: dict[str, np.ndarray] = {}
@@ -250,7 +273,7 @@ class Federation:
             logger.error("round %d failed: no site trained", server_round)
             return False
         params = SecAggParams(threshold=self.cfg.secagg_threshold, clip_range=self.cfg.secagg_clip_range,
-                              max_weight=max(weights))
+                              max_weight=1 if self.cfg.central_dp_clip > 0 else max(weights))
         protocol = ModalitySecAggServer(holders, self.arrays, params)
         replies = self._query_stage(server_round, "setup", protocol.setup())
         replies = self._query_stage(server_round, "share-keys", protocol.broadcast_keys(replies))
@@ -258,8 +281,10 @@ class Federation:
         outcome = protocol.finish(self._query_stage(server_round, "unmask", protocol.request_unmask()))
         for modality, abort in outcome.aborted.items():
             self._reject(server_round, f"{modality} group", f"secure aggregation aborted: {abort}")
+        previous = dict(self.arrays)
         for key, mean_delta in outcome.mean().items():
             self.arrays[key] = (self.arrays[key] + mean_delta).astype(np.float32)
+        self._add_central_noise(server_round, previous, {m: len(r.survivors) for m, r in outcome.results.items()})
         logger.info("round %d securely aggregated: %s", server_round,
                     ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
         return bool(outcome.results)

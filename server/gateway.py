@@ -301,14 +301,16 @@ class FleetGateway:
     def _connection(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(30.0)
+            # wrap_socket takes over the file descriptor: from here on only `tls` may close it.
+            tls = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             try:
-                tls = self._tls.wrap_socket(conn, server_side=True)  # handshake: alerts reach the peer
+                tls.do_handshake()  # blocking: a refusal sends its alert to the peer
             except (ssl.SSLError, OSError) as exc:
                 reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
                 # A bare connect-and-close (port check, load balancer probe) is not worth a warning.
                 level = logging.DEBUG if "EOF" in str(reason) else logging.WARNING
                 logger.log(level, "TLS handshake refused: %s", reason)
-                _close_gently(conn)
+                _close_gently(tls)
                 return
             with tls:
                 der = tls.getpeercert(binary_form=True)
@@ -458,8 +460,9 @@ class FleetGateway:
 
 def _close_gently(conn: socket.socket, drain_s: float = 1.0) -> None:
     """Close after a refused handshake without a TCP reset: with TLS 1.3 the client may already be
-    sending its first request, and a reset would discard the alert that tells it why it was refused."""
-    with contextlib.suppress(OSError):
+    sending its first request, and a reset would discard the alert that tells it why it was refused.
+    (On an SSLSocket, `shutdown` drops the TLS layer and shuts the TCP connection's sending side.)"""
+    with contextlib.suppress(OSError, ValueError):
         conn.shutdown(socket.SHUT_WR)
         conn.settimeout(drain_s)
         deadline = time.monotonic() + drain_s

@@ -57,6 +57,11 @@ class RunConfig:
     secure_aggregation: bool = False
     secagg_threshold: float = 0.6
     secagg_clip_range: float = 0.5
+    # Site-level (central) DP: each site clips its whole update to this L2 norm (0 = off), sites count
+    # equally, and the server adds Gaussian noise of std central-dp-noise x clip / n to each mean.
+    central_dp_clip: float = 0.0
+    central_dp_noise: float = 0.0
+    central_dp_delta: float = 1e-5
     min_sites: int = 1
     round_timeout: float = 1800.0
     eval_every: int = 1
@@ -130,6 +135,10 @@ class RunConfig:
             raise ConfigError("strategy", "secure aggregation reveals only sums: it works with 'fedavg' only")
         if self.secure_aggregation and self.compression != "none":
             raise ConfigError("compression", "secure aggregation quantises updates itself: use 'none'")
+        if self.central_dp_clip < 0 or self.central_dp_noise < 0:
+            raise ConfigError("central-dp-clip", "clip norm and noise multiplier must be >= 0")
+        if self.central_dp_noise > 0 and self.central_dp_clip == 0:
+            raise ConfigError("central-dp-clip", "central DP noise needs a clip norm")
         if not self.modality_list:
             raise ConfigError("modalities", "names no modality")
         self._validate_finetune()

@@ -23,8 +23,9 @@ def _changed(out: Path) -> bool:
     return not np.allclose(before[key], after[key])
 
 
-def test_secure_aggregation_sums_each_modality_over_enough_sites_only(tmp_path: Path) -> None:
-    outcome = simulate("quick", "federated", tmp_path / "secagg", {**ONE_ROUND, "secure-aggregation": True})
+def test_secure_aggregation_with_site_level_dp_sums_each_modality_over_enough_sites_only(tmp_path: Path) -> None:
+    outcome = simulate("quick", "federated", tmp_path / "secagg", {
+        **ONE_ROUND, "secure-aggregation": True, "central-dp-clip": 1.0, "central-dp-noise": 0.8})
     # Fundus is held by three sites: securely aggregated. OCT by one site only: revealing its "sum" would
     # reveal that site's update, so that group aborts and the global OCT encoder stays as it was.
     assert _changed(outcome.out_dir)
@@ -34,6 +35,9 @@ def test_secure_aggregation_sums_each_modality_over_enough_sites_only(tmp_path: 
     assert "oct group" in report and "needed 2, got 1" in report
     rows = json.loads((outcome.out_dir / "metrics.json").read_text())
     assert {r["site"] for r in rows if r["phase"] == "train"} == {"hospital-a", "hospital-b", "hospital-c"}
+    # Noise was added to the securely aggregated mean and the site-level epsilon accounted.
+    (dp_row,) = [r for r in rows if r["phase"] == "central-dp"]
+    assert dp_row["epsilon"] > 0 and dp_row["noise_multiplier"] == 0.8
 
 
 def test_int8_transport_and_median_rule(tmp_path: Path) -> None:

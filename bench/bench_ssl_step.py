@@ -1,0 +1,280 @@
+"""Images/s of one DINO training step: a straightforward fp32 eager baseline against SSLTrainer's step.
+
+The baseline is written the way facebookresearch/dino's training loop works (our own code, same
+recipe): crops concatenated per resolution, DINO's explicit attention (q @ k^T, softmax) instead of
+fused SDPA, a weight-normalised last layer recomputed from (g, v), the loss as a double loop over
+view pairs, per-tensor gradient clipping in a Python loop, AdamW's default (per-tensor) kernels, and
+the teacher EMA as a Python loop over parameters; fp32, no autocast.
+
+Ours: `SSLTrainer.train_step` (bf16 autocast where the device runs it natively, fused SDPA attention,
+fused AdamW, multi-tensor clipping and EMA, one contraction for all view pairs). Both run the same
+DINO objective on the same random crops; step times are measured interleaved (baseline, ours,
+baseline, ...) so load from other processes hits both alike, and the median is reported.
+
+Then the loss trajectory over N steps from the same seed: our step in fp32 (amp off) against our
+step as benchmarked (amp on), to show what mixed precision changes.
+
+Configs: vit_ti8_64  ViT-Ti/8 at 64 px, 2x64 + 4x32 crops, batch 32, out_dim 4096
+         vit_s16_224 ViT-S/16 at 224 px, 2x224 + 6x96 crops, batch 8, out_dim 65536
+         vit_ti16_64 ViT-Ti/16 at 64 px, 2x64 + 4x32 crops, batch 32, out_dim 4096 (optional)
+Target: ours >= 2.5x the baseline.
+
+Usage: python bench/bench_ssl_step.py [--configs vit_ti8_64 vit_s16_224] [--steps 3] [--warmup 1]
+                                      [--trajectory-steps 5] [--threads 2] [--no-fp32-breakdown] [--ibot]
+Quick check: --configs vit_ti8_64 --steps 1 --trajectory-steps 0 --no-fp32-breakdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionfm_core.modalities import get_modality
+from visionfm_core.models.encoders import EncoderSpec, create_encoder
+from visionfm_core.ssl.config import SSLConfig
+from visionfm_core.ssl.schedules import schedule_at
+from visionfm_core.ssl.trainer import SSLTrainer
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    arch: str
+    patch: int
+    global_size: int
+    local_size: int
+    local_crops: int
+    batch: int
+    out_dim: int
+
+
+CONFIGS = {
+    "vit_ti8_64": BenchConfig("tiny", 8, 64, 32, 4, 32, 4096),
+    "vit_s16_224": BenchConfig("small", 16, 224, 96, 6, 8, 65536),
+    "vit_ti16_64": BenchConfig("tiny", 16, 64, 32, 4, 32, 4096),
+}
+# DINO's head sizes (hidden 2048, bottleneck 256, 3 layers); teacher temperature warm-up 0.04 -> 0.07.
+HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
+
+
+def ssl_config(bench: BenchConfig, amp: bool) -> SSLConfig:
+    return SSLConfig(objective="dino", out_dim=bench.out_dim, global_crops=2, local_crops=bench.local_crops,
+                     global_crop_size=bench.global_size, local_crop_size=bench.local_size,
+                     batch_size=bench.batch, amp=amp, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                     head_hidden_dim=HEAD_HIDDEN, head_bottleneck_dim=HEAD_BOTTLENECK, head_layers=3)
+
+
+def random_crops(bench: BenchConfig, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    sizes = [bench.global_size] * 2 + [bench.local_size] * bench.local_crops
+    return [torch.randn(bench.batch, 3, s, s, generator=generator) for s in sizes]
+
+
+# ------------------------------------------------------------------------------------------------
+# Baseline: DINO's recipe written plainly, fp32 eager.
+
+
+class BaselineHead(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        hidden, bottleneck = HEAD_HIDDEN, HEAD_BOTTLENECK
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
+        gain = self.last_layer.parametrizations.weight.original0
+        gain.data.fill_(1.0)
+        gain.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))  # type: ignore[no-any-return]
+
+
+class BaselineMultiCrop(nn.Module):
+    """Backbone on each run of equal-resolution crops, [CLS] tokens concatenated, one head call."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        sizes = torch.tensor([c.shape[-1] for c in crops])
+        ends = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0).tolist()
+        outputs, start = [], 0
+        for end in ends:
+            tokens = self.backbone.forward_features(torch.cat(crops[start:end]))  # type: ignore[operator]
+            outputs.append(tokens[:, 0])
+            start = end
+        return self.head(torch.cat(outputs))  # type: ignore[no-any-return]
+
+
+class BaselineDINO:
+    """fp32 eager DINO step with Python loops for the loss pairs, clipping and the EMA."""
+
+    def __init__(self, bench: BenchConfig, cfg: SSLConfig, total_steps: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
+        self.student = BaselineMultiCrop(create_encoder(spec), BaselineHead(spec.embed_dim, bench.out_dim))
+        self.teacher = BaselineMultiCrop(create_encoder(spec), BaselineHead(spec.embed_dim, bench.out_dim))
+        for model in (self.student, self.teacher):
+            for block in model.backbone.blocks:  # type: ignore[union-attr]
+                block.attn.fused_attn = False  # DINO's explicit attention
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim > 1
+                 and not n.endswith(".bias")]
+        plain = [p for n, p in self.student.named_parameters() if p.requires_grad and (p.ndim <= 1
+                 or n.endswith(".bias"))]
+        groups: list[dict[str, Any]] = [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups)
+        self.center = torch.zeros(1, bench.out_dim)
+        self.cfg, self.total_steps, self.n_crops = cfg, total_steps, 2 + bench.local_crops
+
+    def loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        student_chunks = (student_out / self.cfg.student_temp).chunk(self.n_crops)
+        teacher_chunks = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        total, pairs = torch.zeros(()), 0
+        for iq, q in enumerate(teacher_chunks):
+            for v, s in enumerate(student_chunks):
+                if v == iq:
+                    continue
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                pairs += 1
+        with torch.no_grad():
+            batch_center = teacher_out.sum(dim=0, keepdim=True) / len(teacher_out)
+            self.center = self.center * self.cfg.center_momentum + batch_center * (1 - self.cfg.center_momentum)
+        return total / pairs
+
+    def step(self, crops: list[torch.Tensor], step: int) -> float:
+        schedule = schedule_at(self.cfg, step, self.total_steps)
+        teacher_out = self.teacher(crops[:2])
+        student_out = self.student(crops)
+        loss = self.loss(student_out, teacher_out, schedule.teacher_temp)
+        self.optimizer.zero_grad()
+        loss.backward()
+        for p in self.student.parameters():
+            if p.grad is not None:
+                clip = self.cfg.clip_grad / (p.grad.data.norm(2) + 1e-6)
+                if clip < 1:
+                    p.grad.data.mul_(clip)
+        if schedule.freeze_last_layer:
+            for name, p in self.student.named_parameters():
+                if "last_layer" in name:
+                    p.grad = None
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = schedule.lr
+            if i == 0:
+                group["weight_decay"] = schedule.weight_decay
+        self.optimizer.step()
+        with torch.no_grad():
+            m = schedule.teacher_momentum
+            for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters(), strict=True):
+                param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+        return float(loss.detach())
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(bench: BenchConfig, steps: int, warmup: int, fp32_breakdown: bool,
+            objective: str = "dino") -> dict[str, tuple[float, float]]:
+    """Median images/s per runner: (by wall clock, by this process's CPU time)."""
+    crops = random_crops(bench)
+    total = warmup + steps
+    spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
+    runners: dict[str, Callable[[int], object]] = {}
+    baseline = BaselineDINO(bench, ssl_config(bench, amp=False), total)
+    runners["baseline fp32"] = lambda s: baseline.step(crops, s)
+    ours = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True), total)
+    runners["ours"] = lambda s: ours.train_step(crops, s)
+    if fp32_breakdown:
+        ours_fp32 = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=False), total)
+        runners["ours fp32"] = lambda s: ours_fp32.train_step(crops, s)
+    if objective == "ibot":
+        ibot = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True).replace(objective="ibot"),
+                          total)
+        runners["ours iBOT"] = lambda s: ibot.train_step(crops, s)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for step in range(total):
+        for name, run in runners.items():  # interleaved: a load spike hits every runner alike
+            elapsed = timed(lambda run=run, step=step: run(step))  # type: ignore[misc]
+            if step >= warmup:
+                times[name].append(elapsed)
+    return {
+        name: (bench.batch / statistics.median(w for w, _ in t), bench.batch / statistics.median(c for _, c in t))
+        for name, t in times.items()
+    }
+
+
+def trajectory(bench: BenchConfig, steps: int) -> tuple[list[float], list[float]]:
+    spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
+    losses = []
+    for amp in (False, True):
+        trainer = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=amp), steps, seed=0)
+        losses.append([trainer.train_step(random_crops(bench, seed=s), s)["loss"] for s in range(steps)])
+    return losses[0], losses[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["vit_ti8_64", "vit_s16_224"], choices=sorted(CONFIGS))
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per runner (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    parser.add_argument("--trajectory-steps", type=int, default=5, help="0 skips the loss trajectory")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-fp32-breakdown", action="store_true", help="skip our step without autocast")
+    parser.add_argument("--ibot", action="store_true", help="also time our iBOT step (no baseline for it)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, load average at start {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
+    print("images/s by wall clock, and per CPU-second of this process (less sensitive to other load)")
+    ours_rates: dict[str, float] = {}
+    for name in args.configs:
+        bench = CONFIGS[name]
+        result = measure(bench, args.steps, args.warmup, not args.no_fp32_breakdown,
+                         "ibot" if args.ibot else "dino")
+        print(f"\n{name}: ViT-{bench.arch}/{bench.patch}, 2x{bench.global_size} + {bench.local_crops}x"
+              f"{bench.local_size} crops, batch {bench.batch}, out_dim {bench.out_dim}, DINO objective")
+        for runner, (wall, cpu) in result.items():
+            print(f"  {runner:<14} {wall:8.2f} images/s  {cpu:8.2f} images/CPU-s")
+        base_wall, base_cpu = result["baseline fp32"]
+        ours_wall, ours_cpu = result["ours"]
+        ours_rates[name] = ours_wall
+        print(f"  ratio ours / baseline: {ours_wall / base_wall:.2f}x wall, {ours_cpu / base_cpu:.2f}x CPU time"
+              " (target >= 2.5x)")
+        if "ours fp32" in result:
+            fp32_wall, fp32_cpu = result["ours fp32"]
+            print(f"  ratio ours fp32 / baseline (every lever but bf16): {fp32_wall / base_wall:.2f}x wall, "
+                  f"{fp32_cpu / base_cpu:.2f}x CPU time")
+        if args.trajectory_steps > 0:
+            fp32, mixed = trajectory(bench, args.trajectory_steps)
+            diffs = [abs(a - b) for a, b in zip(fp32, mixed, strict=True)]
+            relative = max(d / abs(a) for d, a in zip(diffs, fp32, strict=True))
+            print(f"  loss over {len(fp32)} steps, same seed: ours fp32 {[round(v, 4) for v in fp32]}")
+            print(f"                                   ours      {[round(v, 4) for v in mixed]}")
+            print(f"  max |difference| {max(diffs):.4f} (relative {relative:.3%})")
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+    for name, rate in ours_rates.items():
+        bench = CONFIGS[name]
+        print(f"issue 2: ViT-{bench.arch}/{bench.patch} at {bench.global_size} px, our step: {rate:.2f} images/s")
+
+
+if __name__ == "__main__":
+    main()
