@@ -52,6 +52,13 @@ def simulate_command(
     seed: Annotated[int | None, typer.Option(help="random seed (partition and training)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run folder from its last complete round")] = False,
+    strategy: Annotated[str | None, typer.Option(help="fedavg | median | trimmed-mean | krum | multi-krum")] = None,
+    max_update_norm: Annotated[float | None, typer.Option(help="bound each site's update to this L2 norm")] = None,
+    compression: Annotated[str | None, typer.Option(help="transport codec: none | fp16 | bf16 | int8")] = None,
+    secure_aggregation: Annotated[bool | None, typer.Option(
+        "--secure-aggregation/--no-secure-aggregation", help="SecAgg+: the server sees only sums")] = None,
+    central_dp_clip: Annotated[float | None, typer.Option(help="site-level DP: clip each site's update")] = None,
+    central_dp_noise: Annotated[float | None, typer.Option(help="site-level DP: server noise multiplier")] = None,
     finetune_rounds: Annotated[int | None, typer.Option(help="federated fine-tuning rounds after pretraining")]
     = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="local fine-tuning epochs per round")] = None,
@@ -72,7 +79,9 @@ def simulate_command(
         "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
         "device": device, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
-        "init-encoders": str(init_encoders) if init_encoders else None,
+        "init-encoders": str(init_encoders) if init_encoders else None, "strategy": strategy,
+        "max-update-norm": max_update_norm, "compression": compression, "secure-aggregation": secure_aggregation,
+        "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
     }
     scenario_overrides: dict[str, Any] = {"sites": sites}
     if partition is not None or alpha is not None:
