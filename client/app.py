@@ -14,6 +14,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.finetuning import finetune_evaluate, finetune_round
+from client.audit import audit_mod
 from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
@@ -27,7 +28,8 @@ from visionfm_core.runtime import torch_threads
 LOCAL_STATE_PREFIX = "local-ssl-state/"
 PERSONAL_HEAD_PREFIX = "personal-head/"
 
-app = ClientApp()
+# Every reply passes the audit mod: it logs what leaves the site (keys, shapes, bytes, hashes).
+app = ClientApp(mods=[audit_mod])
 
 
 def _run_config(msg: Message, context: Context) -> RunConfig:

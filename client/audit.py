@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 AUDIT_LOG_KEY = "audit-log"  # node-config key holding the audit log's path
-EPSILON_KEYS = ("epsilon", "dp-epsilon", "privacy/epsilon")
+EPSILON_NAMES = ("epsilon", "dp-epsilon")  # a metric's last path segment, e.g. "fundus/epsilon"
 
 
 def payload_digest(arrays: dict[str, tuple[str, tuple[int, ...], bytes]], numbers: dict[str, Any]) -> str:
@@ -56,9 +56,7 @@ def describe_reply(content: Any) -> dict[str, Any]:
             name = f"{record_name}/{key}"
             data = bytes(array.data)
             arrays[name] = (str(array.dtype), tuple(int(s) for s in array.shape), data)
-            array_rows.append(
-                {"key": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(data)}
-            )
+            array_rows.append({"key": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(data)})
     numbers: dict[str, Any] = {}
     for record_name, metric_record in content.metric_records.items():
         for key, value in metric_record.items():
@@ -69,7 +67,8 @@ def describe_reply(content: Any) -> dict[str, Any]:
                 numbers[f"{record_name}/{key}"] = _finite(value)
             else:  # strings and bytes could carry anything: record only their size
                 numbers[f"{record_name}/{key}"] = f"<{type(value).__name__}: {len(value)} bytes>"
-    epsilon = next((numbers[k] for k in numbers if k.split("/", 1)[-1] in EPSILON_KEYS), None)
+    spent = [v for k, v in numbers.items() if k.rsplit("/", 1)[-1] in EPSILON_NAMES and isinstance(v, (int, float))]
+    epsilon = max(spent) if spent else None  # the largest budget spent by any of the site's modalities
     return {
         "arrays": array_rows,
         "numbers": numbers,
@@ -90,9 +89,7 @@ class AuditLog:
         line = json.dumps({"time": time.time(), "event": event, **fields}, sort_keys=True) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(
-                fd, line.encode()
-            )  # one write per line: appends from several processes do not interleave
+            os.write(fd, line.encode())  # one write per line: appends from several processes do not interleave
         finally:
             os.close(fd)
 

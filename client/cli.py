@@ -26,16 +26,10 @@ console = Console()
 DEFAULT_WORK = Path("visionfm-site")
 BUNDLE = typer.Option(..., "--bundle", "-b", help="This hospital's bundle folder from the coordinator.")
 DATA = typer.Option(..., "--data", "-d", help="The site's images: a folder, a DICOM folder or a .npz file.")
-MODALITIES = typer.Option(
-    ..., "--modalities", "-m", help="Comma-separated modalities held, e.g. fundus or oct,fundus."
-)
-WORK = typer.Option(
-    DEFAULT_WORK, "--work", help="This site's working folder (logs, audit log, Flower state)."
-)
+MODALITIES = typer.Option(..., "--modalities", "-m", help="Comma-separated modalities held, e.g. fundus or oct,fundus.")
+WORK = typer.Option(DEFAULT_WORK, "--work", help="This site's working folder (logs, audit log, Flower state).")
 GPU = typer.Option(None, "--gpu", help="GPU index to use; -1 for CPU only (default: Flower/torch's choice).")
-COORDINATOR = typer.Option(
-    None, "--coordinator", help="host:port of the coordinator (default: the bundle's)."
-)
+COORDINATOR = typer.Option(None, "--coordinator", help="host:port of the coordinator (default: the bundle's).")
 
 COLOURS = {"ok": "green", "warn": "yellow", "fail": "red"}
 
@@ -53,9 +47,7 @@ def check(
     gpu: int | None = GPU,
     coordinator: str | None = COORDINATOR,
     offline: bool = typer.Option(False, "--offline", help="Do not contact the coordinator."),
-    headers_only: bool = typer.Option(
-        False, "--headers-only", help="Index files without decoding every image."
-    ),
+    headers_only: bool = typer.Option(False, "--headers-only", help="Index files without decoding every image."),
 ) -> None:
     """Preflight before joining: data, modalities, corrupt files, GPU, disk, memory, certificates.
 
@@ -89,6 +81,10 @@ def join(
     work: Path = WORK,
     gpu: int | None = GPU,
     coordinator: str | None = COORDINATOR,
+    privacy_epsilon: float | None = typer.Option(
+        None, "--privacy-epsilon", help="This site's DP budget epsilon (required when a run uses DP-SGD)."
+    ),
+    privacy_delta: float | None = typer.Option(None, "--privacy-delta", help="This site's DP budget delta."),
     cold: bool = typer.Option(
         False,
         "--cold",
@@ -103,14 +99,17 @@ def join(
     """
     from client.join import JoinRefusedError, SiteSettings, run_site
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    settings = SiteSettings(bundle, data, _modalities(modalities), work, gpu, coordinator, warm=not cold)
+    budget = {
+        k: v for k, v in (("privacy-epsilon", privacy_epsilon), ("privacy-delta", privacy_delta)) if v is not None
+    }
+    settings = SiteSettings(
+        bundle, data, _modalities(modalities), work, gpu, coordinator, warm=not cold, extra_node_config=dict(budget)
+    )
     try:
         run_site(
             settings,
@@ -160,9 +159,7 @@ def audit(
                     markup=False,
                 )
         elif entry["event"] == "transport":
-            console.print(
-                f"{when} uplink: {entry.get('bytes_out', 0):,} bytes sent (all requests, TLS payload)"
-            )
+            console.print(f"{when} uplink: {entry.get('bytes_out', 0):,} bytes sent (all requests, TLS payload)")
         elif entry["event"] == "session":
             console.print(f"{when} session {entry.get('state')}")
     summary = summarise(iter(entries))

@@ -34,6 +34,12 @@ def declared_config() -> dict[str, Any]:
             continue
         flat[f"ssl.{key.replace('_', '-')}"] = value
     flat["ssl.drop-path-rate"] = 0.0  # read by the encoder spec, not by SSLConfig
+    from client.privacy.config import DPConfig
+
+    for key, value in DPConfig().to_dict().items():
+        # DP-SGD settings (used when dp = true); "auto" stands for an unset value (Flower has no None).
+        flat[f"privacy.{key.replace('_', '-')}"] = "auto" if value is None else value
+    flat.pop("phase", None)  # set by the ServerApp for each phase, never by a job
     return flat
 
 

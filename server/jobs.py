@@ -5,7 +5,7 @@
 name = "fundus-pretrain"      # the run folder (runs/<name> in the coordinator's state folder)
 app = "path/to/project"       # optional: a Flower app project, relative to this file (default: the
                               # deployment app, see server/deploy_app.py: config only, installed code)
-phases = ["pretrain"]         # what the app runs; it must support each phase
+phases = ["pretrain"]         # or ["pretrain", "fine-tune"] (then set finetune-rounds under [run-config])
 modalities = ["fundus"]
 rounds = 50
 strategy = "fedavg"
@@ -93,8 +93,6 @@ def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Jo
     for job_key, config_key in FIELD_KEYS.items():
         if job_key in job:
             overrides[config_key] = _scalar(f"job.{job_key}", job[job_key])
-    if phases != ["pretrain"]:
-        overrides["phases"] = ",".join(phases)
     for table in ("privacy", "run-config"):
         values = data.get(table, {})
         if not isinstance(values, dict):
@@ -102,7 +100,20 @@ def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Jo
         prefix = "privacy." if table == "privacy" else ""
         for key, value in _flatten(values).items():
             overrides[prefix + key] = _scalar(f"{table}.{key}", value)
+    _check_phases(phases, overrides)
     return Job(name=name, app=app, phases=list(phases), overrides=overrides, source=source)
+
+
+def _check_phases(phases: list[str], overrides: dict[str, Scalar]) -> None:
+    """The app always pretrains; its fine-tuning phase runs when `finetune-rounds` > 0."""
+    if "pretrain" not in phases:
+        raise ConfigError("job.phases", "the app always pretrains first: include 'pretrain'")
+    finetune_rounds = overrides.get("finetune-rounds", 0)
+    wants = "fine-tune" in phases
+    if wants and not (isinstance(finetune_rounds, int) and finetune_rounds > 0):
+        raise ConfigError("job.phases", "'fine-tune' needs finetune-rounds > 0 under [run-config]")
+    if not wants and isinstance(finetune_rounds, int) and finetune_rounds > 0:
+        raise ConfigError("job.phases", "finetune-rounds is set: add 'fine-tune' to the phases")
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -142,7 +153,7 @@ def check_against_app(app: Path, overrides: dict[str, Scalar]) -> None:
     declared = app_config_keys(app)
     for key in overrides:
         if key not in declared:
-            hint = "this app does not support the phase(s) asked for" if key == "phases" else "not declared"
+            hint = "not declared"
             raise ConfigError(key, f"{hint}: {app / 'pyproject.toml'} has no [tool.flwr.app.config] '{key}'")
 
 

@@ -149,6 +149,24 @@ def coordinator(processes: Processes, federation: Federation) -> CoordinatorHand
     return start_coordinator(processes, federation, federation.root / "coordinator")
 
 
+@pytest.fixture(scope="module")
+def shared_federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    """One federation for a whole module whose tests do not change what others rely on."""
+    root = tmp_path_factory.mktemp("federation")
+    port = free_port()
+    issue(write_participants(root / "participants.toml", port), root / "pki")
+    return Federation(root, CertStore(root / "pki"), port)
+
+
+@pytest.fixture(scope="module")
+def shared_coordinator(shared_federation: Federation) -> Iterator[CoordinatorHandle]:
+    procs = Processes()
+    try:
+        yield start_coordinator(procs, shared_federation, shared_federation.root / "coordinator")
+    finally:
+        procs.stop_all()
+
+
 def join_site(processes: Processes, bundle: Path, data: Path, work: Path, *extra: str) -> subprocess.Popen[bytes]:
     """Start `visionfm-client join` for one site."""
     return processes.launch(
@@ -213,17 +231,13 @@ def audit_entries(work: Path, event: str) -> list[dict[str, Any]]:
 def write_deploy_job(
     folder: Path, name: str, rounds: int, min_sites: int, round_timeout: float, eval_every: int = 1
 ) -> Path:
-    """A job for the real app. Its hyperparameters travel in a scenario file, because the app's
-    pyproject declares only `scenario` and `out-dir` as run-config keys (see the report)."""
-    scenario = folder / f"{name}-scenario.toml"
-    scenario.write_text(
-        f'name = "{name}"\nsites = 3\n[datasets]\nfundus = "retinamnist"\n'
-        "[run]\n"
-        f"num-rounds = {rounds}\nmin-sites = {min_sites}\nround-timeout = {round_timeout}\n"
+    """A job for the real app (the default deployment app): a nano ViT at 32 px, one local step."""
+    job = folder / f"{name}.toml"
+    job.write_text(
+        f'[job]\nname = "{name}"\nmodalities = ["fundus"]\nrounds = {rounds}\nmin-sites = {min_sites}\n'
+        f"round-timeout = {round_timeout}\n\n[run-config]\n"
         'local-steps = 1\nbatch-size = 8\narch = "nano"\nimage-size = 32\npatch-size = 8\nknn-k = 3\n'
-        f'server-eval = ""\nclient-threads = 1\neval-every = {eval_every}\n'
+        f"client-threads = 1\neval-every = {eval_every}\n"
         '"ssl.out-dim" = 64\n"ssl.head-hidden-dim" = 32\n"ssl.head-bottleneck-dim" = 16\n"ssl.local-crops" = 0\n'
     )
-    job = folder / f"{name}.toml"
-    job.write_text(f'[job]\nname = "{name}"\n\n[run-config]\nscenario = "{scenario}"\n')
     return job

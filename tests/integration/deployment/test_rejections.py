@@ -1,4 +1,7 @@
-"""Who cannot join: real TLS handshakes against the running gateway, real SuperNodes, real `join`."""
+"""Who cannot join: real TLS handshakes against the running gateway, real SuperNodes, real `join`.
+
+The tests share one coordinator; none of them lets hospital-a in, and only the last one (revocation)
+changes the federation, for hospital-b, which no other test uses."""
 
 from __future__ import annotations
 
@@ -44,29 +47,29 @@ def _whoami(federation: Federation, context: ssl.SSLContext) -> str:
 
 
 def test_gateway_tls_refuses_missing_foreign_and_expired_certificates(
-    coordinator: CoordinatorHandle, federation: Federation, tmp_path: Path
+    shared_coordinator: CoordinatorHandle, shared_federation: Federation, tmp_path: Path
 ) -> None:
-    store = federation.store
-    valid = federation.bundle("hospital-a")
+    store = shared_federation.store
+    valid = shared_federation.bundle("hospital-a")
     # Positive control: the hospital's own bundle is accepted and recognised.
     ok = client_context(valid / "ca.crt", valid / "client.crt", valid / "client.key")
-    assert _whoami(federation, ok).startswith("HTTP/1.1 200")
+    assert _whoami(shared_federation, ok).startswith("HTTP/1.1 200")
 
     no_cert = client_context(store.ca_cert)
-    assert _whoami(federation, no_cert).startswith("TLS error")
+    assert _whoami(shared_federation, no_cert).startswith("TLS error")
 
     foreign = forge_bundle(store, tmp_path / "foreign", "hospital-a", foreign_ca=True, reuse_node_key_of="hospital-a")
     foreign_cert_trusting_us = client_context(store.ca_cert, foreign.client_cert, foreign.client_key)
-    assert "UNKNOWN_CA" in _whoami(federation, foreign_cert_trusting_us).upper().replace(" ", "_")
+    assert "UNKNOWN_CA" in _whoami(shared_federation, foreign_cert_trusting_us).upper().replace(" ", "_")
 
     old = forge_bundle(store, tmp_path / "expired", "hospital-a", validity=expired(), reuse_node_key_of="hospital-a")
     expired_cert = client_context(store.ca_cert, old.client_cert, old.client_key)
-    assert "EXPIRED" in _whoami(federation, expired_cert).upper()
+    assert "EXPIRED" in _whoami(shared_federation, expired_cert).upper()
 
     # A client that trusts the system store instead of the federation CA refuses the gateway itself.
     system_trust = ssl.create_default_context()
     system_trust.load_cert_chain(valid / "client.crt", valid / "client.key")
-    assert "CERTIFICATE_VERIFY_FAILED" in _whoami(federation, system_trust).upper()
+    assert "CERTIFICATE_VERIFY_FAILED" in _whoami(shared_federation, system_trust).upper()
 
 
 def _run_raw_supernode(federation: Federation, tmp_path: Path, name: str, *tls_args: str) -> tuple[int, str]:
@@ -90,24 +93,28 @@ def _run_raw_supernode(federation: Federation, tmp_path: Path, name: str, *tls_a
 
 
 def test_stock_supernode_without_the_ca_or_without_a_certificate_is_refused(
-    coordinator: CoordinatorHandle, federation: Federation, tmp_path: Path
+    shared_coordinator: CoordinatorHandle, shared_federation: Federation, tmp_path: Path
 ) -> None:
-    code, log = _run_raw_supernode(federation, tmp_path, "no-ca")
+    code, log = _run_raw_supernode(shared_federation, tmp_path, "no-ca")
     assert code != 0
     assert "CERTIFICATE_VERIFY_FAILED" in log.upper() or "SSL" in log.upper()
     # With the CA it can check the gateway, but it cannot present a client certificate: refused.
     code, log = _run_raw_supernode(
-        federation, tmp_path, "no-cert", "--root-certificates", str(federation.store.ca_cert)
+        shared_federation, tmp_path, "no-cert", "--root-certificates", str(shared_federation.store.ca_cert)
     )
     assert code != 0
-    assert "hospital-a" not in online_nodes(coordinator)
+    assert "hospital-a" not in online_nodes(shared_coordinator)
 
 
 @pytest.mark.parametrize("kind", ["foreign-ca", "expired"])
 def test_join_with_a_bad_bundle_fails_with_the_reason(
-    kind: str, coordinator: CoordinatorHandle, federation: Federation, processes: Processes, tmp_path: Path
+    kind: str,
+    shared_coordinator: CoordinatorHandle,
+    shared_federation: Federation,
+    processes: Processes,
+    tmp_path: Path,
 ) -> None:
-    store = federation.store
+    store = shared_federation.store
     if kind == "foreign-ca":
         bundle = forge_bundle(store, tmp_path / kind, "hospital-a", foreign_ca=True, reuse_node_key_of="hospital-a")
         expected = "CERTIFICATE_VERIFY_FAILED"
@@ -120,30 +127,30 @@ def test_join_with_a_bad_bundle_fails_with_the_reason(
     output = (tmp_path / "site.out").read_text()
     assert code == 1, output
     assert expected in output.upper().replace(" ", "_")
-    assert "hospital-a" not in online_nodes(coordinator)
+    assert "hospital-a" not in online_nodes(shared_coordinator)
 
 
 def test_unregistered_node_key_is_refused(
-    coordinator: CoordinatorHandle, federation: Federation, processes: Processes, tmp_path: Path
+    shared_coordinator: CoordinatorHandle, shared_federation: Federation, processes: Processes, tmp_path: Path
 ) -> None:
     # A certificate from the federation CA, but for a node key the coordinator never registered.
-    bundle = forge_bundle(federation.store, tmp_path / "intruder", "intruder")
+    bundle = forge_bundle(shared_federation.store, tmp_path / "intruder", "intruder")
     data = site_data(tmp_path / "data", count=1)[0]
     site = join_site(processes, bundle.root, data, tmp_path / "site")
     code = site.wait(timeout=120)
     output = (tmp_path / "site.out").read_text() + (tmp_path / "site" / "logs" / "supernode.log").read_text()
     assert code == 1, output
-    assert "intruder" not in online_nodes(coordinator)
+    assert "intruder" not in online_nodes(shared_coordinator)
 
 
 def test_revoked_hospital_is_cut_off_and_cannot_rejoin(
-    coordinator: CoordinatorHandle, federation: Federation, processes: Processes, tmp_path: Path
+    shared_coordinator: CoordinatorHandle, shared_federation: Federation, processes: Processes, tmp_path: Path
 ) -> None:
     data = site_data(tmp_path / "data", count=1)[0]
     bundle_copy = tmp_path / "bundle-b"  # the hospital's own copy; revoke deletes the coordinator's
-    shutil.copytree(federation.bundle("hospital-b"), bundle_copy)
+    shutil.copytree(shared_federation.bundle("hospital-b"), bundle_copy)
     site = join_site(processes, bundle_copy, data, tmp_path / "site-b")
-    wait_until(lambda: "hospital-b" in online_nodes(coordinator), 90, "hospital-b to come online")
+    wait_until(lambda: "hospital-b" in online_nodes(shared_coordinator), 90, "hospital-b to come online")
 
     result = subprocess.run(
         [
@@ -152,7 +159,7 @@ def test_revoked_hospital_is_cut_off_and_cannot_rejoin(
             "server.cli",
             "certs",
             "revoke",
-            str(federation.store.root),
+            str(shared_federation.store.root),
             "hospital-b",
             "--reason",
             "test",
@@ -165,8 +172,8 @@ def test_revoked_hospital_is_cut_off_and_cannot_rejoin(
 
     assert site.wait(timeout=90) == 1
     assert "revoked" in (tmp_path / "site-b.out").read_text()
-    assert not federation.bundle("hospital-b").exists()
-    wait_until(lambda: "hospital-b" not in online_nodes(coordinator), 60, "hospital-b to be dropped")
+    assert not shared_federation.bundle("hospital-b").exists()
+    wait_until(lambda: "hospital-b" not in online_nodes(shared_coordinator), 60, "hospital-b to be dropped")
     again = join_site(processes, bundle_copy, data, tmp_path / "site-b-again")
     assert again.wait(timeout=90) == 1
     assert "revoked" in (tmp_path / "site-b-again.out").read_text()

@@ -1,0 +1,74 @@
+"""`visionfm-client check` on real image files and a real bundle (offline: no coordinator here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import simulations
+from certs.store import CertStore
+from client.cli import app
+
+OCT = Path(simulations.__file__).parent / "data" / "oct2017_val" / "val" / "CNV"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images" / "CNV"
+    folder.mkdir(parents=True)
+    sources = sorted(OCT.iterdir())[:2]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    (folder / "broken.jpeg").write_bytes(sources[0].read_bytes()[:400])  # a truncated JPEG
+    return folder.parent
+
+
+def _check(bundle: Path, data: Path, work: Path, *extra: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        app,
+        [
+            "check",
+            "--bundle",
+            str(bundle),
+            "--data",
+            str(data),
+            "--modalities",
+            "oct",
+            "--work",
+            str(work),
+            "--offline",
+            "--gpu",
+            "-1",
+            *extra,
+        ],
+    )
+    return result.exit_code, " ".join(result.output.split())  # the console wraps long lines
+
+
+def test_ready_site_lists_its_unreadable_files(store: CertStore, images: Path, tmp_path: Path) -> None:
+    code, output = _check(store.bundle_dir("hospital-a"), images, tmp_path / "work")
+    assert code == 0, output
+    assert "2 usable image(s) (oct 2)" in output
+    assert "broken.jpeg" in output and "1 unreadable" in output
+    assert "bundle of hospital-a for fl.example.org:9443" in output
+    assert "READY" in output
+
+
+def test_missing_data_and_a_readable_key_fail_the_check(store: CertStore, tmp_path: Path) -> None:
+    bundle = store.bundle_dir("hospital-a")
+    os.chmod(bundle / "client.key", 0o644)
+    code, output = _check(bundle, tmp_path / "nowhere", tmp_path / "work")
+    assert code == 1
+    assert "does not exist" in output
+    assert "chmod 600" in output
+    assert "NOT READY" in output
+
+
+def test_bundle_for_another_coordinator_fails(store: CertStore, images: Path, tmp_path: Path) -> None:
+    code, output = _check(store.bundle_dir("hospital-a"), images, tmp_path / "work", "--coordinator", "other:1")
+    assert code == 1
+    assert "differs" in output
