@@ -13,8 +13,8 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.finetuning import finetune_evaluate, finetune_round
 from client.audit import audit_mod
+from client.finetuning import finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
