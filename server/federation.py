@@ -49,6 +49,16 @@ CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]
 
 
 @dataclass
+class ReplyParts:
+    """The pieces of one site's training reply."""
+
+    metrics: dict[str, Any]
+    per_modality: dict[str, dict[str, float]]
+    counts: dict[str, int]
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass
 class FederationResult:
     """What a finished run produced."""
 
@@ -195,15 +205,23 @@ class Federation:
         logger.info("round %d aggregated (%s) from %s", server_round, self.cfg.strategy, ", ".join(self.accepted))
         return True
 
-    def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
-        """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
+    def _read_reply(self, server_round: int, site: str, reply: Message) -> ReplyParts | None:
+        """A training reply's metrics, per-modality numbers, example counts and arrays; None (logged) when
+        the site answered with an error."""
         if reply.has_error():
             self._reject(server_round, site, f"site error: {reply.error.reason}")
             return None
         metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
         per_modality = _modality_metrics(metrics)
         counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
-        arrays = record_to_numpy(reply.content.array_records["arrays"])
+        return ReplyParts(metrics, per_modality, counts, record_to_numpy(reply.content.array_records["arrays"]))
+
+    def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
+        """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
+        parts = self._read_reply(server_round, site, reply)
+        if parts is None:
+            return None
+        metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
         if self.cfg.compression != "none":
             try:
                 delta = decode(arrays, self.cfg.compression)

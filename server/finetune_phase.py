@@ -38,7 +38,6 @@ from client.finetuning import (
     new_tuner,
     task_samples,
 )
-from client.records import record_to_numpy
 from server.federation import CentralEvaluator, Federation, FederationResult, _modality_metrics, _site_label
 from server.progress import RoundProgress
 from server.report import plot_metrics, write_report
@@ -173,13 +172,10 @@ class FineTunePhase(Federation):
     # -- one round ---------------------------------------------------------------------------------
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Record a site's fine-tuning numbers and check its arrays against the shared part of the model."""
-        if reply.has_error():
-            self._reject(server_round, site, f"site error: {reply.error.reason}")
+        parts = self._read_reply(server_round, site, reply)
+        if parts is None:
             return None
-        metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
-        per_modality = _modality_metrics(metrics)
-        counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
-        arrays = record_to_numpy(reply.content.array_records["arrays"])
+        metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
         update = SiteReply(site, arrays, counts)
         expected = self._expected()
         if expected or arrays:  # frozen encoder + personal head: nothing is shared, nothing to check
