@@ -43,8 +43,16 @@ def resolve_config(scenario: Scenario, scenario_ref: str, overrides: Mapping[str
 
 
 def quiet_framework_logs() -> None:
-    """Keep Flower's and Ray's chatter (deprecation notes, actor start-up) off the console."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    """Keep Flower's and Ray's chatter (deprecation notes, actor start-up) off the console.
+
+    Flower resets its logger's level while a simulation starts, so the quieting is done on the handlers:
+    Flower's own console handler, and a filter on ours that lets only errors from Flower through."""
+    import flwr.common.logger  # noqa: F401 - creates Flower's logger and console handler
+
+    for handler in logging.getLogger("flwr").handlers:
+        handler.setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: not record.name.startswith("flwr") or record.levelno >= logging.ERROR)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
