@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from visionfm_core.config_values import parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
 
@@ -223,17 +224,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     kind = str(annotation)
     try:
         if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            return parse_bool(value)
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
+            return parse_int(value)
         if kind == "float":
-            return float(value)
+            return parse_float(value)
         if kind == "str":
             return str(value)
     except (TypeError, ValueError) as exc:

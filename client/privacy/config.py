@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from client.privacy.accountant import MECHANISMS, Mechanism
+from visionfm_core.config_values import is_unset, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 
 CenterMode = Literal["noised", "fixed"]
@@ -84,18 +85,12 @@ class DPConfig:
 def _coerce(name: str, value: Any, kind: str) -> Any:
     key = f"privacy.{name.replace('_', '-')}"
     try:
-        if kind == "float | None" and (value is None or str(value).strip().lower() in ("", "none", "auto")):
+        if kind.endswith(" | None") and is_unset(value):
             return None
         if kind in ("float", "float | None"):
-            if isinstance(value, bool):
-                raise TypeError(value)
-            return float(value)
+            return parse_float(value)
         if kind in ("int", "int | None"):
-            if kind == "int | None" and (value is None or str(value).strip().lower() in ("", "none", "auto")):
-                return None
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
+            return parse_int(value)
         return str(value).strip().lower()
     except (TypeError, ValueError) as exc:
         raise ConfigError(key, f"expected {kind}, got {value!r}") from exc

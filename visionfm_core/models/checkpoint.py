@@ -66,19 +66,25 @@ def save_encoder(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint without loading its tensors."""
+def read_json_header(path: str | Path, key: str, missing: str) -> dict[str, Any]:
+    """The JSON object stored under `key` in a safetensors header, without loading tensors; `missing`
+    is the CheckpointError reason when the file has no such entry."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
+            raw = (handle.metadata() or {}).get(key)
     except (FileNotFoundError, SafetensorError, OSError) as exc:
         raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from exc
     if raw is None:
-        raise CheckpointError(str(path), f"no '{METADATA_KEY}' metadata (not a visionfm-fed encoder)")
+        raise CheckpointError(str(path), missing)
     meta: dict[str, Any] = json.loads(raw)
     return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of an encoder checkpoint without loading its tensors."""
+    return read_json_header(path, METADATA_KEY, f"no '{METADATA_KEY}' metadata (not a visionfm-fed encoder)")
 
 
 def load_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from visionfm_core.config_values import is_unset, parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 
 OBJECTIVES = ("dino", "ibot")
@@ -138,29 +139,16 @@ def resolve_crop_sizes(cfg: SSLConfig, image_size: int, patch_size: int = 16) ->
 def _coerce(key: str, value: Any, kind: str) -> Any:
     try:
         if kind == "bool":
-            if isinstance(value, str):
-                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.strip().lower() in ("true", "1", "yes")
-            if not isinstance(value, (bool, int)):
-                raise TypeError(value)
-            return bool(value)
+            return parse_bool(value)
         if kind == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
+            return parse_int(value)
         if kind == "int | None":
-            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+            # 0 also means "not set" for crop sizes.
+            if is_unset(value) or (not isinstance(value, bool) and value == 0):
                 return None
-            if not isinstance(value, bool) and value == 0:
-                return None
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
+            return parse_int(value)
         if kind == "float":
-            if isinstance(value, bool):
-                raise TypeError(value)
-            return float(value)
+            return parse_float(value)
         if kind == "str":
             if not isinstance(value, str):
                 raise TypeError(value)

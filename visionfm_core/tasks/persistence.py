@@ -14,12 +14,12 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from visionfm_core.errors import CheckpointError, ConfigError
-from visionfm_core.models.checkpoint import atomic_write_bytes
+from visionfm_core.models.checkpoint import atomic_write_bytes, read_json_header
 from visionfm_core.models.heads import TaskModel, build_head
 from visionfm_core.tasks.adapters import TaskAdapter, task_from_config
 from visionfm_core.tasks.data import Preprocess
@@ -71,15 +71,7 @@ def save_task_model(
 
 
 def read_task_metadata(path: str | Path) -> dict[str, Any]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(TASK_METADATA_KEY)
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from exc
-    if raw is None:
-        raise CheckpointError(str(path), "no task metadata: not a fine-tuned visionfm task model")
-    metadata: dict[str, Any] = json.loads(raw)
-    return metadata
+    return read_json_header(path, TASK_METADATA_KEY, "no task metadata: not a fine-tuned visionfm task model")
 
 
 def _part(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
