@@ -6,6 +6,7 @@ head) and numbers. The teacher, DINO centres and optimizer moments stay in `cont
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
+from client.error_mod import safe_error_mod
 from client.finetuning import finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
@@ -28,8 +30,9 @@ from visionfm_core.runtime import torch_threads
 LOCAL_STATE_PREFIX = "local-ssl-state/"
 PERSONAL_HEAD_PREFIX = "personal-head/"
 
-# Every reply passes the audit mod: it logs what leaves the site (keys, shapes, bytes, hashes).
-app = ClientApp(mods=[audit_mod])
+# Every reply passes the audit mod: it logs what leaves the site (keys, shapes, bytes, hashes). The error mod
+# (outermost) keeps exception text, which names files on the site, out of error replies.
+app = ClientApp(mods=[safe_error_mod, audit_mod])
 
 
 def _run_config(msg: Message, context: Context) -> RunConfig:
@@ -58,6 +61,7 @@ def _site_seed(context: Context) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local SSL round: global encoders in, updated shared weights and numbers out."""
+    started = time.perf_counter()
     cfg = _run_config(msg, context)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
     site = load_site_data(context.node_config, cfg)
@@ -79,6 +83,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(_site_numbers(context))
     outgoing = outgoing_arrays(cfg, context, global_arrays, result.arrays, metrics)
     metrics["bytes-sent"] = float(payload_bytes(outgoing))
+    # The site's own work this round (data, training, packing), so the server can tell it from overhead.
+    metrics["compute-seconds"] = time.perf_counter() - started
     content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics))})
     return Message(content=content, reply_to=msg)
 

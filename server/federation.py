@@ -26,6 +26,7 @@ from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
 from server.report import MetricsLog, plot_metrics, write_report
+from server.timing import round_timing
 from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
 from strategies.fedavg import ModalityAccumulator, SiteReply, split_by_modality
@@ -124,6 +125,7 @@ class Federation:
         self.dp_rng = np.random.default_rng()
         self.central_accountant = SiteLevelAccountant(max(cfg.central_dp_noise, 1e-6))
         self.progress = RoundProgress(cfg.num_rounds, enabled=cfg.progress)
+        self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -239,11 +241,16 @@ class Federation:
             return None
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
+        self._note_compute(site, metrics)
         sent_bytes = int(metrics.get("bytes-sent", 0))
         self.traffic.record(server_round, site, sent_bytes)
         self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
         self.progress.site_done(site, float(np.mean([v.get("loss", np.nan) for v in per_modality.values()])))
         return update
+
+    def _note_compute(self, site: str, metrics: dict[str, Any]) -> None:
+        if "compute-seconds" in metrics:
+            self.site_seconds[site] = float(metrics["compute-seconds"])
 
     def _add_central_noise(self, server_round: int, previous: dict[str, np.ndarray], sites: dict[str, int]) -> None:
         """Site-level DP: Gaussian noise (std z*C/n) on each modality's mean update; epsilon is accounted."""
@@ -277,6 +284,7 @@ class Federation:
                 self._reject(server_round, site, f"site error: {reply.error.reason}")
                 return
             metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+            self._note_compute(site, metrics)
             for modality, values in _modality_metrics(metrics).items():
                 self.metrics.add(server_round, site, modality, "train", values)
                 count = int(values.get("num-examples", 0))
@@ -389,7 +397,11 @@ class Federation:
             self.metrics.save()
         with self.progress:
             for server_round in range(start, self.cfg.num_rounds + 1):
+                self.site_seconds = {}
+                started = time.perf_counter()
                 self.train_round(server_round)
+                self.metrics.add(server_round, "server", "all", "timing",
+                                 round_timing(time.perf_counter() - started, self.site_seconds))
                 if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
                     self.evaluate(server_round)
                 # Metrics first, then the checkpoint marker: a crash in between re-runs this round on

@@ -130,6 +130,16 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
     if transport:
         lines += ["", "## Bytes sent per site and round", "", "| round | site | bytes |", "|---|---|---|"]
         lines += [f"| {r['round']} | {r['site']} | {int(r['bytes_sent'])} |" for r in transport]
+    timing = [r for r in rows if r["phase"] == "timing"]
+    if timing:
+        lines += ["", "## Round time and overhead", "",
+                  "Overhead: round time minus the slowest site's own compute (messaging, waiting, aggregation,"
+                  " secure-aggregation stages). In a simulation the sites share this machine's cores.", "",
+                  "| round | round s | slowest site s | all sites s | overhead s | overhead share |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(timing, key=lambda r: r["round"]):
+            lines.append(f"| {r['round']} | {r['round_seconds']:.2f} | {r['slowest_site_seconds']:.2f} | "
+                         f"{r['site_seconds_total']:.2f} | {r['overhead_seconds']:.2f} | {r['overhead_share']:.1%} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = out_dir / "report.md"

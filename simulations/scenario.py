@@ -4,6 +4,7 @@ with the package."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,9 +52,9 @@ class Scenario:
 
 
 def scenario_path(name_or_path: str) -> Path:
-    """A bundled scenario name ("quick", "default") or a path to a TOML file."""
+    """A bundled scenario name ("quick", "default") or a path to a TOML (or resolved JSON) file."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix in (".toml", ".json") or path.exists():
         if not path.is_file():
             raise ConfigError("scenario", f"scenario file not found: {path}")
         return path
@@ -65,14 +66,30 @@ def scenario_path(name_or_path: str) -> Path:
 
 
 def load_scenario(name_or_path: str, overrides: Mapping[str, Any] | None = None) -> Scenario:
-    """Parse and validate a scenario; `overrides` replace top-level keys (sites, partition, alpha, seed)."""
+    """Parse and validate a scenario (TOML, or the JSON `scenario_to_dict` writes); `overrides` replace
+    top-level keys (sites, partition, alpha, seed)."""
     path = scenario_path(name_or_path)
+    text = path.read_text(encoding="utf-8")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("scenario", f"{path}: invalid TOML ({exc})") from exc
+        raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError("scenario", f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("scenario", f"{path}: expected a table of scenario keys")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return scenario_from_dict(raw, default_name=path.stem)
+
+
+def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
+    """The scenario as the mapping `scenario_from_dict` reads: what a run folder keeps, so that every
+    site and the server load the very scenario the run resolved (command-line overrides included)."""
+    return {
+        "name": scenario.name, "description": scenario.description,
+        "sites": [{"name": s.name, "modalities": list(s.modalities)} for s in scenario.sites],
+        "datasets": dict(scenario.datasets),
+        "partition": {"kind": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed},
+        "run": dict(scenario.run),
+    }
 
 
 def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> Scenario:

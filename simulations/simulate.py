@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from server.report import MetricsLog
-from simulations.scenario import Scenario, load_scenario
+from simulations.scenario import Scenario, load_scenario, scenario_to_dict
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 
@@ -96,12 +96,12 @@ def simulate(
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     scenario = load_scenario(scenario_ref, scenario_overrides)
     out = Path(out_dir or f"runs/{scenario.name}-{mode}")
-    cfg = resolve_config(scenario, scenario_ref, {**(overrides or {}), "out-dir": str(out)})
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scenario.json").write_text(json.dumps({
-        "name": scenario.name, "mode": mode, "partition": scenario.partition, "alpha": scenario.alpha,
-        "sites": [{"name": s.name, "modalities": list(s.modalities)} for s in scenario.sites],
-        "datasets": scenario.datasets}, indent=2))
+    # Sites and the server re-read the scenario by reference, so they get the resolved one (with the
+    # command line's --sites/--partition/--alpha), not the bundled file it started from.
+    resolved = out.resolve() / "scenario.json"
+    resolved.write_text(json.dumps(scenario_to_dict(scenario), indent=2))
+    cfg = resolve_config(scenario, str(resolved), {**(overrides or {}), "out-dir": str(out)})
     started = time.perf_counter()
     if mode == "federated":
         metrics = run_federated(scenario, cfg)

@@ -51,3 +51,13 @@ def test_int8_transport_and_median_rule(tmp_path: Path) -> None:
     assert set(sent) == {"hospital-a", "hospital-b", "hospital-c"}
     assert 0 < sent["hospital-a"] <= 0.27 * fundus_bytes
     assert sent["hospital-c"] <= 0.27 * sum(a.nbytes for a in model.values())
+
+
+def test_sites_from_the_command_line_reach_every_simulated_site(tmp_path: Path) -> None:
+    # Five sites instead of the scenario's three: every one must find its partition (sites re-read
+    # the resolved scenario from the run folder, not the bundled file).
+    outcome = simulate("quick", "federated", tmp_path / "five", ONE_ROUND, {"sites": 5})
+    rows = json.loads((outcome.out_dir / "metrics.json").read_text())
+    assert {r["site"] for r in rows if r["phase"] == "train"} == {f"site-{i}" for i in range(1, 6)}
+    assert "rejected" not in (outcome.out_dir / "report.md").read_text()
+    assert _changed(outcome.out_dir)

@@ -54,3 +54,15 @@ def test_weights_changed_and_exported_encoders_load_into_timm(quick_run) -> None
         assert meta["modality"] == modality and meta["round"] == 2
         model = timm.create_model(meta["timm_name"], **meta["timm_kwargs"])
         model.load_state_dict(state, strict=True)
+
+
+def test_each_round_reports_its_time_split_into_site_compute_and_overhead(quick_run) -> None:
+    rows = json.loads((quick_run.out_dir / "metrics.json").read_text())
+    timing = {r["round"]: r for r in rows if r["phase"] == "timing"}
+    assert sorted(timing) == [1, 2]
+    for row in timing.values():
+        # All three sites reported their own compute; the overhead is what the round took beyond the slowest.
+        assert row["sites_timed"] == 3 and 0 < row["slowest_site_seconds"] <= row["site_seconds_total"]
+        assert row["overhead_seconds"] == pytest.approx(row["round_seconds"] - row["slowest_site_seconds"])
+        assert 0 <= row["overhead_share"] < 1
+    assert "## Round time and overhead" in (quick_run.out_dir / "report.md").read_text()

@@ -78,3 +78,17 @@ def test_reply_holds_only_weight_arrays_and_numbers(site_folder: Path, message_t
     row = first_image[first_image.shape[0] // 2, :64]
     assert row.std() > 0
     assert row.tobytes() not in payload
+
+
+def test_a_failing_site_answers_with_the_error_kind_and_never_its_paths(tmp_path: Path) -> None:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
+    cfg = RunConfig(num_rounds=1, local_steps=1, batch_size=4, arch="nano", image_size=32, patch_size=8,
+                    modalities="oct", ssl={"out_dim": 32, "head_hidden_dim": 32, "head_bottleneck_dim": 16})
+    missing = tmp_path / "st-mary-eye-hospital" / f"{PATIENT}_scans"
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(missing), "modalities": "oct"},
+                      state=RecordDict(), run_config={})
+    reply = client_app(_message(cfg, MessageType.TRAIN), context)
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert "at the site" in reason or "config key" in reason
+    assert PATIENT not in reason and "st-mary" not in reason and str(tmp_path) not in reason
