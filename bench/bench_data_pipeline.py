@@ -34,7 +34,7 @@ from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.loading import make_loader
 from visionfm_core.data.sources import load_npz_split, scan_image_folder
-from visionfm_core.data.transforms import collate_multicrop, multicrop_transform
+from visionfm_core.data.transforms import BatchedMultiCrop, collate_multicrop, multicrop_transform
 from visionfm_core.modalities import get_modality
 from visionfm_core.models.encoders import EncoderSpec
 from visionfm_core.ssl.trainer import SSLTrainer
@@ -52,13 +52,16 @@ def datasets() -> dict[str, tuple[str, list[ImageItem]]]:
     }
 
 
-def loader_rate(items: Sequence[ImageItem], modality: str, bench: BenchConfig, images: int, workers: int) -> float:
-    """Images/s through the site's multi-crop loader (worker start-up excluded: workers persist)."""
+def loader_rate(items: Sequence[ImageItem], modality: str, bench: BenchConfig, images: int, workers: int,
+                batched: bool = True) -> float:
+    """Images/s through the site's multi-crop loader (worker start-up excluded: workers persist).
+    batched=False: every augmentation per image (torchvision's usual way), for comparison."""
     cfg = ssl_config(bench, amp=True)
-    transform = multicrop_transform(get_modality(modality), cfg, bench.global_size, bench.patch)
+    multicrop = multicrop_transform(get_modality(modality), cfg, bench.global_size, bench.patch)
     repeated = [items[i % len(items)] for i in range(max(images, bench.batch) + bench.batch)]
-    loader = make_loader(ImageDataset(repeated, transform), bench.batch, num_workers=workers,
-                         drop_last=True, collate_fn=collate_multicrop)
+    dataset = ImageDataset(repeated, multicrop.crop if batched else multicrop)
+    loader = make_loader(dataset, bench.batch, num_workers=workers, drop_last=True,
+                         collate_fn=BatchedMultiCrop(multicrop) if batched else collate_multicrop)
     batches = iter(loader)
     next(batches)  # workers started and warm
     started, seen = time.perf_counter(), 0
@@ -98,11 +101,14 @@ def main() -> None:
         print(f"\n{name}: 2x{bench.global_size} + {bench.local_crops}x{bench.local_size} crops, batch {bench.batch}; "
               f"SSL step {step:.1f} images/s (2 threads)")
         for label, (modality, items) in sources.items():
+            per_image = loader_rate(items, modality, bench, args.images, 0, batched=False)
             for workers in args.workers:
                 rate = loader_rate(items, modality, bench, args.images, workers)
                 per_core = (rate / max(workers, 1)) / (step / 2)  # one loader core against one step core
                 print(f"  {label:<22} workers {workers}: {rate:7.1f} images/s   loader/step {rate / step:5.2f}x"
                       f"   per core {per_core:5.2f}x")
+            print(f"  {label:<22} (per-image photometrics, workers 0: {per_image:7.1f} images/s; batched is "
+                  f"{loader_rate(items, modality, bench, args.images, 0) / per_image:.2f}x)")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 

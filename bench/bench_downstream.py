@@ -48,7 +48,7 @@ from visionfm_core.data.datasets import ImageDataset  # noqa: E402
 from visionfm_core.data.items import ImageItem  # noqa: E402
 from visionfm_core.data.loading import make_loader  # noqa: E402
 from visionfm_core.data.sources import load_npz_split  # noqa: E402
-from visionfm_core.data.transforms import collate_multicrop, multicrop_transform  # noqa: E402
+from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform  # noqa: E402
 from visionfm_core.evaluation.metrics import accuracy, macro_auc  # noqa: E402
 from visionfm_core.modalities import get_modality  # noqa: E402
 from visionfm_core.models.checkpoint import load_encoder  # noqa: E402
@@ -123,10 +123,9 @@ def ssl_pretrain(
     modality = get_modality("fundus")
     config = SSLConfig(objective="ibot", batch_size=batch, local_crops=2)
     trainer = SSLTrainer(spec, modality, config, total_steps=steps, device="cpu", seed=seed)
-    dataset = ImageDataset(list(items), multicrop_transform(modality, config, spec.image_size, spec.patch_size))
-    loader = make_loader(
-        dataset, min(batch, len(items)), 0, shuffle=True, seed=seed, drop_last=True, collate_fn=collate_multicrop
-    )
+    multicrop = multicrop_transform(modality, config, spec.image_size, spec.patch_size)
+    loader = make_loader(ImageDataset(list(items), multicrop.crop), min(batch, len(items)), 0, shuffle=True, seed=seed,
+                         drop_last=True, collate_fn=BatchedMultiCrop(multicrop))
     trainer.train_steps(loader, steps, start_step=0)
     state = {k: v.detach().clone() for k, v in trainer.student.backbone.state_dict().items()}
     return state, time.perf_counter() - started

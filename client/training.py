@@ -20,7 +20,7 @@ from client.privacy.config import DPConfig
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.reporting import releasable_metrics
 from visionfm_core.data.datasets import ImageDataset
-from visionfm_core.data.transforms import collate_multicrop, multicrop_transform
+from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
@@ -50,8 +50,8 @@ def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int) -> DataLoader:
     """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers)."""
     transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(split.train, transform), batch_size=min(cfg.batch_size, len(split.train)),
-                      shuffle=True, drop_last=True, collate_fn=collate_multicrop, num_workers=cfg.num_workers,
+    return DataLoader(ImageDataset(split.train, transform.crop), batch_size=min(cfg.batch_size, len(split.train)),
+                      shuffle=True, drop_last=True, collate_fn=BatchedMultiCrop(transform), num_workers=cfg.num_workers,
                       generator=generator, persistent_workers=False)
 
 

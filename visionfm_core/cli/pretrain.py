@@ -42,7 +42,7 @@ def pretrain_command(
     from visionfm_core.data.datasets import ImageDataset
     from visionfm_core.data.loading import make_loader
     from visionfm_core.data.site import open_site
-    from visionfm_core.data.transforms import collate_multicrop, multicrop_transform
+    from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
     from visionfm_core.modalities import get_modality
     from visionfm_core.models.checkpoint import encoder_metadata, save_encoder
     from visionfm_core.models.encoders import EncoderSpec
@@ -60,7 +60,8 @@ def pretrain_command(
     spec = EncoderSpec(arch=arch, image_size=image_size, patch_size=patch_size)
     config = SSLConfig(objective=objective, batch_size=batch_size, local_crops=local_crops, lr=lr, min_lr=min(1e-6, lr))
     trainer = SSLTrainer(spec, mod, config, total_steps=steps, device=resolve_device(device), seed=seed)
-    dataset = ImageDataset(scan.items, multicrop_transform(mod, config, image_size, patch_size))
+    multicrop = multicrop_transform(mod, config, image_size, patch_size)
+    dataset = ImageDataset(scan.items, multicrop.crop)
     loader = make_loader(
         dataset,
         min(batch_size, len(dataset)),
@@ -68,7 +69,7 @@ def pretrain_command(
         shuffle=True,
         seed=seed,
         drop_last=True,
-        collate_fn=collate_multicrop,
+        collate_fn=BatchedMultiCrop(multicrop),
     )
     console.print(f"pretraining {arch} ({objective}) on {len(scan.items)} images for {steps} steps")
     chunk = max(1, steps // 10)

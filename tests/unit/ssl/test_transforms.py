@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision.transforms import v2
 
 import simulations
 from visionfm_core.data.readers import read_image
 from visionfm_core.data.transforms import (
+    BatchedMultiCrop,
     MultiCrop,
     augmentation_policy,
     collate_multicrop,
@@ -93,11 +93,9 @@ def test_fundus_colour_jitter_never_shifts_hue() -> None:
     assert policy.hue == 0.0 and 0 < policy.saturation <= 0.2
     transform = multicrop_transform(get_modality("fundus"), SSLConfig(), image_size=32)
     assert isinstance(transform, MultiCrop)
-    pipelines = [*transform.global_views, transform.local_view]
-    jitters = [t.transforms[0] for p in pipelines for t in p.transforms
-               if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.ColorJitter)]
-    assert len(jitters) == len(pipelines)
-    assert all(j.hue is None and j.saturation is not None for j in jitters)
+    stages = transform.photometric
+    assert len(stages) == 2 + SSLConfig().local_crops
+    assert all(stage.hue == 0 and stage.saturation > 0 and stage.jitter_prob > 0 for stage in stages)
 
 
 def test_eval_transform_is_a_deterministic_resize_and_normalisation() -> None:
@@ -128,3 +126,22 @@ def test_collate_stacks_each_view_and_the_labels() -> None:
     assert labels.tolist() == [3, -1, 0] and labels.dtype == torch.int64
     with pytest.raises(DataError, match="crops"):
         collate_multicrop([(transform(image), 0), (transform(image)[:2], 0)])
+
+
+def test_the_batched_loader_path_gives_the_same_views_as_the_per_image_path() -> None:
+    transform = multicrop_transform(get_modality("oct"), SSLConfig(local_crops=2), image_size=32)
+    image = _gradient(vertical=True)
+    collate = BatchedMultiCrop(transform)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        crops = transform.crop(image)
+        torch.manual_seed(4)
+        batched, labels = collate([(crops, 1)])
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        crops_again = transform.crop(image)
+        torch.manual_seed(4)
+        single = transform.finish([c.unsqueeze(0) for c in crops_again])
+    assert all(c.dtype == torch.uint8 for c in crops)
+    assert [tuple(v.shape) for v in batched] == [(1, 3, 32, 32)] * 2 + [(1, 3, 16, 16)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(batched, single, strict=True)) and labels.tolist() == [1]
