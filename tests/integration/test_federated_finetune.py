@@ -7,6 +7,7 @@ and a shared head; (2) fine-tuning from (1)'s exported encoders with a frozen en
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +90,27 @@ def test_personal_heads_never_reach_the_server_and_frozen_encoder_stays(personal
     kept, _ = load_encoder(out / "checkpoints" / "finetune-round-0001" / "fundus.safetensors")
     for key, value in given.items():
         np.testing.assert_array_equal(kept[key].numpy(), value.numpy())
+
+
+def test_a_fine_tune_interrupted_after_round_1_resumes_with_round_2_only(shared_run, tmp_path: Path) -> None:
+    # The coordinator died after fine-tune round 1: round 2's checkpoint and rows never got written.
+    out = tmp_path / "crashed"
+    shutil.copytree(shared_run.out_dir, out)
+    shutil.rmtree(out / "checkpoints" / "finetune-round-0002")
+    rows = _rows(out)
+    kept = [r for r in rows if not (r["phase"].startswith("finetune") and r["round"] >= 3)]
+    (out / "metrics.json").write_text(json.dumps(kept))
+    round1 = (out / "checkpoints" / "finetune-round-0001" / "fundus.classifier.safetensors").read_bytes()
+    pretrained = (out / "checkpoints" / "round-0001" / "fundus.safetensors").read_bytes()
+
+    simulate("quick", "federated", out, overrides={**FAST, "resume": True})
+
+    assert (out / "checkpoints" / "finetune-round-0001" / "fundus.classifier.safetensors").read_bytes() == round1
+    assert (out / "checkpoints" / "round-0001" / "fundus.safetensors").read_bytes() == pretrained
+    assert (out / "checkpoints" / "finetune-round-0002" / "fundus.classifier.safetensors").is_file()
+    rows = _rows(out)
+    assert {r["round"] for r in rows if r["phase"] == "train"} == {1}  # pretraining was not repeated
+    for ft_round in (1, 2):  # each fine-tune round trained once per site and modality, none twice
+        trained = [(r["site"], r["modality"]) for r in rows
+                   if r["phase"] == "finetune" and r["finetune_round"] == ft_round]
+        assert len(trained) == len(set(trained)) and ("hospital-a", "fundus") in trained
