@@ -21,6 +21,7 @@ Target: ours >= 2.5x the baseline.
 
 Usage: python bench/bench_ssl_step.py [--configs vit_ti8_64 vit_s16_224] [--steps 3] [--warmup 1]
                                       [--trajectory-steps 5] [--threads 2] [--no-fp32-breakdown] [--ibot]
+                                      [--device cuda]   (on a GPU: the images/s figure for issue #7)
 Quick check: --configs vit_ti8_64 --steps 1 --trajectory-steps 0 --no-fp32-breakdown
 """
 
@@ -63,6 +64,7 @@ CONFIGS = {
 }
 # DINO's head sizes (hidden 2048, bottleneck 256, 3 layers); teacher temperature warm-up 0.04 -> 0.07.
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
+CPU = torch.device("cpu")
 
 
 def ssl_config(bench: BenchConfig, amp: bool) -> SSLConfig:
@@ -118,7 +120,8 @@ class BaselineMultiCrop(nn.Module):
 class BaselineDINO:
     """fp32 eager DINO step with Python loops for the loss pairs, clipping and the EMA."""
 
-    def __init__(self, bench: BenchConfig, cfg: SSLConfig, total_steps: int, seed: int = 0) -> None:
+    def __init__(self, bench: BenchConfig, cfg: SSLConfig, total_steps: int, seed: int = 0,
+                 device: torch.device = CPU) -> None:
         torch.manual_seed(seed)
         spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
         self.student = BaselineMultiCrop(create_encoder(spec), BaselineHead(spec.embed_dim, bench.out_dim))
@@ -127,6 +130,8 @@ class BaselineDINO:
             for block in model.backbone.blocks:  # type: ignore[union-attr]
                 block.attn.fused_attn = False  # DINO's explicit attention
         self.teacher.load_state_dict(self.student.state_dict())
+        self.student.to(device)
+        self.teacher.to(device)
         for p in self.teacher.parameters():
             p.requires_grad = False
         decay = [p for n, p in self.student.named_parameters() if p.requires_grad and p.ndim > 1
@@ -135,13 +140,13 @@ class BaselineDINO:
                  or n.endswith(".bias"))]
         groups: list[dict[str, Any]] = [{"params": decay}, {"params": plain, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW(groups)
-        self.center = torch.zeros(1, bench.out_dim)
+        self.center = torch.zeros(1, bench.out_dim, device=device)
         self.cfg, self.total_steps, self.n_crops = cfg, total_steps, 2 + bench.local_crops
 
     def loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         student_chunks = (student_out / self.cfg.student_temp).chunk(self.n_crops)
         teacher_chunks = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(2)
-        total, pairs = torch.zeros(()), 0
+        total, pairs = torch.zeros((), device=student_out.device), 0
         for iq, q in enumerate(teacher_chunks):
             for v, s in enumerate(student_chunks):
                 if v == iq:
@@ -184,35 +189,37 @@ class BaselineDINO:
 # ------------------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
+def timed(fn: Callable[[], object], device: torch.device = CPU) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call; on CUDA, until the GPU has finished."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(bench: BenchConfig, steps: int, warmup: int, fp32_breakdown: bool,
-            objective: str = "dino") -> dict[str, tuple[float, float]]:
+            objective: str = "dino", device: torch.device = CPU) -> dict[str, tuple[float, float]]:
     """Median images/s per runner: (by wall clock, by this process's CPU time)."""
-    crops = random_crops(bench)
+    crops = [c.to(device) for c in random_crops(bench)]
     total = warmup + steps
     spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
     runners: dict[str, Callable[[int], object]] = {}
-    baseline = BaselineDINO(bench, ssl_config(bench, amp=False), total)
+    baseline = BaselineDINO(bench, ssl_config(bench, amp=False), total, device=device)
     runners["baseline fp32"] = lambda s: baseline.step(crops, s)
-    ours = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True), total)
+    ours = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True), total, device=device)
     runners["ours"] = lambda s: ours.train_step(crops, s)
     if fp32_breakdown:
-        ours_fp32 = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=False), total)
+        ours_fp32 = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=False), total, device=device)
         runners["ours fp32"] = lambda s: ours_fp32.train_step(crops, s)
     if objective == "ibot":
         ibot = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True).replace(objective="ibot"),
-                          total)
+                          total, device=device)
         runners["ours iBOT"] = lambda s: ibot.train_step(crops, s)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for step in range(total):
         for name, run in runners.items():  # interleaved: a load spike hits every runner alike
-            elapsed = timed(lambda run=run, step=step: run(step))  # type: ignore[misc]
+            elapsed = timed(lambda run=run, step=step: run(step), device)  # type: ignore[misc]
             if step >= warmup:
                 times[name].append(elapsed)
     return {
@@ -237,10 +244,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--trajectory-steps", type=int, default=5, help="0 skips the loss trajectory")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the GPU figure of issue #7)")
     parser.add_argument("--no-fp32-breakdown", action="store_true", help="skip our step without autocast")
     parser.add_argument("--ibot", action="store_true", help="also time our iBOT step (no baseline for it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
     print(f"torch {torch.__version__}, {args.threads} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average at start {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
@@ -249,7 +260,7 @@ def main() -> None:
     for name in args.configs:
         bench = CONFIGS[name]
         result = measure(bench, args.steps, args.warmup, not args.no_fp32_breakdown,
-                         "ibot" if args.ibot else "dino")
+                         "ibot" if args.ibot else "dino", device)
         print(f"\n{name}: ViT-{bench.arch}/{bench.patch}, 2x{bench.global_size} + {bench.local_crops}x"
               f"{bench.local_size} crops, batch {bench.batch}, out_dim {bench.out_dim}, DINO objective")
         for runner, (wall, cpu) in result.items():

@@ -52,7 +52,9 @@ def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ImageDataset(split.train, transform.crop), batch_size=min(cfg.batch_size, len(split.train)),
                       shuffle=True, drop_last=True, collate_fn=BatchedMultiCrop(transform), num_workers=cfg.num_workers,
-                      generator=generator, persistent_workers=False)
+                      generator=generator, persistent_workers=False,
+                      # Page-locked batches let the trainer's non_blocking copies overlap the GPU step.
+                      pin_memory=resolve_device(cfg.device).type == "cuda")
 
 
 def train_round(
