@@ -2,16 +2,21 @@
 
 For each encoder size: payload bytes per codec and their ratio to fp32 (target: int8 <= 0.27x),
 the relative RMS roundtrip error on a delta-like update (normal, std 1e-3) and the encode + decode
-time. The effect on the downstream probe score (target: <= 0.5 AUC points lost with int8) needs a
-federated run and is measured in the integration benchmarks, not here.
+time.
 
-Usage: python bench/bench_compression.py [--archs small base]
+With --probe SCENARIO: the effect on the probe score (target: <= 0.5 AUC points lost with int8). The
+same federation (`visionfm simulate`, same seed, so the same data order, crops and initial weights)
+runs once per codec; printed are the held-out test k-NN and linear-probe AUC of the final encoders and
+each codec's difference to fp32, in AUC points, plus the bytes the sites sent.
+
+Usage: python bench/bench_compression.py [--archs small base] [--probe default] [--codecs none int8]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,11 +39,39 @@ def relative_rms_error(original: dict[str, np.ndarray], decoded: dict[str, np.nd
     return (error / energy) ** 0.5
 
 
+def probe_effect(scenario: str, codecs: list[str], out_root: Path) -> None:
+    """One federation per codec on `scenario`; final test-probe AUCs and their change against no codec."""
+    from simulations.compare import test_scores
+    from simulations.simulate import simulate
+
+    results: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
+    for codec in codecs:
+        outcome = simulate(scenario, "federated", out_root / codec, {"compression": codec})
+        rows = outcome.metrics.rows
+        sent = sum(float(r["bytes_sent"]) for r in rows if r["phase"] == "transport")
+        results[codec] = (test_scores(outcome.metrics)["federated"], sent)
+    reference, reference_bytes = results[codecs[0]]
+    print(f"\nprobe effect on scenario {scenario!r} (held-out test split, last round; AUC points vs {codecs[0]}):")
+    for codec, (scores, sent) in results.items():
+        for modality, values in scores.items():
+            knn, linear = values["knn_auc"], values["linear_auc"]
+            knn_change = 100 * (knn - reference[modality]["knn_auc"])
+            linear_change = 100 * (linear - reference[modality]["linear_auc"])
+            print(f"  {codec:<5} {modality:<7} k-NN AUC {knn:.4f} ({knn_change:+.2f})  linear AUC {linear:.4f}"
+                  f" ({linear_change:+.2f})  bytes sent {sent / reference_bytes:.4f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["small", "base"])
+    parser.add_argument("--probe", default=None, help="scenario for the probe-effect runs (e.g. default)")
+    parser.add_argument("--codecs", nargs="+", default=["none", "int8"], help="codecs of the probe runs")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-compression"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.probe:
+        probe_effect(args.probe, args.codecs, args.out)
+        return
     print(f"{'arch':<6} {'codec':<5} {'MB sent':>9} {'x fp32':>7} {'rel. RMS err':>13} {'enc+dec s':>10}")
     for arch in args.archs:
         update = delta_like_update(arch)
