@@ -1,7 +1,8 @@
 """The ClientApp every site runs: thin Flower handlers around client/training.py.
 
 Replies carry only weight arrays (the shared student backbone and, when configured, the projection
-head) and numbers. The teacher, DINO centres and optimizer moments stay in `context.state`.
+head) and numbers. The teacher, DINO centres and optimizer moments stay on the site (`SiteStateStore`:
+Flower's `context.state` in simulation, files under the node's `state-dir` in deployment).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data
+from client.site_state import SiteStateStore
 from client.training import evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
@@ -67,17 +69,14 @@ def train(msg: Message, context: Context) -> Message:
     site = load_site_data(context.node_config, cfg)
     if cfg.phase == "finetune":
         return _finetune_train(msg, context, cfg, server_round, site)
-    local_states = {
-        key[len(LOCAL_STATE_PREFIX):]: record_to_tensors(record)
-        for key, record in context.state.array_records.items()
-        if key.startswith(LOCAL_STATE_PREFIX)
-    }
+    store = SiteStateStore(context)
+    local_states = {name[len(LOCAL_STATE_PREFIX):]: store.load(name) or {} for name in store.names(LOCAL_STATE_PREFIX)}
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
         result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
                              budget=PrivacyBudget.from_node_config(context.node_config) if cfg.dp else None)
     for modality, state in result.local_state.items():
-        context.state[LOCAL_STATE_PREFIX + modality] = arrays_to_record(state)
+        store.save(LOCAL_STATE_PREFIX + modality, state)
     metrics = dict(result.metrics)
     metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
     metrics.update(_site_numbers(context))
@@ -110,8 +109,8 @@ def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, t
 
 
 def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
-    return {key[len(PERSONAL_HEAD_PREFIX):]: record_to_tensors(record)
-            for key, record in context.state.array_records.items() if key.startswith(PERSONAL_HEAD_PREFIX)}
+    store = SiteStateStore(context)
+    return {name[len(PERSONAL_HEAD_PREFIX):]: store.load(name) or {} for name in store.names(PERSONAL_HEAD_PREFIX)}
 
 
 def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int,
@@ -122,7 +121,7 @@ def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round
         result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
                                 site_seed=_site_seed(context))
     for modality, head in result.local_heads.items():
-        context.state[PERSONAL_HEAD_PREFIX + modality] = arrays_to_record(head)
+        SiteStateStore(context).save(PERSONAL_HEAD_PREFIX + modality, head)
     metrics = dict(result.metrics)
     metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
     metrics.update(_site_numbers(context))

@@ -32,6 +32,8 @@ GPU = typer.Option(None, "--gpu", help="GPU index to use; -1 for CPU only (defau
 COORDINATOR = typer.Option(None, "--coordinator", help="host:port of the coordinator (default: the bundle's).")
 
 COLOURS = {"ok": "green", "warn": "yellow", "fail": "red"}
+# A training site hears from the coordinator only at its heartbeats (about every 20 s in Flower 1.42).
+MIN_MAX_OFFLINE_S = 60
 
 
 def _modalities(value: str) -> list[str]:
@@ -91,14 +93,25 @@ def join(
         help="Let Flower start a fresh ClientApp process per message "
         "(no pre-warmed executor; slower, but what stock Flower does).",
     ),
+    max_offline: float = typer.Option(
+        0.0,
+        "--max-offline",
+        help="Seconds the coordinator may stay unreachable (network outage, coordinator down) before "
+        "join gives up with exit code 1; 0 (default) keeps retrying forever. At least 60 when set: an "
+        "busy site hears from the coordinator only about every 20 s while it trains.",
+    ),
 ) -> None:
     """Join the federation and stay joined until Ctrl-C / SIGTERM.
 
     Only outbound connections are made (to the coordinator's gateway). Telemetry and update checks are
-    off. Everything the site sends is recorded in WORK/audit.jsonl (see `visionfm-client audit`).
+    off. Network outages and coordinator restarts are ridden out: the site reconnects on its own (see
+    --max-offline). Everything the site sends is recorded in WORK/audit.jsonl (see `visionfm-client audit`).
     """
     from client.join import JoinRefusedError, SiteSettings, run_site
 
+    if 0 < max_offline < MIN_MAX_OFFLINE_S:
+        console.print(f"[red]error:[/red] --max-offline must be 0 (never give up) or at least {MIN_MAX_OFFLINE_S}s")
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
@@ -108,7 +121,15 @@ def join(
         k: v for k, v in (("privacy-epsilon", privacy_epsilon), ("privacy-delta", privacy_delta)) if v is not None
     }
     settings = SiteSettings(
-        bundle, data, _modalities(modalities), work, gpu, coordinator, warm=not cold, extra_node_config=dict(budget)
+        bundle,
+        data,
+        _modalities(modalities),
+        work,
+        gpu,
+        coordinator,
+        warm=not cold,
+        extra_node_config=dict(budget),
+        max_offline_s=max_offline,
     )
     try:
         run_site(

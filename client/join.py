@@ -1,10 +1,12 @@
 """`visionfm-client join`: keep this site in the federation until told to stop.
 
 It checks the bundle and asks the coordinator's gateway whether it accepts this site (a refused,
-expired, revoked or foreign certificate fails here, with the reason, before anything starts); then
-it runs the uplink, the SuperNode and (by default) the pre-warmed executor. Network blips and
-coordinator restarts are absorbed by the SuperNode's own retries through the uplink; if the SuperNode
-exits anyway, it is started again with backoff, unless the coordinator now refuses the site.
+expired, revoked or foreign certificate fails here, with the reason, before anything starts; an
+unreachable coordinator is asked again with backoff); then it runs the uplink, the SuperNode and (by
+default) the pre-warmed executor. Network blips and coordinator restarts are absorbed by the
+SuperNode's own retries through the uplink (Flower retries without limit); if the SuperNode exits
+anyway, it is started again with backoff, unless the coordinator now refuses the site. By default a
+site keeps trying forever; `max_offline_s` bounds how long it may stay cut off before `join` gives up.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from certs.loopback import make_loopback_tls
 from certs.tls import server_context
 from certs.verify import has_errors, verify_bundle
 from client.audit import AUDIT_LOG_KEY, AuditLog
+from client.site_state import STATE_DIR_KEY
 from client.supernode import (
     NodeValue,
     SuperNodeSpec,
@@ -42,6 +45,10 @@ class JoinRefusedError(VisionFMError):
     """The site cannot join: bad bundle, or the coordinator refuses it. The message says why."""
 
 
+class SiteOfflineError(JoinRefusedError):
+    """The coordinator stayed unreachable for longer than the site's `max_offline_s`."""
+
+
 @dataclass
 class SiteSettings:
     """What `join` needs to know about this site (node config values stay on the site)."""
@@ -54,6 +61,8 @@ class SiteSettings:
     coordinator: str | None = None
     warm: bool = True
     extra_node_config: dict[str, NodeValue] = field(default_factory=dict)
+    # How long the coordinator may stay unreachable before `join` gives up (0: keep trying forever).
+    max_offline_s: float = 0.0
 
     @property
     def audit_log(self) -> Path:
@@ -64,6 +73,8 @@ class SiteSettings:
             "data-path": str(self.data_path.resolve()),
             "modalities": ",".join(canonical_modality(m) for m in self.modalities),
             AUDIT_LOG_KEY: str(self.audit_log.resolve()),
+            # Between-round SSL state on the site's disk, not in Flower's context (see client/site_state.py).
+            STATE_DIR_KEY: str((self.work_dir / "state").resolve()),
         }
         if self.gpu is not None:
             values["gpu"] = self.gpu
@@ -71,8 +82,15 @@ class SiteSettings:
         return values
 
 
-def admit(settings: SiteSettings) -> HospitalBundle:
-    """Load and verify the bundle, then ask the coordinator; JoinRefusedError with the reason otherwise."""
+def admit(
+    settings: SiteSettings, stop: threading.Event | None = None, max_backoff_s: float = 60.0
+) -> HospitalBundle | None:
+    """Load and verify the bundle, then ask the coordinator until it answers.
+
+    JoinRefusedError with the reason when the bundle is unusable or the coordinator refuses the site;
+    an unreachable coordinator is asked again with backoff (SiteOfflineError once `max_offline_s` has
+    passed, when set). Returns None when `stop` is set while waiting.
+    """
     try:
         bundle = load_bundle(settings.bundle_dir)
     except VisionFMError as exc:
@@ -80,22 +98,48 @@ def admit(settings: SiteSettings) -> HospitalBundle:
     findings = verify_bundle(bundle.root, expected_address=None)
     if has_errors(findings):
         raise JoinRefusedError("bundle is not usable:\n" + "\n".join(str(f) for f in findings if f.level == "error"))
-    probe = probe_coordinator(bundle, settings.coordinator)
-    if not probe.ok:
-        raise JoinRefusedError(probe.message)
-    return bundle
+    started = time.monotonic()
+    backoff = 1.0
+    while True:
+        probe = probe_coordinator(bundle, settings.coordinator)
+        if probe.ok:
+            return bundle
+        if probe.refused:
+            raise JoinRefusedError(probe.message)
+        waited = time.monotonic() - started
+        if settings.max_offline_s > 0 and waited + backoff > settings.max_offline_s:
+            raise SiteOfflineError(
+                f"{probe.message}; gave up after {waited:.0f}s (max offline {settings.max_offline_s:g}s)"
+            )
+        logger.warning("%s; asking again in %.0fs", probe.message, backoff)
+        if stop is not None and stop.wait(backoff):
+            return None
+        if stop is None:
+            time.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff_s)
 
 
 INIT_FAILURE = "Failed to initialize the connection to the SuperLink"
 NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
 
 
+# How Flower words an answer from the SuperLink (as opposed to a transport error, which is retried).
+SUPERLINK_ANSWER = re.compile(r"\[code: \d+\]|\b40[13]\b")
+
+
 def refusal_in_log(text: str) -> str | None:
-    """The SuperLink's reason when a SuperNode gave up connecting (Flower logs it, then exits)."""
+    """The SuperLink's reason when it refused a SuperNode's activation (Flower logs it, then exits).
+
+    None for any other ending, a network failure during activation included: Flower gives up on
+    errors whose text mentions TLS, which a connection cut mid-handshake can produce, and that is a
+    blip to retry, not a refusal.
+    """
     if INIT_FAILURE not in text:
         return None
     lines = text[text.index(INIT_FAILURE) :].splitlines()
     reason = " ".join(line.strip() for line in lines[1:3] if line.strip() and not line.startswith("For more"))
+    if not SUPERLINK_ANSWER.search(reason):
+        return None
     hint = ""
     if "2004" in reason or "activate" in reason.lower():
         hint = " (the coordinator does not know this site's node key: not registered, or revoked)"
@@ -141,14 +185,18 @@ class SiteNode:
             handle.seek(self._log_offset)
             return handle.read().decode(errors="replace")
 
-    def remember_node_id(self) -> None:
-        """Keep the SuperLink's id for this site once the SuperNode is activated (for crash recovery)."""
+    def remember_node_id(self) -> bool:
+        """Keep the SuperLink's id for this site once the SuperNode is activated (for crash recovery).
+
+        True the first time the current SuperNode is seen activated."""
         if self._id_recorded:
-            return
+            return False
         match = NODE_ID_LINE.search(self._new_log_text())
-        if match is not None:
-            self.node_id_file.write_text(match[1])
-            self._id_recorded = True
+        if match is None:
+            return False
+        self.node_id_file.write_text(match[1])
+        self._id_recorded = True
+        return True
 
     def start_node(self) -> None:
         self._log_offset = self.supernode_log.stat().st_size if self.supernode_log.exists() else 0
@@ -189,6 +237,16 @@ class SiteNode:
             return -1  # the executor died: restart both
         return code
 
+    def check_offline(self) -> None:
+        """SiteOfflineError when the uplink has failed to reach the coordinator for longer than allowed."""
+        limit = self.settings.max_offline_s
+        counters = self.uplink.uplink.counters
+        if limit > 0 and counters.failures_in_a_row > 0 and counters.offline_s() > limit:
+            raise SiteOfflineError(
+                f"the coordinator has been unreachable for {counters.offline_s():.0f}s "
+                f"(max offline {limit:g}s): {counters.last_error}"
+            )
+
     def log_transport(self) -> None:
         """Append the bytes sent since the last entry (never contents or addresses)."""
         counters = self.uplink.uplink.counters
@@ -214,8 +272,11 @@ def run_site(
     transport_every_s: float = 60.0,
     max_backoff_s: float = 60.0,
 ) -> int:
-    """Join and keep the site joined until `stop` is set. Returns 0, or raises JoinRefusedError."""
-    bundle = admit(settings)
+    """Join and keep the site joined until `stop` is set. Returns 0, or raises JoinRefusedError
+    (SiteOfflineError when the coordinator stayed unreachable longer than `settings.max_offline_s`)."""
+    bundle = admit(settings, stop, max_backoff_s)
+    if bundle is None:
+        return 0
     node = SiteNode(settings, bundle)
     node.start_uplink()
     node.audit.append("session", state="start", federation=bundle.federation, warm=settings.warm)
@@ -229,9 +290,11 @@ def run_site(
             if time.monotonic() - last_transport > transport_every_s:
                 node.log_transport()
                 last_transport = time.monotonic()
+            node.check_offline()
             code = node.node_exited()
             if code is None:
-                node.remember_node_id()
+                if node.remember_node_id():
+                    backoff = 1.0  # activated: the next failure starts from a short wait again
                 continue
             logger.warning("SuperNode exited (code %s); checking with the coordinator", code)
             node.stop_node()
@@ -241,6 +304,8 @@ def run_site(
             probe = probe_coordinator(bundle, settings.coordinator)
             if probe.refused:
                 raise JoinRefusedError(probe.message)
+            if probe.ok:
+                node.uplink.uplink.counters.last_contact = time.monotonic()
             if stop.wait(backoff):
                 break
             backoff = min(backoff * 2, max_backoff_s)

@@ -17,7 +17,8 @@ import json
 import logging
 import ssl
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,6 +29,8 @@ from certs.tls import client_context
 
 logger = logging.getLogger(__name__)
 WHOAMI_ROUTE = "/v1/gateway/whoami"
+# TLS failures that are the network's doing (a connection cut mid-handshake), not a verdict on certificates.
+TRANSIENT_TLS = ("UNEXPECTED_EOF", "EOF occurred", "ECONNRESET", "Connection reset")
 
 
 @dataclass
@@ -39,6 +42,14 @@ class UplinkCounters:
     connections: int = 0
     failed_connections: int = 0
     last_error: str = ""
+    # Monotonic time the coordinator was last heard from (a connection opened or bytes received).
+    last_contact: float = field(default_factory=time.monotonic)
+    # Failed connection attempts since the last successful one (0: the coordinator is reachable).
+    failures_in_a_row: int = 0
+
+    def offline_s(self, now: float | None = None) -> float:
+        """Seconds since the coordinator was last heard from."""
+        return (time.monotonic() if now is None else now) - self.last_contact
 
 
 def bundle_tls_context(bundle: HospitalBundle) -> ssl.SSLContext:
@@ -77,9 +88,8 @@ def probe_coordinator(
             response = client.get(url)
     except httpx.HTTPError as exc:
         reason = _tls_reason(exc)
-        return ProbeResult(
-            False, f"cannot use the coordinator at {address}: {reason}", refused=reason.startswith("TLS")
-        )
+        refused = reason.startswith("TLS") and not any(mark in reason for mark in TRANSIENT_TLS)
+        return ProbeResult(False, f"cannot use the coordinator at {address}: {reason}", refused=refused)
     if response.status_code != 200:
         try:
             detail = str(response.json().get("detail", response.text))
@@ -152,16 +162,35 @@ class Uplink:
                 self.connect_timeout_s,
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            self.counters.failed_connections += 1
-            self.counters.last_error = _tls_reason(exc)
-            logger.warning("uplink: cannot reach the coordinator: %s", self.counters.last_error)
+            self._connection_failed(exc)
             local_writer.close()
             return
-        self.counters.connections += 1
+        self._connection_opened()
         await asyncio.gather(
             self._pipe(local_reader, remote_writer, outbound=True),
             self._pipe(remote_reader, local_writer, outbound=False),
         )
+
+    def _connection_failed(self, exc: BaseException) -> None:
+        counters = self.counters
+        counters.failed_connections += 1
+        counters.failures_in_a_row += 1
+        counters.last_error = _tls_reason(exc)
+        # The SuperNode retries every few seconds during an outage: say it once, not at every attempt.
+        level = logging.WARNING if counters.failures_in_a_row == 1 else logging.DEBUG
+        logger.log(level, "uplink: cannot reach the coordinator (%s); retrying", counters.last_error)
+
+    def _connection_opened(self) -> None:
+        counters = self.counters
+        if counters.failures_in_a_row:
+            logger.info(
+                "uplink: the coordinator is reachable again (after %d failed connection attempts, %.0fs)",
+                counters.failures_in_a_row,
+                counters.offline_s(),
+            )
+        counters.failures_in_a_row = 0
+        counters.connections += 1
+        counters.last_contact = time.monotonic()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, outbound: bool) -> None:
         try:
@@ -172,6 +201,7 @@ class Uplink:
                     self.counters.bytes_out += len(data)
                 else:
                     self.counters.bytes_in += len(data)
+                    self.counters.last_contact = time.monotonic()
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -180,29 +181,60 @@ def status(state: Path = STATE_OPTION) -> None:
 @app.command()
 def logs(
     state: Path = STATE_OPTION,
-    run_ref: str = typer.Option("", "--run", help="A run id or job name: show that run's ServerApp log."),
+    run_ref: str = typer.Option(
+        "", "--run", help="A run id or job name: what happened in each round of that job (see below)."
+    ),
     lines: int = typer.Option(50, "--lines", "-n", help="How many lines of the coordinator's logs."),
+    as_json: bool = typer.Option(False, "--json", help="With --run: the per-round overview as JSON."),
+    server_log: bool = typer.Option(
+        False, "--server-log", help="With --run: print the run's raw ServerApp log instead of the overview."
+    ),
 ) -> None:
-    """The coordinator's logs (SuperLink, gateway), or one run's log from the SuperLink."""
+    """The coordinator's logs (SuperLink, gateway), or what happened in each round of one run.
+
+    With --run, per round: the sites that answered (under the run's site labels), updates rejected and
+    the kind of error (never its text), sites that did not answer in time, loss and privacy budget
+    (epsilon) per site, probe scores, bytes sent, round time. It reads the run's own files on this
+    machine (metrics, checkpoints) and the ServerApp's log kept by the SuperLink. A resumed job is
+    shown whole, across its submissions.
+    """
+    if run_ref and server_log:
+        _print_server_log(state, run_ref)
+        return
     if run_ref:
-        from server.coordinator import running_state
-        from server.processes import flower_env, flower_script
-        from server.runs import CONNECTION, RunRegistry, cli_home
+        from server.run_summary import format_overview, overview
 
         try:
-            info = running_state(state)
-            record = RunRegistry(state).find(run_ref)
-        except (RuntimeError, ConfigError) as exc:
+            view = overview(state, run_ref)
+        except ConfigError as exc:
             _fail(exc)
             return
-        env = flower_env(cli_home(state, info))
-        command = [flower_script("flwr"), "log", str(record.run_id), CONNECTION, "--show"]
-        raise typer.Exit(subprocess.call(command, env=env))
+        if as_json:
+            print(json.dumps(view.as_dict(), indent=1))
+            return
+        print("\n".join(format_overview(view)))  # plain text: no wrapping, colours or markup
+        return
     for name in ("coordinator.log", "superlink.log"):
         path = state / "logs" / name
         if path.exists():
             console.rule(name)
             console.print("\n".join(path.read_text(errors="replace").splitlines()[-lines:]), markup=False)
+
+
+def _print_server_log(state: Path, run_ref: str) -> None:
+    from server.coordinator import running_state
+    from server.processes import flower_env, flower_script
+    from server.runs import CONNECTION, RunRegistry, cli_home
+
+    try:
+        info = running_state(state)
+        record = RunRegistry(state).find(run_ref)
+    except (RuntimeError, ConfigError) as exc:
+        _fail(exc)
+        return
+    env = flower_env(cli_home(state, info))
+    command = [flower_script("flwr"), "log", str(record.run_id), CONNECTION, "--show"]
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 @app.command()

@@ -16,6 +16,7 @@ from flwr.proto.control_pb2 import (  # type: ignore[attr-defined]
     ListRunsRequest,
     RegisterNodeRequest,
     StopRunRequest,
+    StreamLogsRequest,
     UnregisterNodeRequest,
 )
 from flwr.supercore.control import ControlHttpClient
@@ -122,6 +123,19 @@ class ControlPlane:
 
     def stop_run(self, run_id: int) -> None:
         self._client.StopRun(StopRunRequest(run_id=run_id))
+
+    def server_log(self, run_id: int) -> str:
+        """The ServerApp's log of a run so far, as the SuperLink keeps it (what `flwr log --show` prints).
+
+        Flower streams it: the first chunk holds everything logged until now; for a finished run the
+        stream then ends, for a running one it would go on, so only the first chunk is read."""
+        stream = self._client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0))
+        try:
+            return str(next(stream).log_output)
+        except StopIteration:
+            return ""
+        finally:
+            stream.close()
 
 
 def sync_registrations(control: ControlPlane, store: CertStore) -> SyncReport:

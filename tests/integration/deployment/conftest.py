@@ -229,13 +229,22 @@ def audit_entries(work: Path, event: str) -> list[dict[str, Any]]:
 
 
 def write_deploy_job(
-    folder: Path, name: str, rounds: int, min_sites: int, round_timeout: float, eval_every: int = 1
+    folder: Path,
+    name: str,
+    rounds: int,
+    min_sites: int,
+    round_timeout: float,
+    eval_every: int = 1,
+    privacy: dict[str, float] | None = None,
 ) -> Path:
-    """A job for the real app (the default deployment app): a nano ViT at 32 px, one local step."""
+    """A job for the real app (the default deployment app): a nano ViT at 32 px, one local step; with
+    `privacy` (privacy.<key> values), DP-SGD (every site then needs its own budget)."""
     job = folder / f"{name}.toml"
+    dp = "" if privacy is None else "[privacy]\n" + "".join(f"{k} = {v}\n" for k, v in privacy.items()) + "\n"
+    run_config = "dp = true\n" if privacy is not None else ""
     job.write_text(
         f'[job]\nname = "{name}"\nmodalities = ["fundus"]\nrounds = {rounds}\nmin-sites = {min_sites}\n'
-        f"round-timeout = {round_timeout}\n\n[run-config]\n"
+        f"round-timeout = {round_timeout}\n\n{dp}[run-config]\n{run_config}"
         'local-steps = 1\nbatch-size = 8\narch = "nano"\nimage-size = 32\npatch-size = 8\nknn-k = 3\n'
         f"client-threads = 1\neval-every = {eval_every}\n"
         '"ssl.out-dim" = 64\n"ssl.head-hidden-dim" = 32\n"ssl.head-bottleneck-dim" = 16\n"ssl.local-crops" = 0\n'

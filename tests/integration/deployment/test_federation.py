@@ -10,12 +10,14 @@ slices of RetinaMNIST) for 3 rounds, at least 2 sites per round:
 * after round 2's checkpoint the coordinator's whole process tree is killed (SIGKILL) and started again;
   the hospitals reconnect on their own; `visionfm-server run JOB --resume` finishes round 3 with all 3
   from round 2's checkpoint: every (round, site) is counted exactly once;
-* then: report and plots, `export` gives loadable encoders, `status`, and each site's audit log.
+* then: report and plots, `export` gives loadable encoders, `status`, `logs --run` (the job per round,
+  across both submissions), and each site's audit log.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 from collections import Counter
 from functools import partial
@@ -51,6 +53,36 @@ def _train_sites_per_round(out: Path) -> dict[int, int]:
 
 def _checkpointed(out: Path, server_round: int) -> bool:
     return (out / "checkpoints" / f"round-{server_round:04d}" / "round.json").is_file()
+
+
+ERROR_KIND_ONLY = re.compile(r"^site error \([A-Za-z][\w ]*\)$")
+
+
+def _check_run_overview(coordinator: CoordinatorHandle, tmp_path: Path) -> None:
+    """`visionfm-server logs --run JOB`: per round who answered, what was rejected (kind only), losses,
+    bytes, probes and time, over the killed run and its resumption."""
+    result = coordinator.cli("logs", "--run", "pretrain", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    view = json.loads(result.stdout)
+    assert [s["resumed_from"] for s in view["submissions"]] == [None, 2]
+    # The run that died with the coordinator was stopped before the resumption took over.
+    assert [s["status"] for s in view["submissions"]] == ["finished:stopped", "finished:completed"]
+    assert view["submissions"][1]["bytes_sent"] > 0
+    rounds = {r["round"]: r for r in view["rounds"]}
+    assert {k: len(r["answered"]) for k, r in rounds.items() if k} == {1: 2, 2: 3, 3: 3}
+    # Round 1 lost hospital C: its message came back as an error, or not at all; only the error's kind shows.
+    assert rounds[1]["rejected"] or rounds[1]["unanswered"], rounds[1]
+    assert all(ERROR_KIND_ONLY.match(r["kind"]) for k in rounds for r in rounds[k]["rejected"]), rounds
+    for k in (1, 2, 3):
+        for site in rounds[k]["answered"]:
+            numbers = rounds[k]["sites"][site]
+            assert numbers["fundus/loss"] > 0 and numbers["bytes_sent"] > 0, numbers
+        assert rounds[k]["timing"]["round_seconds"] > 0
+    assert all("knn_accuracy" in probe for k in (0, 3) for probe in rounds[k]["evaluation"])
+    assert len(rounds[3]["evaluation"]) == 3
+    human = coordinator.cli("logs", "--run", "pretrain").stdout
+    assert "round 1 · 2 site(s) answered" in human and "resumed after round 2" in human, human
+    assert str(tmp_path) not in human + result.stdout  # no path of any site (or of the coordinator)
 
 
 def test_three_hospitals_pretrain_through_a_killed_site_and_a_killed_coordinator(
@@ -94,6 +126,8 @@ def test_three_hospitals_pretrain_through_a_killed_site_and_a_killed_coordinator
     assert "round 3/3" in resumed.stdout and "completed" in resumed.stdout
     assert _train_sites_per_round(out) == {1: 2, 2: 3, 3: 3}
     assert (out / "report.md").is_file() and list((out / "plots").glob("*.png"))
+
+    _check_run_overview(restarted, tmp_path)
 
     exported = tmp_path / "export"
     result = restarted.cli("export", "pretrain", "--out", str(exported))

@@ -1,0 +1,75 @@
+"""Where a site keeps what must survive between rounds but never leaves it: the SSL teacher, centres
+and optimizer moments, and personal fine-tuning heads.
+
+In a simulation that is Flower's in-memory `context.state`. In deployment (`state-dir` in the node
+config, which `visionfm-client join` sets) it is safetensors files on the site's own disk, one per
+run and name: at ViT-S scale the SSL state is about 270 MB per modality, and Flower pushes a node's
+`context.state` back to the SuperNode after every message under a short deadline, which such a
+payload misses (observed: every later message of the run failed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from client.records import arrays_to_record, record_to_tensors
+from visionfm_core.models.checkpoint import atomic_write_bytes
+
+STATE_DIR_KEY = "state-dir"  # node-config key: the site's folder for between-round state
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class SiteStateStore:
+    """Named tensor dicts kept on the site between rounds (see the module docstring)."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        folder = context.node_config.get(STATE_DIR_KEY)
+        self.folder = Path(str(folder)) / f"run-{int(context.run_id)}" if folder else None
+
+    def load(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The tensors saved under `name` in this run, or None."""
+        if self.folder is None:
+            record = self._context.state.array_records.get(name)
+            return None if record is None else record_to_tensors(record)
+        path = self._path(name)
+        return load_file(str(path)) if path.is_file() else None
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Keep `tensors` under `name` (replacing what was there); files are private to the site (0600)."""
+        if self.folder is None:
+            self._context.state[name] = arrays_to_record(tensors)
+            return
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._path(name)
+        contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(path, lambda tmp: save_file(contiguous, str(tmp)))
+        os.chmod(path, 0o600)
+
+    def names(self, prefix: str) -> list[str]:
+        """Every saved name that starts with `prefix`."""
+        if self.folder is None:
+            return [k for k in self._context.state.array_records if k.startswith(prefix)]
+        if not self.folder.is_dir():
+            return []
+        saved = [_unescape(p.stem) for p in self.folder.glob("*.safetensors")]
+        return sorted(n for n in saved if n.startswith(prefix))
+
+    def _path(self, name: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{_escape(name)}.safetensors"
+
+
+def _escape(name: str) -> str:
+    # Names hold "/" ("local-ssl-state/fundus"); keep file names flat and reversible.
+    return _SAFE_NAME.sub(lambda m: f"~{ord(m.group()):02x}", name)  # "~" itself is escaped too
+
+
+def _unescape(stem: str) -> str:
+    return re.sub(r"~([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), stem)
