@@ -1,17 +1,23 @@
-"""DP-SGD step vs the non-private step on the same model and batch (target: private <= 2x).
+"""DP-SGD step vs the non-private step on the same model and batch (target: private <= 2x), and the
+cost of drawing DP noise from the CSPRNG instead of torch's generator.
 
 Part 1, a classifier step (ViT + linear head, cross-entropy, AdamW) on one fixed batch:
   non-private (fused attention)  |  ours: client.privacy.dp_step (torch.func per-sample gradients)
   |  Opacus 1.6 GradSampleModule in "hooks", "functorch" and "ghost" (ghost clipping) modes.
 Part 2, the pretraining step: SSLTrainer.train_step vs DPSSLTrainer.train_step (iBOT, 2 global +
-2 local crops, each image's crops together as one DP sample).
+2 local crops, each image's crops together as one DP sample), with secure noise (the default) and
+with torch noise.
+Part 3, noise alone: torch.randn vs strategies.secure_noise on a ViT-S-sized vector (22M values).
 
-Every variant runs the same number of timed repetitions, interleaved round-robin so that load from
-other processes hits them alike; the median is reported with its ratio to the non-private median of
-the same run. Random weights and inputs (timing does not depend on them).
+Measurement: every variant first runs `--warmup` untimed steps (allocator, vmap tracing, Opacus
+hooks), then `--reps` rounds in which each variant runs once, the order reversed every other round
+so that no variant always follows the same one. Each round gives a paired ratio (variant / baseline
+of that round), so a burst of load from another process hits both sides of a ratio; the medians of
+wall time, CPU time (all threads of this process) and of the paired ratios are printed, with the
+spread (min-max) of the wall ratios. Random weights and inputs (timing does not depend on them).
 
-Usage: python bench/bench_dp_step.py [--arch tiny] [--image-size 96] [--batch 16] [--reps 3]
-       [--skip-opacus] [--skip-ssl]
+Usage: python bench/bench_dp_step.py [--arch tiny] [--image-size 96] [--batch 16] [--reps 9]
+       [--warmup 2] [--skip-opacus] [--skip-ssl] [--skip-noise]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,8 @@ from torch import Tensor, nn
 from client.privacy.accountant import PrivacyBudget, SiteAccountant
 from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
-from client.privacy.dp_step import NoiseSettings, dp_step, noise_generator
+from client.privacy.dp_step import NoiseSettings, dp_step
+from client.privacy.noise import SecureNoise, noise_generator
 from client.privacy.sampling import PoissonLoader
 from visionfm_core.modalities import get_modality
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
@@ -143,8 +151,17 @@ def ssl_steps(spec: EncoderSpec, batch: int) -> dict[str, Step]:
         DPConfig(expected_batch_size=batch),
         SiteAccountant(PrivacyBudget(math.inf, 1e-6)),
     )
-    private.use_sampling(PoissonLoader(list(range(100 * batch)), batch, list))
-    counter = {"plain": 0, "private": 0}
+    torch_noise = DPSSLTrainer(
+        spec,
+        fundus,
+        cfg,
+        1000,
+        DPConfig(expected_batch_size=batch, secure_noise=False),
+        SiteAccountant(PrivacyBudget(math.inf, 1e-6)),
+    )
+    for trainer in (private, torch_noise):
+        trainer.use_sampling(PoissonLoader(list(range(100 * batch)), batch, list))
+    counter = {"plain": 0, "private": 0, "torch noise": 0}
 
     def non_private() -> None:
         plain.train_step(views, counter["plain"])
@@ -154,26 +171,65 @@ def ssl_steps(spec: EncoderSpec, batch: int) -> dict[str, Step]:
         private.train_step(views, counter["private"])
         counter["private"] += 1
 
-    return {"SSLTrainer step": non_private, "DPSSLTrainer step": dp}
+    def dp_torch_noise() -> None:
+        torch_noise.train_step(views, counter["torch noise"])
+        counter["torch noise"] += 1
+
+    return {"SSLTrainer step": non_private, "DPSSLTrainer step": dp, "DPSSLTrainer (torch noise)": dp_torch_noise}
 
 
-def measure(steps: dict[str, Step], reps: int) -> dict[str, float]:
-    for step in steps.values():  # warm-up: allocator, vmap tracing, Opacus hooks
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            started = time.perf_counter()
+@dataclass
+class Timings:
+    """Per-round wall and CPU seconds of one variant."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+
+def measure(steps: dict[str, Step], reps: int, warmup: int) -> dict[str, Timings]:
+    for _ in range(warmup):
+        for step in steps.values():
             step()
-            times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
+    timings = {name: Timings() for name in steps}
+    names = list(steps)
+    for round_index in range(reps):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            steps[name]()
+            timings[name].wall.append(time.perf_counter() - wall)
+            timings[name].cpu.append(time.process_time() - cpu)
+    return timings
 
 
-def report(title: str, medians: dict[str, float], baseline: str) -> None:
+def report(title: str, timings: dict[str, Timings], baseline: str) -> None:
+    base = timings[baseline]
     print(f"\n{title}")
-    print(f"{'variant':<22} {'median s':>9} {'x non-private':>14}")
-    for name, seconds in medians.items():
-        print(f"{name:<22} {seconds:>9.3f} {seconds / medians[baseline]:>14.2f}", flush=True)
+    header = f"{'variant':<26} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'x wall min-max':>15}"
+    print(header)
+    for name, t in timings.items():
+        wall_ratios = [a / b for a, b in zip(t.wall, base.wall, strict=True)]
+        cpu_ratios = [a / b for a, b in zip(t.cpu, base.cpu, strict=True)]
+        spread = f"{min(wall_ratios):.2f}-{max(wall_ratios):.2f}"
+        print(
+            f"{name:<26} {statistics.median(t.wall):>8.3f} {statistics.median(t.cpu):>8.3f} "
+            f"{statistics.median(wall_ratios):>7.2f} {statistics.median(cpu_ratios):>7.2f} {spread:>15}",
+            flush=True,
+        )
+
+
+def noise_steps(values: int) -> dict[str, Step]:
+    generator = torch.Generator().manual_seed(0)
+    secure = SecureNoise()
+    shape = (values,)
+    cpu = torch.device("cpu")
+
+    def torch_randn() -> None:
+        torch.randn(shape, generator=generator)
+
+    def csprng() -> None:
+        secure.gaussian(shape, cpu)
+
+    return {"torch.randn": torch_randn, "secure (AES-CTR)": csprng}
 
 
 def main() -> None:
@@ -183,28 +239,37 @@ def main() -> None:
     parser.add_argument("--arch", default="tiny")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-opacus", action="store_true")
     parser.add_argument("--skip-ssl", action="store_true")
+    parser.add_argument("--skip-noise", action="store_true")
+    parser.add_argument("--noise-values", type=int, default=22_000_000, help="ViT-S/16 has about 22M")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus' secure-RNG and alpha-range notices
     spec = EncoderSpec(arch=args.arch, image_size=args.image_size, patch_size=16)
     print(
         f"ViT-{args.arch} {args.image_size} px, batch {args.batch}, {args.threads} threads, "
-        f"{args.reps} timed reps (median)"
+        f"{args.warmup} warm-up + {args.reps} timed rounds (median)"
     )
     report(
         "classifier step (encoder + linear head, cross-entropy, AdamW)",
-        measure(classifier_steps(spec, args.batch, not args.skip_opacus), args.reps),
+        measure(classifier_steps(spec, args.batch, not args.skip_opacus), args.reps, args.warmup),
         "non-private",
     )
     if not args.skip_ssl:
         report(
             "iBOT pretraining step (2 global + 2 local crops per image)",
-            measure(ssl_steps(spec, args.batch), args.reps),
+            measure(ssl_steps(spec, args.batch), args.reps, args.warmup),
             "SSLTrainer step",
+        )
+    if not args.skip_noise:
+        report(
+            f"Gaussian noise, {args.noise_values:,} float32 values",
+            measure(noise_steps(args.noise_values), args.reps, args.warmup),
+            "torch.randn",
         )
 
 

@@ -39,6 +39,7 @@ from strategies.robust import (
     trimmed_mean,
 )
 from strategies.secagg import ModalitySecAggServer, SecAggParams
+from strategies.secure_noise import SecureGaussian
 from strategies.validation import validate_reply
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import encoder_spec
@@ -70,8 +71,12 @@ class FederationResult:
     rejected: list[str] = field(default_factory=list)
 
 
-def _site_label(msg: Message, names: dict[int, str], site_names: list[str]) -> str:
-    node = msg.metadata.src_node_id
+def _site_label(msg: Message, names: dict[int, str], site_names: list[str],
+                destinations: dict[str, int] | None = None) -> str:
+    """The site a reply belongs to. `destinations` (message id -> node it was sent to) wins over the
+    reply's sender: an error the SuperLink makes itself (e.g. node unavailable) carries the SuperLink's
+    own id as sender, and would otherwise show up as a new, phantom site."""
+    node = (destinations or {}).get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
     if node not in names:
         metrics: dict[str, Any] = dict(msg.content.metric_records.get("metrics", {})) if msg.has_content() else {}
         index = metrics.get("site-index")
@@ -121,11 +126,12 @@ class Federation:
         self.rejected: list[str] = []
         self.accepted: list[str] = []
         self.traffic = TrafficMeter()
-        # Noise must be unpredictable to the sites: OS entropy, never the run seed.
-        self.dp_rng = np.random.default_rng()
+        # Noise must be unpredictable to the sites: a CSPRNG keyed from the OS, never the run seed.
+        self.dp_rng = SecureGaussian()
         self.central_accountant = SiteLevelAccountant(max(cfg.central_dp_noise, 1e-6))
         self.progress = RoundProgress(cfg.num_rounds, enabled=cfg.progress)
         self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
+        self.destinations: dict[str, int] = {}  # message id -> the node it was sent to
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -154,7 +160,9 @@ class Federation:
     def _send(self, messages: list[Message], server_round: int, label: str,
               on_reply: Callable[[Message], None]) -> int:
         """Push messages and hand each reply to `on_reply` as it arrives, until all answered or timeout."""
-        pending = set(self.grid.push_messages(messages))
+        ids = list(self.grid.push_messages(messages))
+        self.destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages), strict=False))
+        pending = set(ids)
         deadline = time.monotonic() + self.cfg.round_timeout
         seen = 0
         while pending and time.monotonic() < deadline:
@@ -179,7 +187,7 @@ class Federation:
         held: list[SiteReply] = []
 
         def fold(reply: Message) -> None:
-            site = _site_label(reply, self.node_names, self.site_names)
+            site = _site_label(reply, self.node_names, self.site_names, self.destinations)
             update = self._site_update(server_round, site, reply)
             if update is None:
                 return
@@ -279,7 +287,7 @@ class Federation:
         weights: list[int] = []
 
         def record(reply: Message) -> None:
-            site = _site_label(reply, self.node_names, self.site_names)
+            site = _site_label(reply, self.node_names, self.site_names, self.destinations)
             if reply.has_error():
                 self._reject(server_round, site, f"site error: {reply.error.reason}")
                 return
@@ -309,7 +317,8 @@ class Federation:
             self._reject(server_round, f"{modality} group", f"secure aggregation aborted: {abort}")
         previous = dict(self.arrays)
         for key, mean_delta in outcome.mean().items():
-            self.arrays[key] = (self.arrays[key] + mean_delta).astype(np.float32)
+            # In place: the mean is a float32 view of the protocol's own buffer, so nothing is allocated.
+            self.arrays[key] = np.add(mean_delta, self.arrays[key], out=mean_delta, casting="same_kind")
         self._add_central_noise(server_round, previous, {m: len(r.survivors) for m, r in outcome.results.items()})
         logger.info("round %d securely aggregated: %s", server_round,
                     ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
@@ -348,7 +357,7 @@ class Federation:
         """Federated evaluation on each site's validation split, plus the server's central evaluation."""
 
         def record(reply: Message) -> None:
-            site = _site_label(reply, self.node_names, self.site_names)
+            site = _site_label(reply, self.node_names, self.site_names, self.destinations)
             if reply.has_error():
                 logger.warning("round %d: evaluation failed at %s: %s", server_round, site, reply.error.reason)
                 return

@@ -198,7 +198,7 @@ class FineTunePhase(Federation):
         row_round = self._row_round(server_round)
 
         def record(reply: Message) -> None:
-            site = _site_label(reply, self.node_names, self.site_names)
+            site = _site_label(reply, self.node_names, self.site_names, self.destinations)
             if reply.has_error():
                 logger.warning("fine-tune round %d: evaluation failed at %s: %s", server_round, site,
                                reply.error.reason)

@@ -7,6 +7,10 @@ modality's n_m sites. Sites are weighted equally: example-count weights would ma
 depend on private counts. One noised release per round is accounted with Opacus' RDP accountant,
 sample rate = sites sampled per round / sites in the federation.
 
+Noise comes from `strategies.secure_noise.SecureGaussian` (a CSPRNG keyed from the OS) unless a
+numpy generator is passed (tests, reproducible experiments): a seeded or predictable generator would
+let anyone who knows its state subtract the noise.
+
 Trust model: the aggregator adds the noise, so it sees the un-noised sum (never one site's update
 when secure aggregation is on); the guarantee protects against everyone who receives the model.
 
@@ -30,7 +34,14 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 
 from strategies.deltas import clip_to_norm
 from strategies.fedavg import modality_of
+from strategies.secure_noise import SecureGaussian
 from visionfm_core.errors import ConfigError
+
+NoiseRng = np.random.Generator | SecureGaussian
+
+
+def _source(rng: NoiseRng | None) -> NoiseRng:
+    return SecureGaussian() if rng is None else rng
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,20 @@ def add_noise_to_means(
     sites_per_modality: Mapping[str, int],
     noise_multiplier: float,
     clip_norm: float,
-    rng: np.random.Generator,
+    rng: NoiseRng | None = None,
 ) -> dict[str, np.ndarray]:
-    """Noise per-modality means of clipped deltas (e.g. from secure aggregation) with std z*C/n_m."""
+    """Noise per-modality means of clipped deltas (e.g. from secure aggregation) with std z*C/n_m.
+
+    `rng`: None draws from a fresh CSPRNG (the default for real runs); a numpy generator for tests.
+    """
+    source = _source(rng)
     noised: dict[str, np.ndarray] = {}
     for key, value in means.items():
         modality = modality_of(key)
         if modality not in sites_per_modality:
             raise KeyError(f"no site count for modality {modality!r} (key {key!r})")
         std = noise_std_of_mean(noise_multiplier, clip_norm, sites_per_modality[modality])
-        noise = rng.normal(0.0, std, size=np.shape(value)).astype(np.float32)
+        noise = np.asarray(source.normal(0.0, std, size=np.shape(value)), dtype=np.float32)
         noised[key] = np.add(value, noise, dtype=np.float32)
     return noised
 
@@ -82,7 +97,7 @@ def private_mean_by_modality(
     clipped_deltas: Sequence[Mapping[str, np.ndarray]],
     noise_multiplier: float,
     clip_norm: float,
-    rng: np.random.Generator,
+    rng: NoiseRng | None = None,
 ) -> dict[str, np.ndarray]:
     """Server side without secure aggregation: per-modality unweighted mean of clipped deltas plus noise."""
     sums: dict[str, np.ndarray] = {}
@@ -130,11 +145,13 @@ class AdaptiveClipNorm:
         if self.count_noise_std < 0:
             raise ConfigError("central_dp.count_noise_std", f"must be >= 0, got {self.count_noise_std}")
 
-    def update(self, unclipped_count: int, num_sites: int, rng: np.random.Generator) -> float:
-        """Fold in one round's tally (sites whose norm was <= clip_norm); returns the new clip norm."""
+    def update(self, unclipped_count: int, num_sites: int, rng: NoiseRng | None = None) -> float:
+        """Fold in one round's tally (sites whose norm was <= clip_norm); returns the new clip norm.
+
+        `rng`: None draws the count noise from a CSPRNG; a numpy generator for tests."""
         if not 0 <= unclipped_count <= num_sites or num_sites < 1:
             raise ValueError(f"unclipped count {unclipped_count} does not fit {num_sites} sites")
-        noisy_count = unclipped_count + float(rng.normal(0.0, self.count_noise_std))
+        noisy_count = unclipped_count + float(_source(rng).normal(0.0, self.count_noise_std))
         fraction = noisy_count / num_sites
         self.clip_norm *= math.exp(-self.learning_rate * (fraction - self.target_quantile))
         return self.clip_norm

@@ -11,8 +11,9 @@ from client.privacy.accountant import (
 from client.privacy.config import DPConfig
 from client.privacy.dp_finetune import DPFineTuner
 from client.privacy.dp_ssl import DPSSLTrainer
-from client.privacy.dp_step import DPStepResult, NoiseSettings, dp_step, noise_generator, per_sample_gradients
+from client.privacy.dp_step import DPStepResult, NoiseSettings, dp_step, per_sample_gradients
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
+from client.privacy.noise import NoiseSource, SecureNoise, TorchNoise, noise_generator
 from client.privacy.reporting import RELEASABLE_METRICS, releasable_metrics
 from client.privacy.sampling import PoissonLoader, ssl_poisson_loader
 
@@ -23,10 +24,13 @@ __all__ = [
     "DPSSLTrainer",
     "DPStepResult",
     "NoiseSettings",
+    "NoiseSource",
     "PoissonLoader",
     "PrivacyBudget",
     "PrivacyBudgetExceeded",
+    "SecureNoise",
     "SiteAccountant",
+    "TorchNoise",
     "combined_noise_multiplier",
     "dp_ssl_loader",
     "dp_step",

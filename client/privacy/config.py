@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from client.privacy.accountant import MECHANISMS, Mechanism
-from visionfm_core.config_values import is_unset, parse_float, parse_int
+from visionfm_core.config_values import is_unset, parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 
 CenterMode = Literal["noised", "fixed"]
@@ -31,6 +31,8 @@ class DPConfig:
     microbatch_size: images whose per-sample gradients are held in memory at once (None: the whole
       batch); lowers peak memory for large encoders, same result.
     accountant: "rdp" (Opacus' RDP accountant) or "prv" (tighter, slower).
+    secure_noise: draw the noise from a CSPRNG (AES-CTR keyed from the OS; see
+      `client.privacy.noise`); false uses torch's generator, faster on an accelerator but predictable.
     """
 
     noise_multiplier: float = 1.0
@@ -41,6 +43,7 @@ class DPConfig:
     center_clip: float | None = None
     microbatch_size: int | None = None
     accountant: Mechanism = "rdp"
+    secure_noise: bool = True
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier >= 0.0:
@@ -91,6 +94,8 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
             return parse_float(value)
         if kind in ("int", "int | None"):
             return parse_int(value)
+        if kind == "bool":
+            return parse_bool(value)
         return str(value).strip().lower()
     except (TypeError, ValueError) as exc:
         raise ConfigError(key, f"expected {kind}, got {value!r}") from exc

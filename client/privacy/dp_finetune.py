@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from client.privacy.accountant import SiteAccountant
 from client.privacy.config import DPConfig
-from client.privacy.dp_step import NoiseSettings, PerSampleLoss, dp_step, noise_generator
+from client.privacy.dp_step import NoiseSettings, PerSampleLoss, dp_step
+from client.privacy.noise import noise_generator
 from client.privacy.sampling import ExactRecordDataset, PoissonLoader, cycle_batches
 from visionfm_core.errors import ConfigError
 from visionfm_core.runtime import autocast_dtype, torch_threads
@@ -67,7 +68,7 @@ class DPFineTuner:
         self.dp = dp
         self.accountant = accountant
         self.device = tuner.device
-        self.noise = noise_generator(self.device, noise_seed)
+        self.noise = noise_generator(self.device, noise_seed, secure=dp.secure_noise)
         dtype = autocast_dtype(self.device) if tuner.config.mixed_precision else None
         # fp16 would need loss scaling inside every per-sample gradient; such devices run in fp32.
         self.autocast = dtype if dtype == torch.bfloat16 else None

@@ -30,8 +30,10 @@ from torch import Tensor, nn
 
 from client.privacy.accountant import SiteAccountant, combined_noise_multiplier
 from client.privacy.config import DPConfig
-from client.privacy.dp_step import DPStepResult, NoiseSettings, PerSampleLoss, dp_step, noise_generator
+from client.privacy.dp_step import DPStepResult, NoiseSettings, PerSampleLoss, dp_step
+from client.privacy.noise import noise_generator
 from client.privacy.sampling import PoissonLoader, cycle_batches
+from client.privacy.view_packing import encode_views
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import Modality
 from visionfm_core.models.encoders import EncoderSpec
@@ -77,7 +79,7 @@ class DPSSLTrainer(SSLTrainer):
         super().__init__(spec, modality, cfg, total_steps, device=device, seed=seed)
         self.dp = dp
         self.accountant = accountant
-        self.noise = noise_generator(self.device, noise_seed)
+        self.noise = noise_generator(self.device, noise_seed, secure=dp.secure_noise)
         # fp16 would need loss scaling inside every per-sample gradient; run such devices in fp32.
         self.dp_autocast = self.amp_dtype if self.amp_dtype == torch.bfloat16 else None
         if getattr(self.student, "token_dtype", None) is not None:
@@ -282,11 +284,12 @@ class DPSSLTrainer(SSLTrainer):
 
         def loss(student: nn.Module, sample: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
             assert isinstance(student, SSLNetwork)
-            tokens = student.encode(sample["global"], sample.get("masks"))  # [G, 1+N, D]
-            cls_tokens = [tokens[:, 0]]
             local_keys = sorted((k for k in sample if k.startswith("local")), key=lambda k: int(k[5:]))
-            cls_tokens += [student.encode(sample[k])[:, 0] for k in local_keys]
-            head_in = torch.cat(cls_tokens)
+            groups = [(sample["global"], sample.get("masks"))] + [(sample[k], None) for k in local_keys]
+            # All views in one pass: one per-image gradient per weight (see view_packing).
+            encoded = encode_views(student, groups)
+            tokens = encoded[0]  # [G, 1+N, D]
+            head_in = torch.cat([group[:, 0] for group in encoded])
             n_views = head_in.shape[0]
             if ibot:
                 prefix = int(getattr(student.backbone, "num_prefix_tokens", 1))
@@ -331,7 +334,7 @@ class DPSSLTrainer(SSLTrainer):
             finite = torch.isfinite(norms)
             scaled = rows.float() * (clip / (norms + 1e-6)).clamp(max=1.0)
             total += torch.where(finite, scaled, torch.zeros_like(scaled)).sum(dim=0)
-        noise = torch.randn(center.shape, generator=self.noise, device=center.device, dtype=torch.float32)
+        noise = self.noise.gaussian(center.shape, center.device)
         batch_center = (total + self.dp.center_noise_multiplier * clip * noise) / expected
         momentum = self.cfg.center_momentum
         center.mul_(momentum).add_(batch_center.to(center.dtype), alpha=1.0 - momentum)

@@ -10,21 +10,20 @@ Why torch.func (`vmap(grad(loss))`) rather than Opacus' GradSampleModule:
   still give one gradient per image, with no per-module bookkeeping of repeated calls;
 - only per-sample gradients are computed: Opacus' hooks compute them *and* the ordinary summed
   gradient, and its ghost clipping runs a second backward pass. bench/bench_dp_step.py, ViT-Tiny
-  96 px, batch 16, 2 CPU threads, one run: 1.43x the non-private step, Opacus 1.91x (hooks),
-  2.16x (ghost), 2.46x (functorch);
+  96 px, batch 16, 2 CPU threads, median of 9 interleaved rounds: 1.9x the non-private classifier
+  step, Opacus 3.4x (hooks), 3.4x (functorch), 4.1x (ghost); the iBOT step 1.8x;
 - any module works (timm's LayerScale, iBOT's mask token, weight-normalised prototypes) without
   a per-layer gradient rule.
 Cost: per-sample gradients of `microbatch_size` images are held at once (memory = that many copies
 of the trainable weights); set it to bound memory for large encoders.
 
-Noise comes from a generator seeded from the OS (never from the run seed, which the coordinator
-knows and could use to subtract the noise).
+Noise comes from `client.privacy.noise`: a CSPRNG keyed from the OS by default, never the run seed,
+which the coordinator knows and could use to subtract the noise.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from client.privacy.noise import NoiseSource, as_noise_source
 from visionfm_core.errors import ConfigError
 
 LossOutput = Tensor | tuple[Tensor, Mapping[str, Tensor]]
@@ -86,13 +86,6 @@ class PerSampleGradients:
     grads: dict[str, Tensor]
     losses: Tensor
     aux: dict[str, Tensor]
-
-
-def noise_generator(device: torch.device | str, seed: int | None = None) -> torch.Generator:
-    """A generator for DP noise on `device`: seeded from the OS unless a seed is given (tests only)."""
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(secrets.randbits(63) if seed is None else int(seed))
-    return generator
 
 
 def batch_size_of(batch: SampleBatch | None) -> int:
@@ -218,7 +211,7 @@ def dp_step(
     loss_fn: PerSampleLoss,
     batch: SampleBatch | None,
     settings: NoiseSettings,
-    generator: torch.Generator,
+    noise: NoiseSource | torch.Generator,
     *,
     trainable: Sequence[str] | None = None,
     autocast_dtype: torch.dtype | None = None,
@@ -229,7 +222,8 @@ def dp_step(
     gradient = (sum_i clip(grad loss_fn(sample_i)) + N(0, sigma^2 C^2 I)) / expected_batch_size.
     `batch` maps names to tensors with the samples along dimension 0; None or zero samples (an empty
     Poisson draw) gives a noise-only step, as the mechanism requires. The caller then runs its
-    optimizer. The model must not mix samples (see `check_per_sample_safe`).
+    optimizer. The model must not mix samples (see `check_per_sample_safe`). `noise` is a
+    `client.privacy.noise` source (`noise_generator(...)`) or a bare torch.Generator.
     """
     check_per_sample_safe(model)
     names = trainable_names(model, trainable)
@@ -256,13 +250,14 @@ def dp_step(
         result.nonfinite += int((~finite).sum())
         result.grad_norm_sum += float(norms[finite].sum())
     wanted = set(names)
+    source = as_noise_source(noise)
     for name, param in params.items():
         if name not in wanted:
             param.grad = None
             continue
-        noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
-        summed = sums[name].float() if name in sums else torch.zeros_like(noise)
-        param.grad = ((summed + settings.noise_std * noise) / settings.expected_batch_size).to(param.dtype)
+        draw = source.gaussian(param.shape, param.device)
+        summed = sums[name].float() if name in sums else torch.zeros_like(draw)
+        param.grad = ((summed + settings.noise_std * draw) / settings.expected_batch_size).to(param.dtype)
     return result
 
 

@@ -21,7 +21,7 @@ Send deltas from the global model, not weights: pick `clip_range` so w/max_weigh
 (with central DP, clip_range = the DP clip norm: no coordinate of a clipped delta exceeds it), and
 `max_weight` near the largest site's example count (a larger one costs quantisation precision).
 The validation of `strategies.validation` cannot run on masked data: the client checks its own
-update (keys, sizes, dtype, NaN/Inf) before masking.
+update (keys, sizes and dtype first, NaN/Inf while quantising) before anything is sent.
 """
 
 from strategies.secagg.client import SecAggClient

@@ -20,7 +20,7 @@ import numpy as np
 
 from strategies.secagg import crypto
 from strategies.secagg.errors import SecAggAbort, SecAggProtocolError
-from strategies.secagg.masking import count_clipped, default_workers, masked_site_vector, stream_key
+from strategies.secagg.masking import default_workers, masked_site_vector, stream_key
 from strategies.secagg.params import GroupConfig, Payload, PayloadReader
 
 STAGES = ("new", "setup", "share_keys", "masked_input", "unmask")
@@ -133,7 +133,7 @@ class SecAggClient:
             self._receive_share(reader, source, ciphertext)
         if len(sources) + 1 < config.threshold:
             raise SecAggAbort(config.group, "masked_input", config.threshold, len(sources) + 1, "shares received")
-        factor, header = self._header(values, weight, dict(tallies or {}))
+        factor, ordered_tallies = self._check_inputs(values, weight, dict(tallies or {}))
         adding = [stream_key(self.seed, config, self_context(config.group))]
         subtracting: list[bytes] = []
         for source in sources:
@@ -143,7 +143,12 @@ class SecAggClient:
             (adding if self.index < source else subtracting).append(
                 stream_key(secret, config, pair_context(config.group))
             )
-        vector = masked_site_vector(config, values, factor, header, adding, subtracting, self.workers)
+        try:
+            vector = masked_site_vector(
+                config, values, factor, weight, ordered_tallies, adding, subtracting, self.workers
+            )
+        except ValueError as error:  # a NaN or Inf, found while quantising: nothing has been sent
+            raise ValueError(f"secure aggregation of '{config.group}': {error}") from None
         # Neither secret is needed any more: our neighbours hold shares of both.
         self.seed, self.mask_key = b"", b""
         self.stage = "masked_input"
@@ -202,10 +207,13 @@ class SecAggClient:
             raise reader.fail("ciphertexts", f"shares from site index {source} were addressed elsewhere")
         self._keep_share(source, seed_share, key_share)
 
-    def _header(
+    def _check_inputs(
         self, values: Mapping[str, np.ndarray], weight: int, tallies: dict[str, int]
     ) -> tuple[float, list[int]]:
-        """Check the update, weight and tallies; (scale factor, header words) for the vector."""
+        """Check the update's layout, the weight and tallies; (scale factor, tallies in order).
+
+        NaN and Inf are caught while the values are quantised (one pass over them, not two).
+        """
         config = self.config
         assert config is not None
         _check_values(config, values)
@@ -224,12 +232,7 @@ class SecAggClient:
         for name, count in tallies.items():
             if not 0 <= int(count) <= cap:
                 raise ValueError(f"tally {name!r} must lie in [0, {cap}]")
-        factor = int(weight) / config.max_weight
-        try:
-            clipped = sum(count_clipped(key, values[key], factor, config.clip_range) for key in config.keys)
-        except ValueError as error:
-            raise ValueError(f"secure aggregation of '{config.group}': {error}") from None
-        return factor, [int(weight), min(clipped, cap)] + [int(tallies[name]) for name in config.tally_names]
+        return int(weight) / config.max_weight, [int(tallies[name]) for name in config.tally_names]
 
     # ---- persistence --------------------------------------------------------------------------
 

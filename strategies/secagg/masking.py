@@ -16,6 +16,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -26,6 +27,7 @@ from strategies.secagg.params import GroupConfig
 WORD = np.dtype("<u4")
 WORDS_PER_BLOCK = 4  # one AES block is four uint32 words
 MIN_RANGE = 1 << 20  # below this many words per worker, threads cost more than they save
+T = TypeVar("T")
 
 
 def default_workers() -> int:
@@ -38,24 +40,44 @@ def default_workers() -> int:
     return 1
 
 
-class MaskStream:
-    """An AES-128-CTR keystream read as uint32 words, starting at word `start` of the stream."""
+class Scratch:
+    """The zeros AES encrypts and the buffer it writes to, for keystream chunks of up to `chunk_size` words.
 
-    def __init__(self, key: bytes, chunk_size: int, start: int = 0) -> None:
+    Streams used one after the other (a `Masker`'s) share one, so a chunk's working set stays in
+    the L2 cache however many neighbours a site has.
+    """
+
+    def __init__(self, chunk_size: int) -> None:
+        self.zeros = memoryview(bytes(4 * chunk_size))
+        # update_into needs room for one block more than the input.
+        self.buffer = bytearray(4 * chunk_size + 16)
+
+
+class MaskStream:
+    """An AES-128-CTR keystream read as uint32 words, starting at word `start` of the stream.
+
+    Values returned by `next` live in the `scratch` buffer until the next call on any stream that
+    shares it.
+    """
+
+    def __init__(self, key: bytes, chunk_size: int, start: int = 0, scratch: Scratch | None = None) -> None:
         block, skip = divmod(start, WORDS_PER_BLOCK)
         # The initial counter block is the block index (big-endian, as CTR increments it).
         counter = block.to_bytes(16, "big")
         self._encryptor = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
-        self._zeros = bytes(4 * chunk_size)
-        # update_into needs room for one block more than the input.
-        self._buffer = bytearray(4 * chunk_size + 16)
+        self._scratch = scratch or Scratch(chunk_size)
         if skip:
             self.next(skip)
 
     def next(self, count: int) -> np.ndarray:
         """The next `count` words (a view valid until the following call)."""
-        self._encryptor.update_into(memoryview(self._zeros)[: 4 * count], self._buffer)
-        return np.frombuffer(self._buffer, dtype=WORD, count=count)
+        self._encryptor.update_into(self._scratch.zeros[: 4 * count], self._scratch.buffer)
+        return np.frombuffer(self._scratch.buffer, dtype=WORD, count=count)
+
+    def next_bytes(self, count: int) -> np.ndarray:
+        """The next `count` bytes (at most 4 * chunk_size) as uint8, a view valid until the next call."""
+        self._encryptor.update_into(self._scratch.zeros[:count], self._scratch.buffer)
+        return np.frombuffer(self._scratch.buffer, dtype=np.uint8, count=count)
 
 
 def stream_key(secret: bytes, config: GroupConfig, context: bytes) -> bytes:
@@ -80,21 +102,21 @@ def ranges(start: int, stop: int, workers: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def _run_ranges(work: Callable[[int, int], None], spans: list[tuple[int, int]]) -> None:
-    if len(spans) == 1:
-        work(*spans[0])
-        return
+def _run_ranges(work: Callable[[int, int], T], spans: list[tuple[int, int]]) -> list[T]:
+    """work(start, stop) for every span, on one thread per span when there are several."""
+    if len(spans) <= 1:
+        return [work(a, b) for a, b in spans]
     with ThreadPoolExecutor(max_workers=len(spans)) as pool:
-        for future in [pool.submit(work, a, b) for a, b in spans]:
-            future.result()
+        return [future.result() for future in [pool.submit(work, a, b) for a, b in spans]]
 
 
 class Masker:
     """Adds the streams of `adding` keys and subtracts those of `subtracting` keys, from word `start`."""
 
     def __init__(self, adding: Sequence[bytes], subtracting: Sequence[bytes], chunk_size: int, start: int) -> None:
-        self.adding = [MaskStream(key, chunk_size, start) for key in adding]
-        self.subtracting = [MaskStream(key, chunk_size, start) for key in subtracting]
+        scratch = Scratch(chunk_size)
+        self.adding = [MaskStream(key, chunk_size, start, scratch) for key in adding]
+        self.subtracting = [MaskStream(key, chunk_size, start, scratch) for key in subtracting]
 
     def apply(self, piece: np.ndarray) -> None:
         """In place, modulo 2**32, on the next `piece.size` words (at most one chunk)."""
@@ -126,21 +148,21 @@ def add_into(total: np.ndarray, vector: np.ndarray, workers: int = 1) -> None:
     _run_ranges(work, ranges(0, total.size, workers))
 
 
-def _uniform(words: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Floats uniform on [1, 2) from random uint32 words: 23 random mantissa bits under exponent 0."""
-    np.right_shift(words, np.uint32(9), out=scratch)
-    np.bitwise_or(scratch, np.uint32(0x3F800000), out=scratch)
-    return scratch.view(np.float32)
+FRACTION_BITS = 8  # quantise in 1/256ths of a level, then round with one random byte per value
+ONE_LEVEL = 1 << FRACTION_BITS
 
 
 class Quantiser:
-    """Maps weighted values w*x in [-C, C] to integers in [0, levels] and sums of them back.
+    """Maps weighted values w*x in [-C, C] to integers in [0, levels - 1] and sums of them back.
 
-    Nominally [0, levels - 1]; float32 rounding can carry a value at the top to `levels`, which the
-    overflow rule (sites x levels < 2**32) leaves room for. Stochastic rounding is floor(v + u), u
-    uniform on [0, 1). The arithmetic is float32 (twice as fast as float64 here); with at most 2**22
-    levels its rounding adds under 3/8 of a level, so each site's error stays below 1.5 steps (below
-    1 step when rounding to nearest). One instance per thread: it owns scratch buffers.
+    The arithmetic is float32 then int32, in place, a chunk at a time. A value is first scaled to
+    V = 256 * (w*x + C) / step, a float in [0, 256 * (levels - 1)] (float32 rounding moves it by under
+    3/8 of a level with at most 2**22 levels: the scaling by 256 is exact), truncated to an integer,
+    and rounded to a level by adding one random byte (stochastic: unbiased to 1/256 of a level) or
+    128 (to nearest) and shifting right by 8. Each site's error stays below 1.5 steps. The random
+    bytes are an AES-CTR keystream under a throwaway key: four values per AES word, where a float
+    uniform would take one word each (AES is the largest cost of masking). One instance per thread:
+    it owns scratch buffers.
     """
 
     def __init__(self, config: GroupConfig) -> None:
@@ -148,49 +170,68 @@ class Quantiser:
         self.levels = config.levels
         self.step = 2.0 * config.clip_range / (config.levels - 1)
         self._work = np.empty(config.chunk_size, dtype=np.float32)
-        self._bits = np.empty(config.chunk_size, dtype=np.uint32)
-        # Rounding noise from AES-CTR under a throwaway key: three times faster than numpy's floats.
-        self._noise = MaskStream(os.urandom(16), config.chunk_size) if config.stochastic_rounding else None
+        self._top = np.float32(ONE_LEVEL * (config.levels - 1))  # exact: at most 30 significant bits
+        self._offset = np.float32(ONE_LEVEL * config.clip_range / self.step)
+        # Rounding noise needs no secrecy (the masks give that), only independence from the values.
+        self._noise = (
+            MaskStream(os.urandom(16), config.chunk_size, scratch=Scratch((config.chunk_size + 3) // 4))
+            if config.stochastic_rounding
+            else None
+        )
 
-    def quantise_into(self, values: np.ndarray, factor: float, out: np.ndarray) -> None:
-        """Write quantised `factor * values` (at most one chunk) into uint32 `out`."""
-        buffer = self._work[: values.size]
-        np.multiply(values, np.float32(factor / self.step), out=buffer)
-        buffer += np.float32(self.clip_range / self.step)
-        np.clip(buffer, np.float32(0.0), np.float32(self.levels - 1), out=buffer)
+    def quantise_into(self, values: np.ndarray, factor: float, out: np.ndarray) -> int:
+        """Write quantised `factor * values` (at most one chunk) into uint32 `out`.
+
+        Returns how many values fell outside [-C, C] (they sit on the end levels); raises
+        ValueError when a value is NaN or Inf.
+        """
+        scaled = self._work[: values.size]
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow and NaN are handled in _clip
+            np.multiply(values, np.float32(ONE_LEVEL * factor / self.step), out=scaled)
+            scaled += self._offset
+        clipped = self._clip(values, scaled)
+        fixed = out.view(np.int32)
+        # Truncation is floor here because every value is >= 0; int32 holds up to 2**31 > 256 * 2**22.
+        np.copyto(fixed, scaled, casting="unsafe")
         if self._noise is not None:
-            buffer += _uniform(self._noise.next(values.size), self._bits[: values.size])
-            buffer -= np.float32(1.0)
+            np.add(fixed, self._noise.next_bytes(values.size), out=fixed)
         else:
-            buffer += np.float32(0.5)
-        # Truncation is floor here because every value is >= 0.
-        out[:] = buffer
+            fixed += ONE_LEVEL // 2
+        fixed >>= FRACTION_BITS
+        return clipped
+
+    def _clip(self, values: np.ndarray, scaled: np.ndarray) -> int:
+        # The chunk's min and max (in cache; NaN propagates through both) cost less than clipping
+        # it, and replace a separate validation pass over the whole update in memory.
+        if values.size == 0:
+            return 0
+        low, high = float(scaled.min()), float(scaled.max())
+        if low >= 0.0 and high <= self._top:
+            return 0
+        if not np.isfinite(values).all():
+            raise ValueError("holds NaN or Inf")
+        outside = int(np.count_nonzero((scaled < 0.0) | (scaled > self._top)))
+        np.clip(scaled, np.float32(0.0), self._top, out=scaled)
+        return outside
 
     def dequantise_in_place(self, piece: np.ndarray, num_sites: int, divisor: float) -> np.ndarray:
         """(sum of w*x) / divisor from a uint32 sum of `num_sites` quantised pieces, as float32.
 
         The result overwrites `piece` (both are 4-byte words), so unmasking needs no second buffer.
+        A sum holds num_sites * (levels - 1) / 2 for a zero value; subtracting that centre in uint32
+        leaves a signed int32 (num_sites * levels < 2**32), which float32 holds exactly up to 2**24
+        and otherwise to 2**-24 relative, far below the quantisation error.
         """
-        block = piece.astype(np.float64)
-        block *= self.step
-        block -= num_sites * self.clip_range
-        block /= divisor
+        whole, half = divmod(num_sites * (self.levels - 1), 2)  # the centre, a multiple of 1/2
+        scale = self.step / divisor
+        piece -= np.uint32(whole)
+        work = self._work[: piece.size]
+        np.copyto(work, piece.view(np.int32), casting="unsafe")
         result = piece.view(np.float32)
-        result[:] = block
+        np.multiply(work, np.float32(scale), out=result)
+        if half:
+            result -= np.float32(0.5 * scale)
         return result
-
-
-def count_clipped(key: str, values: np.ndarray, factor: float, clip_range: float) -> int:
-    """How many of `factor * values` fall outside [-C, C]; raises ValueError naming `key` on NaN/Inf."""
-    if not values.size:
-        return 0
-    # max and min read the array twice but allocate nothing, and NaN propagates through both.
-    high, low = float(values.max()), float(values.min())
-    if not (np.isfinite(high) and np.isfinite(low)):
-        raise ValueError(f"{key!r} holds NaN or Inf")
-    if max(high, -low) * factor <= clip_range:
-        return 0
-    return int(np.count_nonzero(np.abs(values) * factor > clip_range))
 
 
 def header_length(config: GroupConfig) -> int:
@@ -225,30 +266,42 @@ def masked_site_vector(
     config: GroupConfig,
     values: Mapping[str, np.ndarray],
     factor: float,
-    header: Sequence[int],
+    weight: int,
+    tallies: Sequence[int],
     adding: Sequence[bytes],
     subtracting: Sequence[bytes],
     workers: int = 1,
 ) -> np.ndarray:
-    """The site's whole vector, quantised and masked chunk by chunk (ranges in parallel)."""
+    """The site's whole vector, quantised and masked chunk by chunk (ranges in parallel).
+
+    The values are checked on the way (ValueError naming the key of a NaN or Inf), and the header
+    [weight, clipped-value count, tallies...] is written and masked once the sweep has counted.
+    """
     layout = _Layout(config)
     vector = np.empty(config.vector_length, dtype=np.uint32)
     flat = {key: values[key].reshape(-1) for key in config.keys}
-    head = len(header)
+    head = header_length(config)
 
-    def work(start: int, stop: int) -> None:
+    def work(start: int, stop: int) -> int:
         masker = Masker(adding, subtracting, config.chunk_size, start)
         quantiser = Quantiser(config)
-        if start < head:
-            vector[start : min(stop, head)] = np.asarray(header[start : min(stop, head)], dtype=np.uint32)
-            masker.apply(vector[start : min(stop, head)])
-        for key, offset, low, high in layout.pieces(max(start, head), stop):
+        clipped = 0
+        for key, offset, low, high in layout.pieces(start, stop):
             for a, b in chunks(high - low, config.chunk_size):
                 piece = vector[low + a : low + b]
-                quantiser.quantise_into(flat[key][offset + a : offset + b], factor, piece)
+                try:
+                    clipped += quantiser.quantise_into(flat[key][offset + a : offset + b], factor, piece)
+                except ValueError as error:
+                    raise ValueError(f"{key!r} {error}") from None
                 masker.apply(piece)
+        return clipped
 
-    _run_ranges(work, ranges(0, config.vector_length, workers))
+    clipped = sum(_run_ranges(work, ranges(head, config.vector_length, workers)))
+    header = [int(weight), min(clipped, config.weight_cap_per_site), *(int(t) for t in tallies)]
+    if len(header) != head:
+        raise ValueError(f"expected {head - 2} tallies, got {len(header) - 2}")
+    vector[:head] = np.asarray(header, dtype=np.uint32)
+    Masker(adding, subtracting, config.chunk_size, 0).apply(vector[:head])
     return vector
 
 

@@ -169,10 +169,13 @@ class SecAggServer:
         return out
 
     def receive_masked(self, node_id: int, reply: Mapping[str, Any]) -> bool:
-        """Stage 4, one node at a time: add its masked vector to the running sum; False if refused."""
+        """Stage 4, one node at a time: add its masked vector to the running sum; False if refused.
+
+        The first accepted vector, when writable, becomes the running sum itself (no zeroed buffer
+        to allocate and add into): the server owns the reply's array from then on.
+        """
         if self.stage == "relay_shares":
             self.stage = "receive_masked"
-            self._round.total = np.zeros(self.config.vector_length, dtype=np.uint32)
         self._advance("receive_masked", "receive_masked", stay=True)
         state = self._round
         index = self._index.get(node_id)
@@ -185,8 +188,10 @@ class SecAggServer:
         except SecAggProtocolError as error:
             self._drop(index, error)
             return False
-        assert state.total is not None
-        add_into(state.total, vector, self.workers)  # wraps modulo 2**32, like the masks
+        if state.total is None:
+            state.total = vector if vector.flags.writeable else vector.copy()
+        else:
+            add_into(state.total, vector, self.workers)  # wraps modulo 2**32, like the masks
         state.survivors.add(index)
         return True
 

@@ -84,7 +84,7 @@ class Photometric:
         return x
 
     def _blur(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
+        batch, _, height, width = x.shape
         low, high = self.blur_sigma
         radius = min(math.ceil(3 * high), height - 1, width - 1)
         if radius < 1 or not bool(chosen.any()):

@@ -12,9 +12,9 @@ from client.privacy.dp_step import (
     NoiseSettings,
     clip_and_sum,
     dp_step,
-    noise_generator,
     per_sample_gradients,
 )
+from client.privacy.noise import noise_generator
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.transforms import eval_transform
 from visionfm_core.errors import ConfigError

@@ -89,7 +89,7 @@ def run_protocol(
     for node in answering("masked", messages):
         extra = (dict((tallies or {}).get(node, {})),)
         reply = step(node, "masked_input", messages[node], values[node], weights[node], *extra)
-        run.sent[node] = reply["masked"]
+        run.sent[node] = reply["masked"].copy()  # the server sums into the first vector it accepts
         server.receive_masked(node, reply)
     messages = server.request_unmask()
     replies = {n: step(n, "unmask", messages[n]) for n in answering("unmask", messages)}

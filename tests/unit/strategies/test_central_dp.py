@@ -61,6 +61,21 @@ def test_noise_for_secure_means_uses_the_announced_site_counts():
         add_noise_to_means(means, {"oct": 3}, 1.0, 1.0, np.random.default_rng(0))
 
 
+def test_by_default_the_server_noise_comes_from_the_csprng_not_numpy_seeds():
+    means = {"fundus/a": np.zeros(30_000, np.float32)}
+    np.random.seed(0)
+    first = add_noise_to_means(means, {"fundus": 2}, 1.0, 0.4)["fundus/a"]
+    np.random.seed(0)
+    second = add_noise_to_means(means, {"fundus": 2}, 1.0, 0.4)["fundus/a"]
+    assert first.dtype == np.float32 and not np.array_equal(first, second)
+    for noise in (first, second):
+        assert np.std(noise) == pytest.approx(noise_std_of_mean(1.0, 0.4, 2), rel=0.03)
+    # The adaptive clip norm's count noise takes the same default.
+    noisy = [AdaptiveClipNorm(clip_norm=1.0, count_noise_std=0.5).update(3, 4) for _ in range(2)]
+    exact = [AdaptiveClipNorm(clip_norm=1.0).update(3, 4) for _ in range(2)]
+    assert noisy[0] != noisy[1] and exact[0] == exact[1]
+
+
 def test_update_noise_multiplier_keeps_the_total_rdp_of_the_nominal_one():
     z, sigma_b = 1.1, 0.6
     z_update = update_noise_multiplier(z, sigma_b)

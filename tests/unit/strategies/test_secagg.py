@@ -242,3 +242,22 @@ def test_a_malformed_public_key_drops_only_its_sender():
     requests = server.request_unmask()
     result = server.finish({n: clients[n].unmask(requests[n]) for n in requests})
     assert result.survivors == [1, 3, 4] and np.allclose(result.mean["oct/w"], 1.0, atol=1e-5)
+
+
+def test_the_server_sums_into_a_writable_first_vector_and_copies_a_read_only_one():
+    for writable in (True, False):
+        server, clients, shares = _to_masking_stage()
+        values = {1: 0.25, 2: 0.5, 3: 0.75}
+        replies = {
+            n: clients[n].masked_input(shares[n], {"oct/w": np.full(4, v, np.float32)}, 5) for n, v in values.items()
+        }
+        first = replies[1]["masked"]
+        first.setflags(write=writable)
+        sent = first.copy()
+        for node in (1, 2, 3):
+            assert server.receive_masked(node, replies[node])
+        requests = server.request_unmask()
+        result = server.finish({n: clients[n].unmask(requests[n]) for n in requests})
+        assert np.allclose(result.mean["oct/w"], 0.5, atol=1e-5)
+        # A read-only vector is never written to; a writable one was taken over as the running sum.
+        assert np.array_equal(first, sent) != writable

@@ -13,7 +13,6 @@ from strategies.secagg.masking import (
     MaskStream,
     Quantiser,
     apply_masks,
-    count_clipped,
     masked_site_vector,
     ranges,
     unmask_and_dequantise,
@@ -104,23 +103,68 @@ def test_quantiser_roundtrip_error_and_range():
     quantiser = Quantiser(config)
     values = np.linspace(-1.5, 1.5, 1000).astype(np.float32)
     out = np.empty(1000, np.uint32)
-    assert count_clipped("w", values, 0.5, config.clip_range) == 0  # 0.5 * 1.5 fits in [-1, 1]
-    quantiser.quantise_into(values, 0.5, out)
-    assert out.max() <= config.levels
+    assert quantiser.quantise_into(values, 0.5, out) == 0  # 0.5 * 1.5 fits in [-1, 1]: nothing clipped
+    assert out.max() <= config.levels - 1
     back = quantiser.dequantise_in_place(out.copy(), num_sites=1, divisor=0.5)
     assert np.abs(back - values).max() <= 1.5 * quantiser.step / 0.5
-    assert count_clipped("w", values, 1.0, config.clip_range) == int(np.sum(np.abs(values) > 1))
+    assert quantiser.quantise_into(values, 1.0, out) == int(np.sum(np.abs(values) > 1))
+    # Clipped values sit on the end levels.
+    assert out.min() == 0 and out.max() == config.levels - 1
+    assert np.all(out[values < -1] == 0) and np.all(out[values > 1] == config.levels - 1)
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_rounding_is_exact():
+    config = SecAggParams(levels=1 << 10, clip_range=1.0, chunk_size=1 << 16).resolve("g", 3, ["w"], [1 << 16])
+    quantiser = Quantiser(config)
+    # Every value sits 0.3 of a level above a level: rounding up 30 % of the time is unbiased.
+    level = 700
+    value = (level + 0.3) * quantiser.step - config.clip_range
+    values = np.full(1 << 16, value, np.float32)
+    out = np.empty(values.size, np.uint32)
     quantiser.quantise_into(values, 1.0, out)
-    # Clipped values sit on the end levels; float rounding may carry the top one to `levels` itself,
-    # which the overflow rule (sites x levels < 2**32) leaves room for.
-    assert out.min() == 0 and out.max() in (config.levels - 1, config.levels)
+    assert set(np.unique(out).tolist()) == {level, level + 1}
+    ups = float(np.mean(out == level + 1))
+    assert abs(ups - 0.3) < 5 * np.sqrt(0.3 * 0.7 / values.size) + 1 / 256
+    nearest = Quantiser(
+        SecAggParams(levels=1 << 10, clip_range=1.0, chunk_size=1 << 16, stochastic_rounding=False).resolve(
+            "g", 3, ["w"], [1 << 16]
+        )
+    )
+    nearest.quantise_into(values, 1.0, out)
+    assert np.all(out == level)
+    nearest.quantise_into(values + np.float32(0.4 * quantiser.step), 1.0, out)
+    assert np.all(out == level + 1)
 
 
-def test_non_finite_values_are_caught_before_quantising():
-    with pytest.raises(ValueError, match="'w'"):
-        count_clipped("w", np.array([0.0, np.nan], np.float32), 1.0, 1.0)
-    with pytest.raises(ValueError, match="'w'"):
-        count_clipped("w", np.array([-np.inf, 0.0], np.float32), 1.0, 1.0)
+def test_dequantising_a_sum_of_many_sites_keeps_float32_precision():
+    # 900 sites at 2**22 levels: the centred sums exceed 2**24, where float32 stops holding integers.
+    sites, size = 900, 4096
+    config = SecAggParams(clip_range=1.0, max_weight=10, chunk_size=size).resolve("g", sites, ["w"], [size])
+    quantiser = Quantiser(config)
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, config.levels, size=(sites, size), dtype=np.int64)
+    total = (levels.sum(axis=0) % (1 << 32)).astype(np.uint32)
+    exact = (levels.sum(axis=0) * quantiser.step - sites * config.clip_range) / 7.0
+    mean = quantiser.dequantise_in_place(total, sites, divisor=7.0)
+    assert mean.dtype == np.float32
+    # Within a few float32 ulps of the largest value: far below one quantisation step per site.
+    assert np.abs(mean - exact).max() <= 4 * np.spacing(np.float32(np.abs(exact).max()))
+
+
+def test_non_finite_values_are_refused_by_key_while_quantising():
+    config = SecAggParams(chunk_size=64).resolve("g", 3, ["a", "w"], [5, 200])
+    for bad in (np.nan, -np.inf, np.inf):
+        values = {"a": np.zeros(5, np.float32), "w": np.zeros(200, np.float32)}
+        values["w"][150] = bad
+        for factor in (1.0, 0.0):  # a zero weight must not hide a NaN (0 * Inf is NaN too)
+            with pytest.raises(ValueError, match="'w' holds NaN or Inf"):
+                masked_site_vector(config, values, factor, 0, [], [os.urandom(16)], [])
+    # A huge finite value overflows float32 when scaled: it is clipped and counted, not refused.
+    huge = np.full(64, 3e38, np.float32)
+    huge[::2] *= -1
+    out = np.empty(64, np.uint32)
+    assert Quantiser(config).quantise_into(huge, 1.0, out) == 64
+    assert np.all(out[1::2] == config.levels - 1) and np.all(out[::2] == 0)
 
 
 def test_a_stream_can_start_anywhere():
@@ -146,10 +190,14 @@ def test_threaded_sweeps_give_the_same_words_as_one_thread():
     rng = np.random.default_rng(0)
     values = {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in zip("abc", sizes, strict=True)}
     adding, subtracting = [os.urandom(16), os.urandom(16)], [os.urandom(16)]
-    one = masked_site_vector(config, values, 0.5, [5, 0, 9], adding, subtracting, workers=1)
-    three = masked_site_vector(config, values, 0.5, [5, 0, 9], adding, subtracting, workers=3)
+    values["a"][:4] = 50.0  # clipped in the first and the last range: counted across the threads
+    values["c"][-3:] = -50.0
+    one = masked_site_vector(config, values, 0.5, 5, [9], adding, subtracting, workers=1)
+    three = masked_site_vector(config, values, 0.5, 5, [9], adding, subtracting, workers=3)
     assert np.array_equal(one, three)
     header, mean = unmask_and_dequantise(config, three, subtracting, adding, num_sites=1, workers=3)
-    assert header.tolist() == [5, 0, 9]
+    assert header.tolist() == [5, 7, 9]
+    # A clipped value comes back as +-clip_range / factor (here 1 / 0.5).
+    values["a"][:4], values["c"][-3:] = 2.0, -2.0
     flat = np.concatenate([values[k] for k in "abc"])
     assert np.abs(mean - flat).max() <= Quantiser(config).step / (5 / 10)
