@@ -22,7 +22,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from visionfm_core.ssl.network import SSLNetwork, embed_patches
+from visionfm_core.ssl.network import SSLNetwork
 
 ViewGroup = tuple[Tensor, Tensor | None]  # (views [V, 3, H, W], iBOT masks [V, h, w] or None)
 
@@ -46,7 +46,7 @@ def encode_views(student: SSLNetwork, groups: Sequence[ViewGroup]) -> list[Tenso
     if len(groups) == 1 or not can_pack(student):
         return [student.encode(views, masks) for views, masks in groups]
     backbone = student.backbone
-    embedded = [_embed(student, views, masks) for views, masks in groups]  # each [V, T, D]
+    embedded = [student.embed(views, masks) for views, masks in groups]  # each [V, T, D]
     lengths = [int(x.shape[1]) for x in embedded for _ in range(int(x.shape[0]))]
     sequence = torch.cat([x.reshape(1, -1, x.shape[-1]) for x in embedded], dim=1)
     # True where a token may attend: within its own view only.
@@ -63,13 +63,3 @@ def encode_views(student: SSLNetwork, groups: Sequence[ViewGroup]) -> list[Tenso
     return out
 
 
-def _embed(student: SSLNetwork, views: Tensor, masks: Tensor | None) -> Tensor:
-    """Tokens of `views` before the blocks, as in `SSLNetwork.encode` (mask token, position embedding)."""
-    backbone = student.backbone
-    x = embed_patches(backbone, views)
-    if masks is not None and student.mask_token is not None:
-        where = masks.unsqueeze(-1) if x.ndim == 4 else masks.flatten(1).unsqueeze(-1)
-        x = torch.where(where, student.mask_token.to(x.dtype), x)
-    x = backbone._pos_embed(x)  # type: ignore[operator]
-    x = backbone.patch_drop(x)  # type: ignore[operator]
-    return backbone.norm_pre(x)  # type: ignore[operator, no-any-return]

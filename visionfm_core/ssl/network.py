@@ -41,18 +41,23 @@ class SSLNetwork(nn.Module):
     def encode(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """All output tokens [B, 1 + N, D] ([CLS] first). `masks` [B, h, w] replaces those patches'
         embeddings with the mask token before position embeddings are added (iBOT)."""
+        x = self.embed(images, masks)
+        if self.token_dtype is not None and torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.token_dtype)
+        x = self.backbone.blocks(x)  # type: ignore[operator]
+        return self.backbone.norm(x)  # type: ignore[operator, no-any-return]
+
+    def embed(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens that enter the first block: patch embedding, iBOT mask substitution, position
+        embedding, patch dropout and pre-norm, in timm's order."""
         backbone = self.backbone
         x = embed_patches(backbone, images)
         if masks is not None and self.mask_token is not None:
             where = masks.unsqueeze(-1) if x.ndim == 4 else masks.flatten(1).unsqueeze(-1)
             x = torch.where(where, self.mask_token.to(x.dtype), x)
         x = backbone._pos_embed(x)  # type: ignore[operator]
-        if self.token_dtype is not None and torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.token_dtype)
         x = backbone.patch_drop(x)  # type: ignore[operator]
-        x = backbone.norm_pre(x)  # type: ignore[operator]
-        x = backbone.blocks(x)  # type: ignore[operator]
-        return backbone.norm(x)  # type: ignore[operator, no-any-return]
+        return backbone.norm_pre(x)  # type: ignore[operator, no-any-return]
 
     def backbone_and_head_parameters(self) -> list[nn.Parameter]:
         """The parameters a teacher mirrors (everything but the mask token), in a fixed order."""
