@@ -236,6 +236,7 @@ def write_deploy_job(
     round_timeout: float,
     eval_every: int = 1,
     privacy: dict[str, float] | None = None,
+    extra_run_config: str = "",
 ) -> Path:
     """A job for the real app (the default deployment app): a nano ViT at 32 px, one local step; with
     `privacy` (privacy.<key> values), DP-SGD (every site then needs its own budget)."""
@@ -246,7 +247,7 @@ def write_deploy_job(
         f'[job]\nname = "{name}"\nmodalities = ["fundus"]\nrounds = {rounds}\nmin-sites = {min_sites}\n'
         f"round-timeout = {round_timeout}\n\n{dp}[run-config]\n{run_config}"
         'local-steps = 1\nbatch-size = 8\narch = "nano"\nimage-size = 32\npatch-size = 8\nknn-k = 3\n'
-        f"client-threads = 1\neval-every = {eval_every}\n"
+        f"client-threads = 1\neval-every = {eval_every}\n{extra_run_config}"
         '"ssl.out-dim" = 64\n"ssl.head-hidden-dim" = 32\n"ssl.head-bottleneck-dim" = 16\n"ssl.local-crops" = 0\n'
     )
     return job
