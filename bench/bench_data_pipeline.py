@@ -102,13 +102,15 @@ def main() -> None:
               f"SSL step {step:.1f} images/s (2 threads)")
         for label, (modality, items) in sources.items():
             per_image = loader_rate(items, modality, bench, args.images, 0, batched=False)
+            rates = {}
             for workers in args.workers:
-                rate = loader_rate(items, modality, bench, args.images, workers)
+                rate = rates[workers] = loader_rate(items, modality, bench, args.images, workers)
                 per_core = (rate / max(workers, 1)) / (step / 2)  # one loader core against one step core
                 print(f"  {label:<22} workers {workers}: {rate:7.1f} images/s   loader/step {rate / step:5.2f}x"
                       f"   per core {per_core:5.2f}x")
+            batched = rates[0] if 0 in rates else loader_rate(items, modality, bench, args.images, 0)
             print(f"  {label:<22} (per-image photometrics, workers 0: {per_image:7.1f} images/s; batched is "
-                  f"{loader_rate(items, modality, bench, args.images, 0) / per_image:.2f}x)")
+                  f"{batched / per_image:.2f}x)")
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 

@@ -19,7 +19,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
 
 from visionfm_core.data.items import ImageItem
-from visionfm_core.data.transforms import collate_multicrop
+from visionfm_core.data.transforms import BatchedMultiCrop, MultiCrop, collate_multicrop
 from visionfm_core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -153,11 +153,18 @@ def ssl_poisson_loader(
     num_workers: int = 0,
     seed: int | None = None,
 ) -> PoissonLoader[tuple[list[torch.Tensor], torch.Tensor]]:
-    """Poisson-sampled multi-crop batches (`collate_multicrop` format) of a site's training images."""
+    """Poisson-sampled multi-crop batches (`collate_multicrop` format) of a site's training images.
+    A `MultiCrop` runs its photometric stage batched in the collate, as the non-private loader does
+    (every operation is per image, so no image's crops depend on another's)."""
+    if isinstance(transform, MultiCrop):
+        per_image: Callable[[np.ndarray], Any] = transform.crop
+        collate: Callable[[Any], Any] = BatchedMultiCrop(transform)
+    else:
+        per_image, collate = transform, collate_multicrop
     return PoissonLoader(
-        ReadableImageDataset(items, transform),
+        ReadableImageDataset(items, per_image),
         expected_batch_size,
-        collate_multicrop,
+        collate,
         num_workers=num_workers,
         seed=seed,
     )
