@@ -175,6 +175,8 @@ class Federation:
         if pending:
             logger.warning("round %d %s: %d site(s) did not answer within %.0fs", server_round, label,
                            len(pending), self.cfg.round_timeout)
+        for message_id in ids:  # replies of this exchange are all handled: their labels are not needed again
+            self.destinations.pop(message_id, None)
         return seen
 
     # -- phases ------------------------------------------------------------------------------------
