@@ -132,15 +132,30 @@ class Federation:
         self.progress = RoundProgress(cfg.num_rounds, enabled=cfg.progress)
         self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
         self.destinations: dict[str, int] = {}  # message id -> the node it was sent to
+        self.last_nodes: set[int] = set()  # the nodes the previous exchange went to
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.cfg.round_timeout
+        """The connected sites, once at least `min-sites` are; a site sent the previous exchange that has
+        dropped out (restarting after a crash) gets up to `rejoin-grace` seconds to reconnect first."""
+        start = time.monotonic()
+        deadline = start + self.cfg.round_timeout
+        announced = False
         while True:
             nodes = sorted(self.grid.get_node_ids())
+            missing = self.last_nodes.difference(nodes)
             if len(nodes) >= self.cfg.min_sites:
-                return nodes
-            if time.monotonic() > deadline:
+                if not missing or time.monotonic() - start >= self.cfg.rejoin_grace:
+                    if missing:
+                        logger.warning("going on without %d site(s) of the last round: not back within %.0fs",
+                                       len(missing), self.cfg.rejoin_grace)
+                    self.last_nodes = set(nodes)
+                    return nodes
+                if not announced:
+                    logger.info("waiting up to %.0fs for %d site(s) of the last round to reconnect",
+                                self.cfg.rejoin_grace, len(missing))
+                    announced = True
+            elif time.monotonic() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of the required {self.cfg.min_sites} sites connected")
             time.sleep(1.0)
 

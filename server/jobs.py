@@ -11,6 +11,7 @@ rounds = 50
 strategy = "fedavg"
 min-sites = 2                 # a round goes on with this many replies; fewer fails the round
 round-timeout = 1800          # seconds a round waits for the slowest site
+rejoin-grace = 60             # seconds a round waits for a site of the last round to reconnect
 
 [privacy]                     # passed to the app as privacy.<key> (e.g. noise-multiplier, target-epsilon)
 
@@ -40,6 +41,7 @@ FIELD_KEYS = {
     "strategy": "strategy",
     "min-sites": "min-sites",
     "round-timeout": "round-timeout",
+    "rejoin-grace": "rejoin-grace",
 }
 Scalar = str | int | float | bool
 

@@ -65,6 +65,9 @@ class RunConfig:
     central_dp_delta: float = 1e-5
     min_sites: int = 1
     round_timeout: float = 1800.0
+    # Seconds a round waits for a site that was sent the previous round but is offline now (a crashed
+    # site whose supervisor restarts it) before going on without it; 0 = never wait.
+    rejoin_grace: float = 60.0
     eval_every: int = 1
     knn_k: int = 20
     val_fraction: float = 0.2

@@ -6,7 +6,8 @@ slices of RetinaMNIST) for 3 rounds, at least 2 sites per round:
 
 * round 1: hospital C is killed (its whole process tree, SIGKILL) while it trains; its supervisor starts
   `join` again at once; the round completes with A and B when the round timeout passes;
-* round 2: all 3 hospitals (C rejoined);
+* round 2: all 3 hospitals: the coordinator gives a site of the last round that dropped out
+  `rejoin-grace` seconds to come back before it starts the round;
 * after round 2's checkpoint the coordinator's whole process tree is killed (SIGKILL) and started again;
   the hospitals reconnect on their own; `visionfm-server run JOB --resume` finishes round 3 with all 3
   from round 2's checkpoint: every (round, site) is counted exactly once;
