@@ -22,6 +22,7 @@ Target: ours >= 2.5x the baseline.
 Usage: python bench/bench_ssl_step.py [--configs vit_ti8_64 vit_s16_224] [--steps 3] [--warmup 1]
                                       [--trajectory-steps 5] [--threads 2] [--no-fp32-breakdown] [--ibot]
                                       [--device cuda]   (on a GPU: the images/s figure for issue #7)
+                                      [--batch-size 64] (every config at this batch size)
 Quick check: --configs vit_ti8_64 --steps 1 --trajectory-steps 0 --no-fp32-breakdown
 """
 
@@ -32,7 +33,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -247,6 +248,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the GPU figure of issue #7)")
     parser.add_argument("--no-fp32-breakdown", action="store_true", help="skip our step without autocast")
     parser.add_argument("--ibot", action="store_true", help="also time our iBOT step (no baseline for it)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="images per step for every config (0: each config's own; a GPU wants 64+)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -258,7 +261,7 @@ def main() -> None:
     print("images/s by wall clock, and per CPU-second of this process (less sensitive to other load)")
     ours_rates: dict[str, float] = {}
     for name in args.configs:
-        bench = CONFIGS[name]
+        bench = CONFIGS[name] if args.batch_size <= 0 else replace(CONFIGS[name], batch=args.batch_size)
         result = measure(bench, args.steps, args.warmup, not args.no_fp32_breakdown,
                          "ibot" if args.ibot else "dino", device)
         print(f"\n{name}: ViT-{bench.arch}/{bench.patch}, 2x{bench.global_size} + {bench.local_crops}x"
@@ -284,6 +287,8 @@ def main() -> None:
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
     for name, rate in ours_rates.items():
         bench = CONFIGS[name]
+        if args.batch_size > 0:
+            bench = replace(bench, batch=args.batch_size)
         print(f"issue 2: ViT-{bench.arch}/{bench.patch} at {bench.global_size} px, our step: {rate:.2f} images/s")
 
 
