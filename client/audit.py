@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.records import record_to_numpy
+
 AUDIT_LOG_KEY = "audit-log"  # node-config key holding the audit log's path
 EPSILON_NAMES = ("epsilon", "dp-epsilon")  # a metric's last path segment, e.g. "fundus/epsilon"
 
@@ -48,13 +50,16 @@ def _finite(value: Any) -> Any:
 
 
 def describe_reply(content: Any) -> dict[str, Any]:
-    """Keys, shapes, sizes, numbers and hash of a reply's RecordDict (no array values)."""
+    """Keys, shapes, sizes, numbers and hash of a reply's RecordDict (no array values): one row per
+    tensor (its raw size), and under "bytes" the arrays' size as they travel (serialised, packed)."""
     arrays: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     array_rows = []
+    wire_bytes = 0
     for record_name, record in content.array_records.items():
-        for key, array in record.items():
+        wire_bytes += sum(len(array.data) for array in record.values())  # as serialised, packing included
+        for key, array in record_to_numpy(record).items():  # each tensor, not the packed buffers
             name = f"{record_name}/{key}"
-            data = bytes(array.data)
+            data = array.tobytes()
             arrays[name] = (str(array.dtype), tuple(int(s) for s in array.shape), data)
             array_rows.append({"key": name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(data)})
     numbers: dict[str, Any] = {}
@@ -72,7 +77,7 @@ def describe_reply(content: Any) -> dict[str, Any]:
     return {
         "arrays": array_rows,
         "numbers": numbers,
-        "bytes": sum(r["bytes"] for r in array_rows),
+        "bytes": wire_bytes,
         "epsilon": epsilon,
         "sha256": payload_digest(arrays, numbers),
     }

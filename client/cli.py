@@ -100,6 +100,12 @@ def join(
         "join gives up with exit code 1; 0 (default) keeps retrying forever. At least 60 when set: an "
         "busy site hears from the coordinator only about every 20 s while it trains.",
     ),
+    state_keep_hours: float = typer.Option(
+        72.0,
+        "--state-keep-hours",
+        help="Between-round training state of earlier runs (WORK/state/run-*, about 270 MB per modality at "
+        "ViT-S) is deleted once nothing was written to it for this many hours.",
+    ),
 ) -> None:
     """Join the federation and stay joined until Ctrl-C / SIGTERM.
 
@@ -108,6 +114,7 @@ def join(
     --max-offline). Everything the site sends is recorded in WORK/audit.jsonl (see `visionfm-client audit`).
     """
     from client.join import JoinRefusedError, SiteSettings, run_site
+    from client.site_state import KEEP_HOURS_KEY
 
     if 0 < max_offline < MIN_MAX_OFFLINE_S:
         console.print(f"[red]error:[/red] --max-offline must be 0 (never give up) or at least {MIN_MAX_OFFLINE_S}s")
@@ -128,7 +135,7 @@ def join(
         gpu,
         coordinator,
         warm=not cold,
-        extra_node_config=dict(budget),
+        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours},
         max_offline_s=max_offline,
     )
     try:

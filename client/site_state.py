@@ -6,12 +6,20 @@ config, which `visionfm-client join` sets) it is safetensors files on the site's
 run and name: at ViT-S scale the SSL state is about 270 MB per modality, and Flower pushes a node's
 `context.state` back to the SuperNode after every message under a short deadline, which such a
 payload misses (observed: every later message of the run failed).
+
+A run's folder is only read by that run (Flower gives every run, a resubmission too, a new id), so when
+a run starts writing, folders of other runs untouched for `state-keep-hours` (node config, default 72)
+are deleted: at ViT-S a run leaves about 270 MB per modality behind. Recently written folders stay, as
+a SuperNode may serve more than one run at a time.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,9 @@ from client.records import arrays_to_record, record_to_tensors
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
 STATE_DIR_KEY = "state-dir"  # node-config key: the site's folder for between-round state
+KEEP_HOURS_KEY = "state-keep-hours"  # node-config key: other runs' folders idle this long are deleted
+DEFAULT_KEEP_HOURS = 72.0
+logger = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -32,6 +43,7 @@ class SiteStateStore:
         self._context = context
         folder = context.node_config.get(STATE_DIR_KEY)
         self.folder = Path(str(folder)) / f"run-{int(context.run_id)}" if folder else None
+        self.keep_hours = float(context.node_config.get(KEEP_HOURS_KEY, DEFAULT_KEEP_HOURS))
 
     def load(self, name: str) -> dict[str, torch.Tensor] | None:
         """The tensors saved under `name` in this run, or None."""
@@ -46,7 +58,9 @@ class SiteStateStore:
         if self.folder is None:
             self._context.state[name] = arrays_to_record(tensors)
             return
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            prune_idle_runs(self.folder.parent, keep=self.folder, idle_hours=self.keep_hours)
         path = self._path(name)
         contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write_bytes(path, lambda tmp: save_file(contiguous, str(tmp)))
@@ -64,6 +78,24 @@ class SiteStateStore:
     def _path(self, name: str) -> Path:
         assert self.folder is not None
         return self.folder / f"{_escape(name)}.safetensors"
+
+
+def prune_idle_runs(root: Path, keep: Path, idle_hours: float) -> list[Path]:
+    """Delete the `run-*` folders under `root` (except `keep`) in which nothing was written for
+    `idle_hours`; returns the folders deleted."""
+    cutoff = time.time() - idle_hours * 3600.0
+    deleted = []
+    for folder in root.glob("run-*"):
+        if folder == keep or not folder.is_dir():
+            continue
+        newest = max((p.stat().st_mtime for p in folder.rglob("*")), default=folder.stat().st_mtime)
+        if newest < cutoff:
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder)
+    if deleted:
+        logger.info("deleted the between-round state of %d earlier run(s), idle for over %.0f h",
+                    len(deleted), idle_hours)
+    return deleted
 
 
 def _escape(name: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -181,7 +182,7 @@ class Federation:
         deadline = time.monotonic() + self.cfg.round_timeout
         seen = 0
         while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(pending):
+            for reply in self._pull(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
                 seen += 1
                 on_reply(reply)
@@ -193,6 +194,17 @@ class Federation:
         for message_id in ids:  # replies of this exchange are all handled: their labels are not needed again
             self.destinations.pop(message_id, None)
         return seen
+
+    def _pull(self, pending: set[str]) -> list[Message]:
+        """The replies available now; none when the SuperLink has a passing fault (the caller polls again)."""
+        try:
+            return list(self.grid.pull_messages(pending))
+        except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+            # Observed under load: Flower's SQLite store waits at most 5 s for its lock and answers 500.
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+                raise
+            logger.warning("pulling replies from the SuperLink failed (%s); polling again", type(exc).__name__)
+            return []
 
     # -- phases ------------------------------------------------------------------------------------
     def train_round(self, server_round: int) -> bool:

@@ -123,6 +123,8 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(_kebab(name), f"must be >= 1, got {getattr(self, name)}")
+        if self.rejoin_grace < 0:
+            raise ConfigError("rejoin-grace", f"must be >= 0 seconds, got {self.rejoin_grace}")
         if self.objective not in ("dino", "ibot"):
             raise ConfigError("objective", f"must be 'dino' or 'ibot', got {self.objective!r}")
         if self.teacher_sync not in ("ema", "reset"):

@@ -12,6 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.audit import AuditLog, audit_mod, describe_reply, summarise
+from client.records import arrays_to_record
 
 
 def _npy_size(array: np.ndarray) -> int:
@@ -41,15 +42,31 @@ def test_reply_description_lists_shapes_and_sizes_and_hides_strings() -> None:
     described = describe_reply(_reply())
     arrays = {a["key"]: a for a in described["arrays"]}
     assert arrays["arrays/fundus/backbone.blocks.0.attn.qkv.weight"]["shape"] == [6, 2]
+    assert arrays["arrays/fundus/backbone.blocks.0.attn.qkv.weight"]["bytes"] == 6 * 2 * 4  # the tensor's values
     # Bytes as they travel: Flower serialises each array in .npy format (header + values).
-    qkv = arrays["arrays/fundus/backbone.blocks.0.attn.qkv.weight"]["bytes"]
-    assert qkv == _npy_size(np.full((6, 2), 1.0, dtype=np.float32))
-    assert described["bytes"] == qkv + _npy_size(np.zeros((1, 1, 2), dtype=np.float32))
+    expected = _npy_size(np.full((6, 2), 1.0, np.float32)) + _npy_size(np.zeros((1, 1, 2), np.float32))
+    assert described["bytes"] == expected
     assert described["numbers"]["metrics/fundus/loss"] == 1.5
     assert described["epsilon"] == 2.5
     # A string could carry anything (here: a path with a patient id): only its size is logged.
     assert "patient" not in str(described)
     assert described["numbers"]["config/note"].startswith("<str:")
+
+
+def test_a_packed_reply_is_described_tensor_by_tensor_with_the_bytes_that_travel() -> None:
+    tensors = {"fundus/backbone.cls_token": np.ones((1, 1, 2), np.float32), "fundus/steps": np.arange(3)}
+    record = arrays_to_record(tensors)
+    described = describe_reply(RecordDict({"arrays": record}))
+    rows = {a["key"]: a for a in described["arrays"]}
+    assert set(rows) == {"arrays/fundus/backbone.cls_token", "arrays/fundus/steps"}
+    assert rows["arrays/fundus/backbone.cls_token"]["shape"] == [1, 1, 2]
+    assert rows["arrays/fundus/steps"]["dtype"] == "int64"
+    assert described["bytes"] == sum(len(a.data) for a in record.values())  # packed buffers and manifest
+    assert described["sha256"] == describe_reply(_reply_of(tensors))["sha256"]  # the same tensors, unpacked
+
+
+def _reply_of(tensors: dict[str, np.ndarray]) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in tensors.items()})})
 
 
 def test_payload_hash_changes_with_any_value() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 from pathlib import Path
 
 import torch
@@ -13,7 +15,7 @@ import simulations
 from client.app import LOCAL_STATE_PREFIX
 from client.app import app as client_app
 from client.records import arrays_to_record
-from client.site_state import STATE_DIR_KEY, SiteStateStore
+from client.site_state import KEEP_HOURS_KEY, STATE_DIR_KEY, SiteStateStore
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 
@@ -37,6 +39,20 @@ def test_on_disk_state_round_trips_per_run_with_private_files(tmp_path: Path) ->
     loaded = again.load("local-ssl-state/fundus")
     assert loaded is not None and all(torch.equal(loaded[k], v) for k, v in tensors.items())
     assert SiteStateStore(_context({STATE_DIR_KEY: str(tmp_path)}, run_id=2)).names("local-ssl-state/") == []
+
+
+def test_a_new_run_deletes_only_other_runs_state_idle_past_the_limit(tmp_path: Path) -> None:
+    config = {STATE_DIR_KEY: str(tmp_path), KEEP_HOURS_KEY: 24}
+    for run_id in (1, 2):
+        SiteStateStore(_context(config, run_id)).save("local-ssl-state/fundus", {"w": torch.ones(3)})
+    two_days_ago = time.time() - 48 * 3600
+    for path in [tmp_path / "run-1", *(tmp_path / "run-1").iterdir()]:
+        os.utime(path, (two_days_ago, two_days_ago))
+    store = SiteStateStore(_context(config, 3))
+    store.save("local-ssl-state/fundus", {"w": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-2", "run-3"]  # run 2 was written just now
+    store.save("local-ssl-state/oct", {"w": torch.zeros(3)})  # later saves of the run do not rescan
+    assert SiteStateStore(_context(config, 2)).load("local-ssl-state/fundus") is not None
 
 
 def test_without_a_state_dir_the_state_lives_in_flowers_context() -> None:
