@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.phase == "finetune":
         return _finetune_train(msg, context, cfg, server_round, site)
     store = SiteStateStore(context)
-    local_states = {name[len(LOCAL_STATE_PREFIX):]: store.load(name) or {} for name in store.names(LOCAL_STATE_PREFIX)}
+    local_states = store.load_all(LOCAL_STATE_PREFIX)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
         result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
@@ -109,8 +109,7 @@ def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, t
 
 
 def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
-    store = SiteStateStore(context)
-    return {name[len(PERSONAL_HEAD_PREFIX):]: store.load(name) or {} for name in store.names(PERSONAL_HEAD_PREFIX)}
+    return SiteStateStore(context).load_all(PERSONAL_HEAD_PREFIX)
 
 
 def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int,

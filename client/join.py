@@ -98,6 +98,7 @@ def admit(
     findings = verify_bundle(bundle.root, expected_address=None)
     if has_errors(findings):
         raise JoinRefusedError("bundle is not usable:\n" + "\n".join(str(f) for f in findings if f.level == "error"))
+    stop = stop or threading.Event()  # never set: wait out the backoff
     started = time.monotonic()
     backoff = 1.0
     while True:
@@ -112,10 +113,8 @@ def admit(
                 f"{probe.message}; gave up after {waited:.0f}s (max offline {settings.max_offline_s:g}s)"
             )
         logger.warning("%s; asking again in %.0fs", probe.message, backoff)
-        if stop is not None and stop.wait(backoff):
+        if stop.wait(backoff):
             return None
-        if stop is None:
-            time.sleep(backoff)
         backoff = min(backoff * 2, max_backoff_s)
 
 

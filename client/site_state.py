@@ -75,6 +75,11 @@ class SiteStateStore:
         saved = [_unescape(p.stem) for p in self.folder.glob("*.safetensors")]
         return sorted(n for n in saved if n.startswith(prefix))
 
+    def load_all(self, prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+        """Every saved tensor dict whose name starts with `prefix`, keyed by the rest of its name."""
+        loaded = {name[len(prefix):]: self.load(name) for name in self.names(prefix)}
+        return {key: tensors for key, tensors in loaded.items() if tensors is not None}
+
     def _path(self, name: str) -> Path:
         assert self.folder is not None
         return self.folder / f"{_escape(name)}.safetensors"
