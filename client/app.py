@@ -17,17 +17,19 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.error_mod import safe_error_mod
-from client.finetuning import finetune_evaluate, finetune_round
+from client.finetuning import finetune_evaluate, finetune_round, task_adapter
 from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
-from client.site import load_site_data
+from client.site import load_site_data, load_site_tasks
 from client.site_state import SiteStateStore
 from client.training import evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
+from visionfm_core.splits import ModalitySplit
+from visionfm_core.tasks.splits import TaskSplit
 
 LOCAL_STATE_PREFIX = "local-ssl-state/"
 PERSONAL_HEAD_PREFIX = "personal-head/"
@@ -66,9 +68,9 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg = _run_config(msg, context)
     server_round = int(str(msg.content.config_records["config"]["server-round"]))
-    site = load_site_data(context.node_config, cfg)
     if cfg.phase == "finetune":
-        return _finetune_train(msg, context, cfg, server_round, site)
+        return _finetune_train(msg, context, cfg, server_round)
+    site = load_site_data(context.node_config, cfg)
     store = SiteStateStore(context)
     local_states = store.load_all(LOCAL_STATE_PREFIX)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
@@ -112,9 +114,13 @@ def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
     return SiteStateStore(context).load_all(PERSONAL_HEAD_PREFIX)
 
 
-def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int,
-                    site: dict[str, Any]) -> Message:
+def _site_tasks(context: Context, cfg: RunConfig) -> dict[str, TaskSplit]:
+    return load_site_tasks(context.node_config, cfg, lambda modality: task_adapter(cfg, modality))
+
+
+def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int) -> Message:
     """One fine-tuning round; a personal head is kept in the node's state and never put in the reply."""
+    site = _site_tasks(context, cfg)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
         result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
@@ -141,12 +147,14 @@ def query(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the global encoders on this site's own labelled validation split."""
     cfg = _run_config(msg, context)
-    site = load_site_data(context.node_config, cfg)
+    site: dict[str, TaskSplit] | dict[str, ModalitySplit]
     with torch_threads(cfg.client_threads):
         global_arrays = record_to_tensors(msg.content.array_records["arrays"])
         if cfg.phase == "finetune":
+            site = _site_tasks(context, cfg)
             metrics = finetune_evaluate(site, global_arrays, cfg, _personal_heads(context))
         else:
+            site = load_site_data(context.node_config, cfg)
             metrics = evaluate_round(site, global_arrays, cfg)
     metrics["num-examples"] = float(sum(len(s.val) for s in site.values()))
     metrics.update(_site_numbers(context))

@@ -31,6 +31,11 @@ WORK = typer.Option(DEFAULT_WORK, "--work", help="This site's working folder (lo
 GPU = typer.Option(None, "--gpu", help="GPU index to use; -1 for CPU only (default: Flower/torch's choice).")
 COORDINATOR = typer.Option(None, "--coordinator", help="host:port of the coordinator (default: the bundle's).")
 
+TASK_MANIFEST = typer.Option(
+    None, "--task-manifest",
+    help="Labelled data for a federated fine-tuning task other than classification: a CSV manifest (see "
+    "`visionfm finetune --help` for the columns of each task), or '<modality>=<csv>,...' for several.")
+
 COLOURS = {"ok": "green", "warn": "yellow", "fail": "red"}
 # A training site hears from the coordinator only at its heartbeats (about every 20 s in Flower 1.42).
 MIN_MAX_OFFLINE_S = 60
@@ -38,6 +43,15 @@ MIN_MAX_OFFLINE_S = 60
 
 def _modalities(value: str) -> list[str]:
     return [m.strip() for m in value.split(",") if m.strip()]
+
+
+def _absolute_manifests(spec: str) -> str:
+    """The --task-manifest value with absolute paths (the SuperNode runs in another folder)."""
+    entries = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        modality, sep, path = entry.rpartition("=")
+        entries.append(f"{modality}{sep}{Path(path).resolve()}")
+    return ",".join(entries)
 
 
 @app.command()
@@ -50,6 +64,10 @@ def check(
     coordinator: str | None = COORDINATOR,
     offline: bool = typer.Option(False, "--offline", help="Do not contact the coordinator."),
     headers_only: bool = typer.Option(False, "--headers-only", help="Index files without decoding every image."),
+    task_manifest: str | None = TASK_MANIFEST,
+    task: str = typer.Option("segmentation", "--task",
+                             help="The task the --task-manifest is for: segmentation | landmarks | detection | "
+                             "regression."),
 ) -> None:
     """Preflight before joining: data, modalities, corrupt files, GPU, disk, memory, certificates.
 
@@ -60,7 +78,8 @@ def check(
 
     try:
         checks = run_checks(
-            data, _modalities(modalities), bundle, work, coordinator, gpu, not offline, not headers_only
+            data, _modalities(modalities), bundle, work, coordinator, gpu, not offline, not headers_only,
+            task_manifest, task,
         )
     except ConfigError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
@@ -100,6 +119,7 @@ def join(
         "join gives up with exit code 1; 0 (default) keeps retrying forever. At least 60 when set: an "
         "busy site hears from the coordinator only about every 20 s while it trains.",
     ),
+    task_manifest: str | None = TASK_MANIFEST,
     state_keep_hours: float = typer.Option(
         72.0,
         "--state-keep-hours",
@@ -135,7 +155,8 @@ def join(
         gpu,
         coordinator,
         warm=not cold,
-        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours},
+        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours,
+                           **({"task-manifest": _absolute_manifests(task_manifest)} if task_manifest else {})},
         max_offline_s=max_offline,
     )
     try:

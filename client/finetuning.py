@@ -1,38 +1,43 @@
 """The site's side of one federated fine-tuning round, without any Flower types.
 
 Arrays are keyed like the pretraining phase's: `<modality>/backbone.<timm key>` for the global encoder
-and `<modality>/classifier.<key>` for the classification head. `finetune_round` builds the classifier
-from the global encoder and either the global (shared) head or the site's own (personal) head, trains
-`finetune-epochs` on the site's labelled train split and returns only what the config shares: the
-encoder when it is trained, the head when it is shared. A personal head comes back in `local_heads`,
-which the Flower handler keeps in the node's state and never sends. `finetune_evaluate` scores the
-global (or personalised) classifier on the site's labelled validation split.
+and `<modality>/classifier.<key>` for the task head (the prefix predates the other tasks and stays, so
+older fine-tune checkpoints still resume). The run's task is any of the task adapters: classification
+(sized by `finetune-classes`) or a task whose settings travel as `finetune-task-config`, so every site
+and the server build the same head. `finetune_round` builds the task model from the global encoder and
+either the global (shared) head or the site's own (personal) head, trains `finetune-epochs` on the
+site's labelled train split and returns only what the config shares: the encoder when it is trained,
+the head when it is shared. A personal head comes back in `local_heads`, which the Flower handler keeps
+in the node's state and never sends. `finetune_evaluate` scores the global (or personalised) model on
+the site's labelled validation split.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor
 
-from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device, seed_everything
-from visionfm_core.splits import ModalitySplit
-from visionfm_core.tasks.adapters import ClassificationTask
+from visionfm_core.tasks.adapters import ClassificationTask, TaskAdapter, task_from_config
 from visionfm_core.tasks.adapters.classification import Mode
 from visionfm_core.tasks.data import Preprocess
-from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.splits import TaskSplit
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
 
 CLASSIFIER_PREFIX = "classifier."
-REPORTED = ("accuracy", "auc", "kappa", "f1", "loss", "count")
+# What a task's evaluation reports every round; per-class entries (`dice_vessel`, `mre_fovea`) are named
+# after the task settings' class or point names, never after the site's data.
+HEADLINE = {"classification": ("accuracy", "auc", "kappa", "f1"), "segmentation": ("dice", "iou", "dice_per_image"),
+            "landmarks": ("mre",), "detection": ("map50",), "regression": ("mae", "rmse")}
+PER_NAME = {"segmentation": "dice_", "landmarks": "mre_", "detection": "ap50_", "regression": "mae_"}
 
 
 @dataclass
@@ -52,19 +57,32 @@ def finetune_config(cfg: RunConfig) -> FineTuneConfig:
                           num_workers=cfg.num_workers)
 
 
-def class_count(cfg: RunConfig, modality: str, split: ModalitySplit | None = None) -> int:
-    """Classes of `modality`'s task: `finetune-classes`, else what the site's data declares."""
+def class_count(cfg: RunConfig, modality: str) -> int:
+    """Classes of `modality`'s classification task (`finetune-classes`, resolved by the server)."""
     configured = cfg.finetune_class_counts().get(modality)
-    if configured is not None:
-        return configured
-    if split is not None and split.num_classes >= 2:
-        return split.num_classes
-    raise ConfigError("finetune-classes", f"set the number of {modality} classes, e.g. '{modality}=5'")
+    if configured is None:
+        raise ConfigError("finetune-classes", f"set the number of {modality} classes, e.g. '{modality}=5'")
+    return configured
 
 
-def new_tuner(cfg: RunConfig, num_classes: int, device: torch.device) -> FineTuner:
-    mode = cast(Mode, cfg.finetune_mode)  # validated by RunConfig
-    return FineTuner(ClassificationTask(num_classes, mode=mode), finetune_config(cfg), device)
+def task_adapter(cfg: RunConfig, modality: str) -> TaskAdapter:
+    """The run's task for `modality`: the same adapter, hence the same head, on every site and the server.
+    Nothing is fitted to a site's data here (a regression's target scaling comes from the settings),
+    since sites fitting their own would each train a differently scaled head."""
+    if cfg.finetune_task == "classification":
+        return ClassificationTask(class_count(cfg, modality), mode=cast(Mode, cfg.finetune_mode))
+    settings = cfg.finetune_task_settings()
+    if not settings:
+        raise ConfigError("finetune-task-config", f"a {cfg.finetune_task} task needs its settings, e.g. "
+                                                  '{"num_classes": 2} (or a bundled finetune-data set)')
+    try:
+        return task_from_config(cfg.finetune_task, settings)
+    except ConfigError as exc:
+        raise ConfigError("finetune-task-config", str(exc)) from exc
+
+
+def new_tuner(cfg: RunConfig, modality: str, device: torch.device) -> FineTuner:
+    return FineTuner(task_adapter(cfg, modality), finetune_config(cfg), device)
 
 
 def shareable(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -80,7 +98,7 @@ def load_head(model: TaskModel, weights: Mapping[str, Tensor]) -> None:
     set_weights(model, merged, "head")
 
 
-def build_classifier(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tensor],
+def build_task_model(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tensor],
                      head: Mapping[str, Tensor] | None) -> TaskModel:
     """Encoder from the `backbone.*` arrays plus the given head (a fresh, seeded one when None)."""
     seed_everything(cfg.seed)
@@ -90,9 +108,9 @@ def build_classifier(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tens
     return model
 
 
-def initial_head(cfg: RunConfig, num_classes: int) -> dict[str, Tensor]:
+def initial_head(cfg: RunConfig, modality: str) -> dict[str, Tensor]:
     """The round-1 shared head: the same seeded head every site would build."""
-    tuner = new_tuner(cfg, num_classes, torch.device("cpu"))
+    tuner = new_tuner(cfg, modality, torch.device("cpu"))
     seed_everything(cfg.seed)
     from visionfm_core.models.encoders import create_encoder
     from visionfm_core.pretraining import encoder_spec
@@ -100,14 +118,19 @@ def initial_head(cfg: RunConfig, num_classes: int) -> dict[str, Tensor]:
     return shareable(get_weights(tuner.build_model(create_encoder(encoder_spec(cfg))), "head"))
 
 
-def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
-    """Labelled items as classification samples (unlabelled ones cannot be fine-tuned on)."""
-    return [TaskSample(item, label=item.label) for item in items if item.label is not None]
+def reported_scores(task: str, scores: Mapping[str, float]) -> dict[str, float]:
+    """The evaluation numbers a round reports: the task's headline metrics, its per-name ones, the sample
+    count and the loss ("task-loss", so reports never mix it up with the SSL loss of pretraining rows)."""
+    per_name = PER_NAME.get(task)
+    kept = {k: float(v) for k, v in scores.items()
+            if k in HEADLINE[task] or k == "count" or (per_name is not None and k.startswith(per_name))}
+    if "loss" in scores:
+        kept["task-loss"] = float(scores["loss"])
+    return kept
 
 
-def _reported(scores: Mapping[str, float], modality: str, prefix: str = "") -> dict[str, float]:
-    # "ce-loss": a name of its own, so reports never mix it up with the SSL loss of pretraining rows.
-    return {f"{modality}/{prefix}{'ce-loss' if k == 'loss' else k}": float(scores[k]) for k in REPORTED if k in scores}
+def _reported(task: str, scores: Mapping[str, float], modality: str, prefix: str = "") -> dict[str, float]:
+    return {f"{modality}/{prefix}{k}": v for k, v in reported_scores(task, scores).items()}
 
 
 def _head_of(arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -119,27 +142,27 @@ def _encoder_of(arrays: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def finetune_round(
-    site: Mapping[str, ModalitySplit],
+    site: Mapping[str, TaskSplit],
     global_arrays: Mapping[str, Tensor],
     cfg: RunConfig,
     server_round: int,
     personal_heads: Mapping[str, Mapping[str, Tensor]],
     site_seed: int = 0,
 ) -> FineTuneResult:
-    """Fine-tune every modality this site holds labelled data for (and the global model has)."""
+    """Fine-tune every modality this site holds task samples for (and the global model has)."""
     device = resolve_device(cfg.device)
     arrays: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     local_heads: dict[str, dict[str, Tensor]] = {}
     for modality, split in site.items():
         shared = modality_arrays(global_arrays, modality)
-        train, val = task_samples(split.train), task_samples(split.val)
+        train, val = split.train, split.val
         if not _encoder_of(shared) or not train:
             continue
-        tuner = new_tuner(cfg, class_count(cfg, modality, split), device)
+        tuner = new_tuner(cfg, modality, device)
         tuner.task.check(train + val)
         head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
-        model = build_classifier(tuner, cfg, shared, head)
+        model = build_task_model(tuner, cfg, shared, head)
         preprocess = Preprocess.for_modality(modality, cfg.image_size)
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
@@ -155,7 +178,7 @@ def finetune_round(
         metrics[f"{modality}/steps"] = stats["steps"]
         if val:
             scores = tuner.evaluate(model, tuner.loader(val, preprocess, train=False))
-            metrics.update(_reported(scores, modality, "val-"))
+            metrics.update(_reported(cfg.finetune_task, scores, modality, "val-"))
         if cfg.finetune_encoder == "trained":
             arrays.update({f"{modality}/{BACKBONE_PREFIX}{k}": v
                            for k, v in shareable(get_weights(model, "encoder")).items()})
@@ -168,26 +191,26 @@ def finetune_round(
 
 
 def finetune_evaluate(
-    site: Mapping[str, ModalitySplit],
+    site: Mapping[str, TaskSplit],
     global_arrays: Mapping[str, Tensor],
     cfg: RunConfig,
     personal_heads: Mapping[str, Mapping[str, Tensor]],
 ) -> dict[str, float]:
-    """Scores of the global classifier (or the global encoder with this site's personal head) on the
+    """Scores of the global task model (or the global encoder with this site's personal head) on the
     site's labelled validation split; a modality without a head yet is skipped."""
     device = resolve_device(cfg.device)
     metrics: dict[str, float] = {}
     for modality, split in site.items():
         shared = modality_arrays(global_arrays, modality)
-        val = task_samples(split.val)
+        val = split.val
         head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
         if not _encoder_of(shared) or not val or not head:
             continue
-        tuner = new_tuner(cfg, class_count(cfg, modality, split), device)
+        tuner = new_tuner(cfg, modality, device)
         tuner.task.check(val)
-        model = build_classifier(tuner, cfg, shared, head)
+        model = build_task_model(tuner, cfg, shared, head)
         scores = tuner.evaluate(model, tuner.loader(val, Preprocess.for_modality(modality, cfg.image_size),
                                                     train=False))
         metrics[f"{modality}/num-examples"] = float(len(val))
-        metrics.update(_reported(scores, modality))
+        metrics.update(_reported(cfg.finetune_task, scores, modality))
     return metrics

@@ -74,6 +74,28 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
     return checks
 
 
+def check_task_manifest(spec: str, kind: str, modalities: list[str]) -> list[Check]:
+    """A fine-tuning task manifest: it parses, and every image and mask file it names exists."""
+    from client.site import read_task_manifests
+
+    try:
+        per_modality = read_task_manifests(spec, kind, [canonical_modality(m) for m in modalities])
+    except VisionFMError as exc:
+        return [Check("task", "fail", str(exc))]
+    checks = []
+    for modality, samples in per_modality.items():
+        missing = [path for sample in samples for path in (sample.source, sample.mask, sample.fov)
+                   if isinstance(path, str) and not Path(path).is_file()]
+        if missing:
+            checks.append(Check(f"task:{modality}", "fail", f"{len(missing)} file(s) named in the {kind} manifest "
+                                                            "do not exist", sorted(set(missing))[:20]))
+        elif not samples:
+            checks.append(Check(f"task:{modality}", "fail", f"the {kind} manifest lists no samples"))
+        else:
+            checks.append(Check(f"task:{modality}", "ok", f"{len(samples)} {kind} samples"))
+    return checks
+
+
 def check_gpu(gpu: int | None) -> Check:
     """The accelerator the ClientApp will use, or the CPU fallback."""
     if gpu is not None and gpu < 0:
@@ -162,10 +184,13 @@ def run_checks(
     gpu: int | None = None,
     online: bool = True,
     decode: bool = True,
+    task_manifest: str | None = None,
+    task: str = "segmentation",
 ) -> list[Check]:
     """Every preflight check, in the order they are shown."""
     return [
         *check_data(data_path, modalities, decode),
+        *(check_task_manifest(task_manifest, task, modalities) if task_manifest else []),
         check_gpu(gpu),
         *check_resources(work_dir),
         *check_bundle(bundle_dir, coordinator, online),

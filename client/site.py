@@ -4,18 +4,34 @@ In deployment the site is described by its node config (`data-path`, `modalities
 `partition-id` plus the run's scenario. Either way the result is the same: per modality, labelled or
 unlabelled items split into train and validation (patient-grouped where patient keys exist). Nothing
 here is ever sent: only counts leave the site.
+
+The fine-tuning phase reads the run's task samples with `load_site_tasks`: classification labels come
+with the images above; other tasks come from the site's `task-manifest` CSV (deployment) or from a
+share of the bundled `finetune-data` set (simulation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from simulations.scenario import load_scenario, site_data
+from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
 from visionfm_core.run_config import RunConfig
 from visionfm_core.splits import ModalitySplit, split_train_val
+from visionfm_core.tasks.adapters import DetectionTask, LandmarkTask, RegressionTask, TaskAdapter
+from visionfm_core.tasks.manifests import (
+    Manifest,
+    read_detection_csv,
+    read_landmark_csv,
+    read_regression_csv,
+    read_segmentation_csv,
+)
+from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.splits import TaskSplit, split_samples
 
 
 def load_site_data(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str, ModalitySplit]:
@@ -42,8 +58,6 @@ def _deployment_site(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str
     result: dict[str, ModalitySplit] = {}
     for modality in modalities:
         # One data path per site; with several modalities, a sub-folder per modality is expected.
-        from pathlib import Path
-
         root = Path(path)
         folder = root / modality if len(modalities) > 1 and (root / modality).is_dir() else root
         if open_site is not None:
@@ -59,3 +73,80 @@ def _deployment_site(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str
         result[modality] = ModalitySplit(modality, [items[i] for i in train_idx], [items[i] for i in val_idx],
                                          max(1, len(scan.class_names)))
     return result
+
+
+def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
+    """Labelled items as classification samples (unlabelled ones cannot be fine-tuned on)."""
+    return [TaskSample(item, label=item.label) for item in items if item.label is not None]
+
+
+def load_site_tasks(node_config: Mapping[str, Any], cfg: RunConfig,
+                    adapter: Callable[[str], TaskAdapter]) -> dict[str, TaskSplit]:
+    """The site's samples for the run's fine-tuning task, per modality, split into train/validation.
+    `adapter(modality)` gives the run's task (its point, class or target names select manifest columns)."""
+    if cfg.finetune_task == "classification":
+        return {m: TaskSplit(m, task_samples(s.train), task_samples(s.val))
+                for m, s in load_site_data(node_config, cfg).items()}
+    if "task-manifest" in node_config:
+        return _manifest_tasks(str(node_config["task-manifest"]), node_config, cfg, adapter)
+    if "partition-id" in node_config and cfg.finetune_data:
+        return _simulated_tasks(int(node_config["partition-id"]), cfg)
+    raise ConfigError("task-manifest", f"set this site's {cfg.finetune_task} manifest (a CSV, or "
+                                       "'<modality>=<csv>,...') in its node config")
+
+
+def _manifest_tasks(spec: str, node_config: Mapping[str, Any], cfg: RunConfig,
+                    adapter: Callable[[str], TaskAdapter]) -> dict[str, TaskSplit]:
+    held = str(node_config.get("modalities", node_config.get("modality", ""))).split(",")
+    modalities = [canonical_modality(m) for m in held if m.strip()] or cfg.modality_list
+    result: dict[str, TaskSplit] = {}
+    for modality, samples in read_task_manifests(spec, cfg.finetune_task, modalities, adapter).items():
+        train, val = split_samples(samples, [cfg.val_fraction], seed=cfg.seed)
+        result[modality] = TaskSplit(modality, train, val)
+    return result
+
+
+def read_task_manifests(spec: str, kind: str, modalities: Sequence[str],
+                        adapter: Callable[[str], TaskAdapter] | None = None) -> dict[str, list[TaskSample]]:
+    """Samples per modality from a `task-manifest` value: one CSV (for the site's first modality) or
+    '<modality>=<csv>,...'. Without `adapter`, point, class and target names come from the CSV header."""
+    entries = [part.strip() for part in spec.split(",") if part.strip()]
+    if len(entries) == 1 and "=" not in entries[0]:
+        if not modalities:
+            raise ConfigError("task-manifest", "name the modality: '<modality>=<csv>'")
+        entries = [f"{modalities[0]}={entries[0]}"]
+    result: dict[str, list[TaskSample]] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError("task-manifest", f"expected '<modality>=<csv>', got {entry!r}")
+        modality = canonical_modality(name.strip())
+        task = adapter(modality) if adapter is not None else None
+        result[modality] = _read_manifest(kind, Path(path.strip()), modality, task).samples
+    return result
+
+
+def _read_manifest(kind: str, path: Path, modality: str, task: TaskAdapter | None) -> Manifest:
+    """The manifest's samples; the task's own names pick the columns (points, targets) or the label ids."""
+    if kind == "landmarks":
+        return read_landmark_csv(path, task.point_names if isinstance(task, LandmarkTask) else None, modality)
+    if kind == "detection":
+        return read_detection_csv(path, task.class_names if isinstance(task, DetectionTask) else None, modality)
+    if kind == "regression":
+        return read_regression_csv(path, task.target_names if isinstance(task, RegressionTask) else (), modality)
+    if kind == "segmentation":
+        return read_segmentation_csv(path, modality)
+    raise ConfigError("finetune-task", f"{kind} samples do not come from a task manifest")
+
+
+def _simulated_tasks(site_index: int, cfg: RunConfig) -> dict[str, TaskSplit]:
+    from simulations.task_sets import load_task_set, site_share
+
+    task_set = load_task_set(cfg.finetune_data)
+    scenario = load_scenario(cfg.scenario)
+    holders = [i for i, s in enumerate(scenario.sites) if task_set.modality in s.modalities]
+    if site_index not in holders:
+        return {}
+    samples = site_share(task_set, len(holders), holders.index(site_index))
+    train, val = split_samples(samples, [cfg.val_fraction], seed=cfg.seed + site_index)
+    return {task_set.modality: TaskSplit(task_set.modality, train, val)}

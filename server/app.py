@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
     """Build the initial global model and run every round on `grid`: pretraining (unless `init-encoders`
     gives the encoders), then `finetune-rounds` fine-tuning rounds when configured."""
+    if cfg.finetune_rounds > 0:
+        from server.finetune_phase import resolve_finetune_task
+
+        resolve_finetune_task(cfg)  # a task that cannot be built fails now, not after pretraining
     evaluator = None
     site_names: list[str] = []
     if cfg.scenario:
@@ -47,11 +51,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
 
 def _run_finetune_phase(grid: Grid, cfg: RunConfig, pretrained: dict[str, Any], site_names: list[str],
                         rounds_done: int) -> FederationResult:
-    from server.finetune_phase import FineTunePhase, classifier_test_evaluator, resolve_class_counts
+    from server.finetune_phase import FineTunePhase, resolve_finetune_task, task_test_evaluator
 
     evaluator = None
     if cfg.scenario and cfg.server_eval == "scenario":
-        evaluator = classifier_test_evaluator(resolve_class_counts(cfg))
+        evaluator = task_test_evaluator(resolve_finetune_task(cfg))
     return FineTunePhase(grid, cfg, pretrained, evaluator, site_names, round_offset=rounds_done).run()
 
 

@@ -1,12 +1,13 @@
-"""The fine-tuning phase of a run: federated rounds that train a classifier on the global encoders.
+"""The fine-tuning phase of a run: federated rounds that train a task model on the global encoders.
 
 `FineTunePhase` is a `Federation` (same messaging, streaming modality-aware FedAvg or robust rule,
-rejection of bad replies, metrics log and report) whose messages carry `phase = "finetune"`. Each round
-it sends the global encoder per modality (plus the classification head when the head is shared), folds
-the sites' trained encoder and/or shared head into the average, and asks every site to score the new
+rejection of bad replies, metrics log and report) whose messages carry `phase = "finetune"`. The task is
+any of the task adapters: classification, segmentation, landmarks, detection or regression. Each round
+it sends the global encoder per modality (plus the task head when the head is shared), folds the
+sites' trained encoder and/or shared head into the average, and asks every site to score the new
 global model (or the global encoder with its personal head) on its validation split. With a shared
-head, the server also scores the global classifier on public labelled data (the simulation's test
-split) as `global-test`.
+head, the server also scores the global model on public labelled data (the simulation's test split, or
+the bundled task set's held-out part) as `global-test`.
 
 Rows are numbered after the pretraining rounds (`round = pretraining rounds + fine-tune round`, with
 `finetune_round` in the row) and have phases "finetune" and "finetune-evaluate". Checkpoints go to
@@ -31,13 +32,15 @@ from flwr.serverapp import Grid
 
 from client.finetuning import (
     CLASSIFIER_PREFIX,
-    REPORTED,
-    build_classifier,
+    HEADLINE,
+    build_task_model,
     class_count,
     initial_head,
     new_tuner,
-    task_samples,
+    reported_scores,
+    task_adapter,
 )
+from client.site import task_samples
 from server.federation import CentralEvaluator, Federation, FederationResult, _modality_metrics, _site_label
 from server.progress import RoundProgress
 from server.report import plot_metrics, write_report
@@ -49,21 +52,52 @@ from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, enco
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device
 from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.samples import TaskSample
 
 logger = logging.getLogger(__name__)
 
 MARKER = "round.json"
 PHASES = ("finetune", "finetune-evaluate")
-PLOTTED = ("finetune_loss", "accuracy", "auc", "kappa")
+PLOTTED = ("finetune_loss", "accuracy", "auc", "kappa", "dice", "mre", "map50", "mae")
 
 
 def finetune_round_dir(out_dir: Path, finetune_round: int) -> Path:
     return out_dir / "checkpoints" / f"finetune-round-{finetune_round:04d}"
 
 
-def resolve_class_counts(cfg: RunConfig) -> RunConfig:
-    """The config with `finetune-classes` set for every modality (sites must agree on the head's shape);
-    modalities it leaves out take their simulation dataset's count."""
+def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
+    """The config every site fine-tunes with (sites must agree on the head's shape): a bundled
+    `finetune-data` set fills in its task and settings; classification gets `finetune-classes` for
+    every modality; any other task's settings must build its adapter. Errors name the key at fault."""
+    if cfg.finetune_data:
+        from simulations.task_sets import load_task_set
+
+        task_set = load_task_set(cfg.finetune_data)
+        if cfg.finetune_task not in ("classification", task_set.task):
+            raise ConfigError("finetune-task", f"finetune-data {task_set.name!r} is a {task_set.task} task, "
+                                               f"not {cfg.finetune_task}")
+        if task_set.modality not in cfg.modality_list:
+            raise ConfigError("finetune-data", f"{task_set.name!r} is {task_set.modality} data; the run's "
+                                               f"modalities are {', '.join(cfg.modality_list)}")
+        cfg = cfg.replace(finetune_task=task_set.task,
+                          finetune_task_config=cfg.finetune_task_config or json.dumps(task_set.settings))
+    if cfg.finetune_task != "classification":
+        task_adapter(cfg, cfg.modality_list[0])  # raises naming finetune-task-config
+        return cfg.replace(phase="finetune")
+    return _resolve_class_counts(cfg)
+
+
+def finetune_modalities(cfg: RunConfig) -> list[str]:
+    """The modalities that get a task head: a bundled task set's own, else every modality of the run."""
+    if cfg.finetune_data:
+        from simulations.task_sets import load_task_set
+
+        return [load_task_set(cfg.finetune_data).modality]
+    return cfg.modality_list
+
+
+def _resolve_class_counts(cfg: RunConfig) -> RunConfig:
+    """`finetune-classes` for every modality; modalities it leaves out take their simulation dataset's."""
     counts = cfg.finetune_class_counts()
     missing = [m for m in cfg.modality_list if m not in counts]
     if missing and cfg.scenario:
@@ -105,8 +139,8 @@ def finetune_arrays(pretrained: Mapping[str, np.ndarray], cfg: RunConfig) -> dic
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in pretrained.items()
               if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
     if cfg.finetune_head == "shared":
-        for modality in cfg.modality_list:
-            head = initial_head(cfg, class_count(cfg, modality))
+        for modality in finetune_modalities(cfg):
+            head = initial_head(cfg, modality)
             arrays.update({f"{modality}/{CLASSIFIER_PREFIX}{k}": v.numpy() for k, v in head.items()})
     return arrays
 
@@ -120,28 +154,36 @@ def digest(arrays: Mapping[str, np.ndarray]) -> str:
     return hasher.hexdigest()
 
 
-def classifier_test_evaluator(cfg: RunConfig) -> CentralEvaluator:
-    """Score the global classifier (encoder + shared head) of every modality on its simulation dataset's
-    held-out test split (never trained or selected on)."""
+def task_test_evaluator(cfg: RunConfig) -> CentralEvaluator:
+    """Score the global task model (encoder + shared head) of every modality on held-out public data:
+    the bundled task set's test part, or (classification) the simulation dataset's test split. Neither
+    is ever trained or selected on."""
     from simulations.datasets import load_dataset
     from simulations.scenario import load_scenario
+    from simulations.task_sets import load_task_set
 
-    datasets = load_scenario(cfg.scenario).datasets
     device = resolve_device(cfg.device)
+
+    def test_samples(modality: str) -> list[TaskSample]:
+        if cfg.finetune_data:
+            task_set = load_task_set(cfg.finetune_data)
+            return task_set.test if modality == task_set.modality else []
+        datasets = load_scenario(cfg.scenario).datasets
+        return task_samples(load_dataset(datasets[modality]).test) if modality in datasets else []
 
     def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
         results: dict[str, dict[str, float]] = {}
-        for modality in cfg.modality_list:
+        for modality in finetune_modalities(cfg):
             shared = modality_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, modality)
             head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
-            if modality not in datasets or not head:
+            test = test_samples(modality)
+            if not head or not test:
                 continue
-            tuner = new_tuner(cfg, class_count(cfg, modality), device)
-            model = build_classifier(tuner, cfg, shared, head)
-            test = task_samples(load_dataset(datasets[modality]).test)
+            tuner = new_tuner(cfg, modality, device)
+            model = build_task_model(tuner, cfg, shared, head)
             scores = tuner.evaluate(model, tuner.loader(test, Preprocess.for_modality(modality, cfg.image_size),
                                                         train=False))
-            results[modality] = {"ce-loss" if k == "loss" else k: scores[k] for k in REPORTED if k in scores}
+            results[modality] = reported_scores(cfg.finetune_task, scores)
         return results
 
     return evaluate
@@ -153,7 +195,7 @@ class FineTunePhase(Federation):
     def __init__(self, grid: Grid, cfg: RunConfig, pretrained: Mapping[str, np.ndarray],
                  central_evaluator: CentralEvaluator | None = None, site_names: Iterable[str] = (),
                  round_offset: int = 0, poll_interval: float = 0.05) -> None:
-        cfg = resolve_class_counts(cfg)
+        cfg = resolve_finetune_task(cfg)
         initial = finetune_arrays(pretrained, cfg)
         super().__init__(grid, cfg, initial, central_evaluator, site_names, poll_interval)
         self.round_offset = round_offset
@@ -212,7 +254,7 @@ class FineTunePhase(Federation):
             for modality, values in self.central_evaluator(self.arrays).items():
                 self.metrics.add(row_round, "global-test", modality, "finetune-evaluate",
                                  {**values, "finetune-round": server_round})
-                self.progress.score(modality, values.get("auc", float("nan")))
+                self.progress.score(modality, values.get(HEADLINE[self.cfg.finetune_task][0], float("nan")))
 
     # -- checkpoints and resume --------------------------------------------------------------------
     def _save_round(self, finetune_round: int) -> Path:
@@ -235,9 +277,16 @@ class FineTunePhase(Federation):
             metadata = encoder_metadata(spec, modality, phase="finetune", **meta)
             save_encoder(folder / f"{modality}.safetensors", backbone, metadata)
             if head:
+                task = task_adapter(self.cfg, modality)
                 save_encoder(folder / f"{modality}.classifier.safetensors", head,
-                             {**metadata, "part": "classifier", "num_classes": class_count(self.cfg, modality),
-                              "finetune_mode": self.cfg.finetune_mode, "finetune_encoder": self.cfg.finetune_encoder})
+                             {**metadata, "part": "classifier", "task": task.kind,
+                              "task_config": json.dumps(task.to_config()), **self._classification_meta(modality),
+                              "finetune_encoder": self.cfg.finetune_encoder})
+
+    def _classification_meta(self, modality: str) -> dict[str, Any]:
+        if self.cfg.finetune_task != "classification":
+            return {}
+        return {"num_classes": class_count(self.cfg, modality), "finetune_mode": self.cfg.finetune_mode}
 
     def resumable_round(self) -> int | None:
         """The last complete fine-tune round that started from this run's model, if any."""
@@ -291,10 +340,12 @@ class FineTunePhase(Federation):
 
     def _notes(self) -> list[str]:
         last = self._row_round(self.cfg.finetune_rounds)
-        notes = [f"fine-tuning: {self.cfg.finetune_rounds} rounds, encoder {self.cfg.finetune_encoder}, "
-                 f"head {self.cfg.finetune_head}, {self.cfg.finetune_epochs} epoch(s) per round"]
+        notes = [f"fine-tuning ({self.cfg.finetune_task}): {self.cfg.finetune_rounds} rounds, encoder "
+                 f"{self.cfg.finetune_encoder}, head {self.cfg.finetune_head}, {self.cfg.finetune_epochs} epoch(s) "
+                 "per round"]
+        headline = HEADLINE[self.cfg.finetune_task]
         for row in sorted(self.metrics.select(round=last, phase="finetune-evaluate"),
                           key=lambda r: (r["site"], r["modality"])):
-            scores = ", ".join(f"{k} {row[k]:.3f}" for k in ("accuracy", "auc", "kappa") if k in row)
+            scores = ", ".join(f"{k} {row[k]:.3f}" for k in headline if k in row)
             notes.append(f"fine-tune round {self.cfg.finetune_rounds}, {row['site']} {row['modality']}: {scores}")
         return notes + self.rejected

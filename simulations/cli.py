@@ -65,6 +65,9 @@ def simulate_command(
     finetune_encoder: Annotated[str | None, typer.Option(help="fine-tuning: frozen | trained encoder")] = None,
     finetune_head: Annotated[str | None, typer.Option(help="fine-tuning: shared (averaged) | personal head")]
     = None,
+    finetune_data: Annotated[str | None, typer.Option(help="fine-tune on a bundled task set instead of the "
+                                                          "scenario's labels: hrf-vessels (segmentation), "
+                                                          "hrf-disc (landmarks), idrid-disc (detection)")] = None,
     init_encoders: Annotated[Path | None, typer.Option(help="fine-tune these <modality>.safetensors encoders "
                                                             "instead of pretraining")] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
@@ -79,7 +82,8 @@ def simulate_command(
         "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
         "device": device, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
-        "init-encoders": str(init_encoders) if init_encoders else None, "strategy": strategy,
+        "finetune-data": finetune_data, "init-encoders": str(init_encoders) if init_encoders else None,
+        "strategy": strategy,
         "max-update-norm": max_update_norm, "compression": compression, "secure-aggregation": secure_aggregation,
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -57,13 +58,14 @@ def quiet_framework_logs() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
-def _ray_tmpdir(out_dir: Path) -> str:
-    # Ray's socket paths must stay under ~107 bytes: inside the run folder when it is short, else /tmp.
+def _ray_tmpdir(out_dir: Path) -> tuple[str, bool]:
+    """Ray's session folder, and whether it is a scratch folder in /tmp to delete after the run. Ray's
+    socket paths must stay under ~107 bytes: the folder is inside the run folder when that is short."""
     candidate = out_dir.resolve() / "ray"
     if len(str(candidate)) <= 40:
         candidate.mkdir(parents=True, exist_ok=True)
-        return str(candidate)
-    return tempfile.mkdtemp(prefix="vfm-ray-")
+        return str(candidate), False
+    return tempfile.mkdtemp(prefix="vfm-ray-"), True
 
 
 def run_federated(scenario: Scenario, cfg: RunConfig, cpus_per_site: float = 1.0) -> MetricsLog:
@@ -74,16 +76,24 @@ def run_federated(scenario: Scenario, cfg: RunConfig, cpus_per_site: float = 1.0
     from server.app import make_server_app
 
     out = Path(cfg.out_dir)
-    os.environ.setdefault("RAY_TMPDIR", _ray_tmpdir(out))
+    given = os.environ.get("RAY_TMPDIR")
+    ray_dir, scratch = (given, False) if given else _ray_tmpdir(out)
+    os.environ["RAY_TMPDIR"] = ray_dir
     os.environ.setdefault("FLWR_HOME", str((out / "flwr-home").resolve()))
     total_cpus = os.cpu_count() or 1
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
         "init_args": {"num_cpus": total_cpus, "include_dashboard": False, "log_to_driver": True,
-                      "_temp_dir": os.environ["RAY_TMPDIR"]},
+                      "_temp_dir": ray_dir},
     }
-    run_simulation(server_app=make_server_app(cfg.to_flat()), client_app=client_app,
-                   num_supernodes=len(scenario.sites), backend_config=backend_config)
+    try:
+        run_simulation(server_app=make_server_app(cfg.to_flat()), client_app=client_app,
+                       num_supernodes=len(scenario.sites), backend_config=backend_config)
+    finally:
+        if not given:
+            os.environ.pop("RAY_TMPDIR", None)
+        if scratch:  # Ray has shut down: its session logs in /tmp would otherwise pile up run after run
+            shutil.rmtree(ray_dir, ignore_errors=True)
     return MetricsLog(out)
 
 

@@ -9,6 +9,7 @@ the resolved config that sits beside every run.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ CODECS = ("none", "fp16", "bf16", "int8")
 PHASES = ("pretrain", "finetune")
 FINETUNE_ENCODER = ("frozen", "trained")
 FINETUNE_HEAD = ("shared", "personal")
-FINETUNE_TASKS = ("classification",)
+FINETUNE_TASKS = ("classification", "segmentation", "landmarks", "detection", "regression")
 FINETUNE_MODES = ("binary", "multiclass", "ordinal")
 
 
@@ -92,6 +93,12 @@ class RunConfig:
     finetune_encoder: str = "trained"
     finetune_head: str = "shared"
     finetune_task: str = "classification"
+    # Any task but classification: the task's settings as JSON (what its adapter's `to_config` gives,
+    # e.g. {"num_classes": 2, "class_names": ["background", "vessel"]}); every site builds the same head.
+    finetune_task_config: str = ""
+    # Simulation only: a bundled labelled task set shared out to the sites (simulations/task_sets.py,
+    # e.g. "hrf-vessels"); it sets the task and its settings. Deployed sites name a `task-manifest`.
+    finetune_data: str = ""
     finetune_mode: str = "multiclass"
     # Classes per modality, e.g. "fundus=5,oct=4"; unset modalities take the simulation dataset's count.
     finetune_classes: str = ""
@@ -165,6 +172,7 @@ class RunConfig:
             if value not in allowed:
                 raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         self.finetune_class_counts()  # parses, or names the bad entry
+        self.finetune_task_settings()  # parses, or names the key
         if self.init_encoders and self.finetune_rounds == 0:
             raise ConfigError("init-encoders", "only the fine-tuning phase uses it: set finetune-rounds > 0")
         if self.finetune_rounds > 0 and self.secure_aggregation:
@@ -185,6 +193,18 @@ class RunConfig:
                 raise ConfigError("finetune-classes", f"expected '<modality>=<classes >= 2>', got {entry!r}")
             counts[canonical_modality(name.strip())] = count
         return counts
+
+    def finetune_task_settings(self) -> dict[str, Any]:
+        """`finetune-task-config` as a dict ({} when unset)."""
+        if not self.finetune_task_config.strip():
+            return {}
+        try:
+            settings = json.loads(self.finetune_task_config)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("finetune-task-config", f"not valid JSON ({exc.msg} at char {exc.pos})") from exc
+        if not isinstance(settings, dict):
+            raise ConfigError("finetune-task-config", "must be a JSON object of task settings")
+        return settings
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

@@ -20,6 +20,7 @@ import torch
 import simulations
 from client.finetuning import finetune_round, initial_head
 from client.privacy.accountant import PrivacyBudget
+from client.site import task_samples
 from client.training import evaluate_round, train_round
 from simulations.scenario import load_scenario, site_data
 from visionfm_core.modalities import get_modality
@@ -33,6 +34,7 @@ from visionfm_core.ssl.trainer import SSLTrainer
 from visionfm_core.tasks.adapters import DetectionTask, SegmentationTask
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.public_sets import hrf_samples, idrid_optic_disc
+from visionfm_core.tasks.splits import TaskSplit
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner
 
 pytestmark = [
@@ -145,10 +147,12 @@ def test_probe_scores_on_the_gpu_match_the_cpus(site: dict[str, ModalitySplit]) 
 
 @pytest.mark.parametrize("encoder", ["trained", "frozen"])
 def test_a_sites_fine_tuning_round_runs_on_the_gpu(site: dict[str, ModalitySplit], encoder: str) -> None:
-    cfg = run_config(finetune_rounds=1, finetune_epochs=1, finetune_encoder=encoder, phase="finetune")
+    cfg = run_config(finetune_rounds=1, finetune_epochs=1, finetune_encoder=encoder, phase="finetune",
+                     finetune_classes="fundus=5")
     arrays = {**initial_global_arrays(cfg),
-              **{f"fundus/classifier.{k}": v for k, v in initial_head(cfg, 5).items()}}
-    result = finetune_round(site, arrays, cfg, 1, {})
+              **{f"fundus/classifier.{k}": v for k, v in initial_head(cfg, "fundus").items()}}
+    tasks = {m: TaskSplit(m, task_samples(s.train), task_samples(s.val)) for m, s in site.items()}
+    result = finetune_round(tasks, arrays, cfg, 1, {})
     _all_sendable(result.arrays)
     assert any(k.startswith("fundus/classifier.") for k in result.arrays)
     assert any(k.startswith("fundus/backbone.") for k in result.arrays) == (encoder == "trained")

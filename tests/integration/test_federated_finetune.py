@@ -1,7 +1,8 @@
 """Federated fine-tuning on Flower's simulation engine (Ray): the quick scenario's 3 sites, nano ViT.
 
-Two simulations in all: (1) one pretraining round then two fine-tuning rounds with a trained encoder
-and a shared head; (2) fine-tuning from (1)'s exported encoders with a frozen encoder and personal heads.
+Three simulations in all: (1) one pretraining round then two fine-tuning rounds with a trained encoder
+and a shared head; (2) fine-tuning from (1)'s exported encoders with a frozen encoder and personal heads;
+(3) HRF vessel segmentation from (1)'s encoders, the bundled photographs shared out to the sites.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from client.finetuning import initial_head
-from server.finetune_phase import resolve_class_counts
+from server.finetune_phase import resolve_finetune_task
 from simulations.simulate import simulate
 from visionfm_core.models.checkpoint import load_encoder
 from visionfm_core.run_config import RunConfig
@@ -36,6 +37,13 @@ def personal_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
     overrides = {**FAST, "finetune-rounds": 1, "finetune-encoder": "frozen", "finetune-head": "personal",
                  "init-encoders": str(shared_run.out_dir / "encoders")}
     return simulate("quick", "federated", tmp_path_factory.mktemp("ft") / "personal", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def vessel_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
+    overrides = {"finetune-rounds": 2, "finetune-data": "hrf-vessels", "finetune-batch-size": 8,
+                 "init-encoders": str(shared_run.out_dir / "encoders")}
+    return simulate("quick", "federated", tmp_path_factory.mktemp("ft") / "vessels", overrides=overrides)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -64,8 +72,8 @@ def test_shared_head_is_trained_averaged_and_checkpointed(shared_run) -> None:
     out = shared_run.out_dir
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["finetune-round-0001", "finetune-round-0002", "round-0000", "round-0001"]
-    cfg = resolve_class_counts(RunConfig.from_flat(json.loads((out / "config.json").read_text())))
-    start = initial_head(cfg, 5)["fc.weight"].numpy()
+    cfg = resolve_finetune_task(RunConfig.from_flat(json.loads((out / "config.json").read_text())))
+    start = initial_head(cfg, "fundus")["fc.weight"].numpy()
     heads = [load_encoder(out / "checkpoints" / f"finetune-round-000{r}" / "fundus.classifier.safetensors")[0]
              for r in (1, 2)]
     assert heads[0]["fc.weight"].shape == (5, start.shape[1])
@@ -114,3 +122,23 @@ def test_a_fine_tune_interrupted_after_round_1_resumes_with_round_2_only(shared_
         trained = [(r["site"], r["modality"]) for r in rows
                    if r["phase"] == "finetune" and r["finetune_round"] == ft_round]
         assert len(trained) == len(set(trained)) and ("hospital-a", "fundus") in trained
+
+
+def test_vessel_segmentation_is_fine_tuned_across_sites_and_scored_on_held_out_photographs(vessel_run) -> None:
+    out = vessel_run.out_dir
+    rows = _rows(out)
+    for ft_round in (1, 2):
+        trained = [r for r in rows if r["phase"] == "finetune" and r["finetune_round"] == ft_round]
+        assert {(r["site"], r["modality"]) for r in trained} == {(s, "fundus") for s in SITES}  # no OCT task
+        assert all(0.0 <= r["val_dice"] <= 1.0 and np.isfinite(r["finetune_loss"]) for r in trained)
+        pooled = [r for r in rows if r["phase"] == "finetune-evaluate" and r["site"] == "global-test"
+                  and r["finetune_round"] == ft_round]
+        assert len(pooled) == 1 and 0.0 <= pooled[0]["dice"] <= 1.0 and pooled[0]["count"] >= 10
+    heads = [load_encoder(out / "checkpoints" / f"finetune-round-000{r}" / "fundus.classifier.safetensors")
+             for r in (1, 2)]
+    assert heads[0][1]["task"] == "segmentation"
+    assert json.loads(heads[0][1]["task_config"])["class_names"] == ["background", "vessel"]
+    moved = [k for k, v in heads[1][0].items() if not np.allclose(v.numpy(), heads[0][0][k].numpy())]
+    assert moved  # the averaged head changed from round 1 to round 2
+    assert not (out / "checkpoints" / "finetune-round-0001" / "oct.classifier.safetensors").exists()
+    assert "fine-tune round 2, global-test fundus: dice" in (out / "report.md").read_text()

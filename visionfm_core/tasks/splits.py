@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from visionfm_core.errors import ConfigError
 from visionfm_core.tasks.samples import TaskSample
@@ -53,3 +54,12 @@ def split_samples(samples: Sequence[TaskSample], fractions: Sequence[float], see
             parts[0] = [s for s in parts[0] if _group_key(s) != _group_key(donor)]
             parts[position].extend(moved)
     return parts
+
+
+@dataclass
+class TaskSplit:
+    """One modality's labelled task samples at one site (or pooled), split into train and validation."""
+
+    modality: str
+    train: list[TaskSample]
+    val: list[TaskSample]

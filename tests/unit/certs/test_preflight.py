@@ -72,3 +72,37 @@ def test_bundle_for_another_coordinator_fails(store: CertStore, images: Path, tm
     code, output = _check(store.bundle_dir("hospital-a"), images, tmp_path / "work", "--coordinator", "other:1")
     assert code == 1
     assert "differs" in output
+
+
+def _segmentation_manifest(folder: Path, images: Path, masks: int) -> Path:
+    """A site's vessel manifest over its OCT files (any image works), `masks` of which have a mask."""
+    import csv
+
+    from PIL import Image
+
+    rows = []
+    for index, image in enumerate(sorted((images / "CNV").glob("*.jpeg"))[:2]):
+        mask = folder / f"mask{index}.png"
+        if index < masks:
+            Image.new("L", (32, 32)).save(mask)
+        rows.append({"image": str(image), "mask": mask.name})
+    manifest = folder / "vessels.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "mask"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def test_a_task_manifest_is_checked_and_a_missing_mask_fails(store: CertStore, images: Path, tmp_path: Path) -> None:
+    bundle = store.bundle_dir("hospital-a")
+    complete = _segmentation_manifest(tmp_path, images, masks=2)
+    code, output = _check(bundle, images, tmp_path / "work", "--task-manifest", str(complete))
+    assert code == 0 and "task:oct: 2 segmentation samples" in output, output
+    partial = _segmentation_manifest(tmp_path, images, masks=1)
+    (tmp_path / "mask1.png").unlink()
+    code, output = _check(bundle, images, tmp_path / "work", "--task-manifest", str(partial))
+    assert code == 1 and "1 file(s) named in the segmentation manifest do not exist" in output
+    assert "mask1.png" in output  # named on the local console only
+    code, output = _check(bundle, images, tmp_path / "work", "--task-manifest", str(tmp_path / "none.csv"))
+    assert code == 1 and "manifest not found" in output

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import io
 import resource
+import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,14 @@ FUZZ = settings(
 pytestmark = pytest.mark.timeout(180)
 
 WORK = Path(tempfile.mkdtemp(prefix="visionfm-fuzz-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_work_folder() -> Iterator[None]:
+    # Hypothesis examples write into one folder made at import (fixtures do not reset between examples).
+    yield
+    shutil.rmtree(WORK, ignore_errors=True)
+
 RGB = (np.arange(8 * 6 * 3, dtype=np.uint8).reshape(8, 6, 3) * 5) % 251
 GREY = np.stack([(np.arange(8 * 6, dtype=np.uint8).reshape(8, 6) * (k + 3)) % 251 for k in range(3)])
 

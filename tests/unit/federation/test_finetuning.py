@@ -10,10 +10,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import PERSONAL_HEAD_PREFIX
 from client.app import app as client_app
-from client.finetuning import CLASSIFIER_PREFIX, finetune_round
+from client.finetuning import CLASSIFIER_PREFIX, finetune_round, task_adapter
 from client.records import arrays_to_record, record_to_numpy
-from client.site import load_site_data
-from server.finetune_phase import finetune_arrays, resolve_class_counts
+from client.site import load_site_tasks
+from server.finetune_phase import finetune_arrays, resolve_finetune_task
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
@@ -24,7 +24,7 @@ BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "ima
 
 
 def _config(**changes: object) -> RunConfig:
-    return resolve_class_counts(RunConfig.from_flat({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}}))
+    return resolve_finetune_task(RunConfig.from_flat({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}}))
 
 
 def _global(cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -50,7 +50,8 @@ def _reply(cfg: RunConfig, arrays: dict[str, np.ndarray], context: Context, mess
 
 
 @pytest.mark.parametrize(("key", "value"), [("finetune-encoder", "thawed"), ("finetune-head", "local"),
-                                            ("finetune-task", "segmentation"), ("finetune-mode", "multilabel"),
+                                            ("finetune-task", "captioning"), ("finetune-mode", "multilabel"),
+                                            ("finetune-task-config", "{not json"), ("finetune-task-config", "[2]"),
                                             ("finetune-rounds", -1), ("finetune-lr", 0.0),
                                             ("finetune-classes", "fundus=1"), ("finetune-classes", "fundus")])
 def test_bad_finetune_keys_are_rejected_by_name(key: str, value: object) -> None:
@@ -75,7 +76,7 @@ def test_shared_head_and_trained_encoder_come_back_trained_with_validation_score
     cfg = _config(finetune_mode="ordinal")
     sent = _global(cfg)
     assert any(k.startswith(f"fundus/{CLASSIFIER_PREFIX}") for k in sent)
-    site = load_site_data({"partition-id": 0}, cfg)
+    site = load_site_tasks({"partition-id": 0}, cfg, lambda m: task_adapter(cfg, m))
     result = finetune_round(site, {k: torch.from_numpy(v) for k, v in sent.items()}, cfg, 1, {})
     assert set(result.arrays) == set(sent)
     for key in ("fundus/classifier.fc.weight", "fundus/backbone.blocks.1.mlp.fc2.weight"):
