@@ -36,3 +36,18 @@ def scenario_test_evaluator(cfg: RunConfig):
         return results
 
     return evaluate
+
+
+def scenario_colour_reference(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Per modality, the probe scores of colour statistics alone (no encoder) on the same pool and test
+    split as `scenario_test_evaluator`: the floor an encoder's scores are read against."""
+    from visionfm_core.evaluation.baselines import colour_reference
+
+    scenario = load_scenario(cfg.scenario)
+    results: dict[str, dict[str, float]] = {}
+    for modality in cfg.modality_list:
+        if modality in scenario.datasets:
+            dataset = load_dataset(scenario.datasets[modality])
+            results[modality] = colour_reference(dataset.pool, dataset.test, dataset.num_classes,
+                                                 cfg.knn_k).as_metrics()
+    return results

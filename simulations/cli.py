@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulations.compare import comparison_rows, test_scores, write_comparison
+from simulations.compare import comparison_rows, reference_rows, test_scores, write_comparison
 from simulations.simulate import MODES, quiet_framework_logs, simulate
 from visionfm_core.errors import VisionFMError
 
@@ -97,32 +97,41 @@ def simulate_command(
     modes = MODES if mode == "all" else (mode,)
     root = out or Path(f"runs/{Path(scenario).stem}")
     logs = {}
+    reference: dict[str, dict[str, float]] = {}
     try:
         for each in modes:
             target = root / each if (mode == "all" or out is None) else root
             console.print(f"[bold]visionfm simulate[/] scenario={scenario} mode={each} → {target}")
             outcome = simulate(scenario, each, target, overrides, scenario_overrides)
             logs[each] = outcome.metrics
-            _print_scores(each, outcome.metrics)
+            _print_scores(each, outcome.metrics, outcome.reference)
+            reference = outcome.reference
             console.print(f"  {each} finished in {outcome.seconds:.0f}s: report {outcome.out_dir / 'report.md'}")
     except VisionFMError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     if len(logs) > 1:
-        path = write_comparison(root, comparison_rows(logs))
+        path = write_comparison(root, comparison_rows(logs) + reference_rows(reference))
         console.print(f"comparison: {path}")
 
 
-def _print_scores(mode: str, log: Any) -> None:
+SCORE_KEYS = ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
+
+
+def _print_scores(mode: str, log: Any, reference: dict[str, dict[str, float]]) -> None:
     first, last = test_scores(log, 0), test_scores(log)
-    table = Table(title=f"{mode}: held-out test split, frozen encoder (round 0 → last)")
+    table = Table(title=f"{mode}: held-out test split, frozen encoder (round 0 → last)",
+                  caption="colour statistics: the same probes on 6 numbers per image (channel means and "
+                          "standard deviations), no encoder")
     for column in ("arm", "modality", "k-NN acc", "k-NN AUC", "linear acc", "linear AUC"):
         table.add_column(column)
     for arm, per_modality in sorted(last.items()):
         for modality, scores in sorted(per_modality.items()):
             base = first.get(arm, {}).get(modality, {})
             table.add_row(arm, modality, *(f"{base.get(k, float('nan')):.3f} → {scores.get(k, float('nan')):.3f}"
-                                           for k in ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")))
+                                           for k in SCORE_KEYS))
+    for modality, scores in sorted(reference.items()):
+        table.add_row("colour statistics", modality, *(f"{scores[k]:.3f}" for k in SCORE_KEYS), style="dim")
     console.print(table)
 
 

@@ -44,6 +44,13 @@ def comparison_rows(logs: dict[str, MetricsLog]) -> list[dict[str, Any]]:
     return rows
 
 
+def reference_rows(reference: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Rows for the colour-statistics reference (no encoder, so no round 0)."""
+    return [{"mode": "reference", "arm": "colour statistics", "modality": modality,
+             **{f"{k}_round0": None for k in SCORES}, **{k: scores[k] for k in SCORES}}
+            for modality, scores in reference.items()]
+
+
 def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """comparison.json and comparison.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +59,8 @@ def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
              "| mode | arm | modality | k-NN acc (round 0 → last) | k-NN AUC | linear acc | linear AUC |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [f"{r[k + '_round0']:.3f} → {r[k]:.3f}" for k in SCORES]
+        cells = [f"{r[k]:.3f}" if r[k + "_round0"] is None else f"{r[k + '_round0']:.3f} → {r[k]:.3f}"
+                 for k in SCORES]
         lines.append(f"| {r['mode']} | {r['arm']} | {r['modality']} | " + " | ".join(cells) + " |")
     path = out_dir / "comparison.md"
     path.write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class SimulationOutcome:
     out_dir: Path
     metrics: MetricsLog
     seconds: float
+    # Per modality: the probe on colour statistics alone (no encoder), on the same test split.
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def resolve_config(scenario: Scenario, scenario_ref: str, overrides: Mapping[str, Any]) -> RunConfig:
@@ -121,4 +123,31 @@ def simulate(
 
         runner = run_centralized if mode == "centralized" else run_local
         metrics = runner(scenario, cfg, scenario_test_evaluator(cfg))
-    return SimulationOutcome(mode, out, metrics, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    reference = write_reference(out, cfg)
+    return SimulationOutcome(mode, out, metrics, seconds, reference)
+
+
+REFERENCE_TITLE = "## Reference: colour statistics, no encoder"
+
+
+def write_reference(out: Path, cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """`reference.json` and a section of `report.md`: the same k-NN and linear probe on each image's
+    per-channel colour mean and standard deviation, fitted on the labelled pool, scored on the test split."""
+    from server.central_eval import scenario_colour_reference
+
+    reference = scenario_colour_reference(cfg)
+    (out / "reference.json").write_text(json.dumps(reference, indent=1))
+    report = out / "report.md"
+    if report.is_file() and reference and REFERENCE_TITLE not in report.read_text():
+        lines = ["", REFERENCE_TITLE, "",
+                 "The frozen-encoder evaluation's k-NN and linear probe on 6 numbers per image (each channel's "
+                 "mean and standard deviation), same pool and held-out test split as `global-test`. An "
+                 "encoder has learned something beyond colour only where it scores above this.", "",
+                 "| modality | k-NN acc | k-NN AUC | linear acc | linear AUC |", "|---|---|---|---|---|"]
+        for modality, scores in reference.items():
+            cells = [f"{scores[k]:.3f}" for k in ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")]
+            lines.append(f"| {modality} | " + " | ".join(cells) + " |")
+        with report.open("a") as handle:
+            handle.write("\n".join(lines) + "\n")
+    return reference

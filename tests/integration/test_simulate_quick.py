@@ -40,6 +40,11 @@ def test_run_folder_holds_config_metrics_checkpoints_plots_and_report(quick_run)
     evaluated = {(r["round"], r["site"]) for r in rows if r["phase"] == "evaluate"}
     assert {(0, "global-test"), (2, "global-test"), (2, "hospital-a")} <= evaluated
     assert all(np.isfinite(r["loss"]) for r in rows if r["phase"] == "train")
+    # The colour-statistics reference, scored on the same test split, sits beside the encoder's scores.
+    reference = json.loads((out / "reference.json").read_text())
+    assert set(reference) == {"fundus", "oct"} and reference == quick_run.reference
+    assert reference["fundus"]["num_eval"] == 400
+    assert "## Reference: colour statistics, no encoder" in (out / "report.md").read_text()
 
 
 def test_weights_changed_and_exported_encoders_load_into_timm(quick_run) -> None:

@@ -43,6 +43,12 @@ def probe_scores(
     """k-NN (memory bank = train split) and linear-probe accuracy / macro AUC on the eval split."""
     train_x, train_y = extract_features(encoder, train_items, transform, device)
     eval_x, eval_y = extract_features(encoder, eval_items, transform, device)
+    return scores_from_features(train_x, train_y, eval_x, eval_y, num_classes, k)
+
+
+def scores_from_features(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
+                         num_classes: int, k: int = 20) -> ProbeScores:
+    """k-NN and linear-probe scores of given features (any feature extractor, or none)."""
     knn = knn_predict_proba(train_x, train_y, eval_x, num_classes, k=k)
     linear = linear_probe_proba(train_x, train_y, eval_x, num_classes)
     return ProbeScores(
