@@ -105,6 +105,7 @@ def simulate_command(
             outcome = simulate(scenario, each, target, overrides, scenario_overrides)
             logs[each] = outcome.metrics
             _print_scores(each, outcome.metrics, outcome.reference)
+            _print_finetune_scores(each, outcome.metrics)
             reference = outcome.reference
             console.print(f"  {each} finished in {outcome.seconds:.0f}s: report {outcome.out_dir / 'report.md'}")
     except VisionFMError as exc:
@@ -132,6 +133,26 @@ def _print_scores(mode: str, log: Any, reference: dict[str, dict[str, float]]) -
                                            for k in SCORE_KEYS))
     for modality, scores in sorted(reference.items()):
         table.add_row("colour statistics", modality, *(f"{scores[k]:.3f}" for k in SCORE_KEYS), style="dim")
+    console.print(table)
+
+
+def _print_finetune_scores(mode: str, log: Any) -> None:
+    """The last fine-tuning round's scores: each site on its validation split, the server on held-out data."""
+    from client.finetuning import HEADLINE
+
+    rows = [r for r in log.rows if r["phase"] == "finetune-evaluate"]
+    if not rows:
+        return
+    last = max(int(r["round"]) for r in rows)
+    rows = sorted((r for r in rows if int(r["round"]) == last), key=lambda r: (r["site"] != "global-test", r["site"]))
+    keys = [k for task in HEADLINE.values() for k in task if any(k in r for r in rows)]
+    table = Table(title=f"{mode}: fine-tuned model, fine-tune round {int(rows[0]['finetune_round'])}",
+                  caption="global-test: held-out data; a site: its own validation split")
+    for column in ("site", "modality", *keys):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["site"]), str(row["modality"]),
+                      *(f"{row[k]:.3f}" if isinstance(row.get(k), (int, float)) else "" for k in keys))
     console.print(table)
 
 

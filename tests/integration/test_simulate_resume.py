@@ -40,6 +40,7 @@ def test_killed_simulation_resumes_from_last_complete_round(tmp_path: Path) -> N
 
     done = subprocess.run(_simulate(out, "--resume"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "colour" in done.stdout and "statistics" in done.stdout  # the reference row beside the scores
     assert (out / "checkpoints" / "round-0001" / "fundus.safetensors").read_bytes() == round1
     assert (out / "checkpoints" / "round-0003" / "round.json").is_file()
     rows = json.loads((out / "metrics.json").read_text())
