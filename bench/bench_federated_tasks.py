@@ -8,11 +8,12 @@ initialised micro ViT and the same seeded task head, and each makes the same num
 its own data (rounds x local epochs):
 - federated: a real `visionfm simulate` run (Flower's simulation engine) with `--sites` fundus
   hospitals holding equal shares of the set; the averaged encoder and head are scored every round;
-- centralized: every hospital's training images pooled at one site;
-- local: each hospital alone on its own share (mean, worst and best over the hospitals).
-All arms train with the code path a site runs (`client/finetuning.py`: same optimiser, schedule,
-augmentation, no model selection) and are scored on the set's held-out quarter of the photographs, which
-nothing trains or selects on. Headline metrics: vessel Dice (higher is better), optic-disc mean radial
+- centralized: `visionfm simulate --mode centralized`, every hospital's training images pooled at one
+  site;
+- local: `--mode local`, each hospital alone on its own share (mean, worst and best over the hospitals).
+All arms train with the same task head, optimiser, schedule and augmentation (`client/finetuning.py`,
+no model selection) and are scored on the set's held-out quarter of the photographs, which nothing
+trains or selects on. Headline metrics: vessel Dice (higher is better), optic-disc mean radial
 error in the bundled images' pixels (lower is better), optic-disc box mAP@0.5 (higher is better).
 """
 
@@ -31,17 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.finetuning import HEADLINE, build_task_model, new_tuner, task_adapter  # noqa: E402
-from client.site import load_site_tasks  # noqa: E402
-from server.finetune_phase import resolve_finetune_task  # noqa: E402
+from client.finetuning import HEADLINE  # noqa: E402
 from simulations.simulate import simulate  # noqa: E402
 from simulations.task_sets import TASK_SETS, load_task_set  # noqa: E402
 from visionfm_core.models.checkpoint import encoder_metadata, save_encoder  # noqa: E402
 from visionfm_core.models.encoders import EncoderSpec, create_encoder  # noqa: E402
-from visionfm_core.run_config import RunConfig  # noqa: E402
 from visionfm_core.runtime import seed_everything  # noqa: E402
-from visionfm_core.tasks.data import Preprocess  # noqa: E402
-from visionfm_core.tasks.samples import TaskSample  # noqa: E402
 
 SIZES = {"hrf-vessels": 256, "hrf-disc": 128, "idrid-disc": 128}
 LOWER_IS_BETTER = {"mre"}
@@ -73,21 +69,14 @@ def run_overrides(name: str, args: argparse.Namespace, encoders: Path) -> dict[s
             "init-encoders": str(encoders), "seed": args.seed}
 
 
-def train_alone(cfg: RunConfig, encoders: Path, train: list[TaskSample], test: list[TaskSample]) -> dict[str, float]:
-    """One site training on `train` for rounds x epochs passes, as `finetune_round` does, then tested."""
-    from safetensors.torch import load_file
-
-    device = torch.device("cpu")
-    tuner = new_tuner(cfg, "fundus", device)
-    shared = {f"backbone.{k}": v for k, v in load_file(str(encoders / "fundus.safetensors")).items()}
-    model = build_task_model(tuner, cfg, shared, None)
-    preprocess = Preprocess.for_modality("fundus", cfg.image_size)
-    seed_everything(cfg.seed)
-    loader = tuner.loader(train, preprocess, train=True)
-    epochs = cfg.finetune_rounds * cfg.finetune_epochs
-    state = tuner.init_state(model, epochs * len(loader), start_step=0, steps_per_epoch=len(loader))
-    tuner.train_epochs(state, loader, epochs)
-    return tuner.evaluate(model, tuner.loader(test, preprocess, train=False))
+def held_out_series(rows: list[dict[str, Any]], metric: str) -> dict[str, list[float]]:
+    """Per arm label, the headline metric on the held-out part after each fine-tune round."""
+    series: dict[str, list[float]] = {}
+    for row in sorted(rows, key=lambda r: r["round"]):
+        if row["phase"] == "finetune-evaluate" and str(row["site"]).endswith("global-test"):
+            label = str(row["site"]).removesuffix("global-test").rstrip(":") or "federated"
+            series.setdefault(label, []).append(round(float(row[metric]), 4))
+    return series
 
 
 def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -100,24 +89,19 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     headline = HEADLINE[task_set.task][0]
     result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": SIZES[name],
                               "pool": len(task_set.pool), "test": len(task_set.test)}
-
-    started = time.perf_counter()
-    outcome = simulate(str(scenario), "federated", folder / "federated", overrides=overrides)
-    pooled = sorted((r for r in outcome.metrics.rows if r["site"] == "global-test"), key=lambda r: r["round"])
-    result["federated"] = {"per_round": [round(r[headline], 4) for r in pooled], "seconds": round(
-        time.perf_counter() - started, 1)}
-
-    cfg = resolve_finetune_task(RunConfig.from_flat(json.loads((folder / "federated" / "config.json").read_text())))
-    sites = [load_site_tasks({"partition-id": i}, cfg, lambda m: task_adapter(cfg, m))["fundus"]
-             for i in range(args.sites)]
-    result["site_train_images"] = [len(s.train) for s in sites]
-    started = time.perf_counter()
-    central = train_alone(cfg, encoders, [s for site in sites for s in site.train], task_set.test)
-    result["centralized"] = {"test": round(central[headline], 4), "seconds": round(time.perf_counter() - started, 1)}
-    local = [train_alone(cfg, encoders, site.train, task_set.test)[headline] for site in sites]
-    worst, best = (max(local), min(local)) if headline in LOWER_IS_BETTER else (min(local), max(local))
-    result["local"] = {"per_site": [round(v, 4) for v in local], "mean": round(sum(local) / len(local), 4),
-                       "worst": round(worst, 4), "best": round(best, 4)}
+    for mode in ("federated", "centralized", "local"):
+        started = time.perf_counter()
+        outcome = simulate(str(scenario), mode, folder / mode, overrides=overrides)
+        series = held_out_series(outcome.metrics.rows, headline)
+        seconds = round(time.perf_counter() - started, 1)
+        if mode == "local":
+            last = {site: values[-1] for site, values in series.items()}
+            ranked = sorted(last.values(), reverse=headline not in LOWER_IS_BETTER)
+            result["local"] = {"per_site": last, "mean": round(sum(ranked) / len(ranked), 4), "best": ranked[0],
+                               "worst": ranked[-1], "per_round": series, "seconds": seconds}
+        else:
+            values = series[mode]
+            result[mode] = {"test": values[-1], "per_round": values, "seconds": seconds}
     result["config"] = {k: overrides[k] for k in ("finetune-rounds", "finetune-epochs", "finetune-batch-size",
                                                   "finetune-lr", "image-size")}
     return result
@@ -139,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="visionfm-bench-tasks-") as work:
         for name in args.tasks.split(","):
             results[name] = entry = bench_task(name.strip(), args, Path(work))
-            fed = entry["federated"]["per_round"][-1]
+            fed = entry["federated"]["test"]
             print(f"{name:12s} {entry['metric']:6s} federated {fed:.4f} (rounds {entry['federated']['per_round']}) "
                   f"centralized {entry['centralized']['test']:.4f} local mean {entry['local']['mean']:.4f} "
                   f"[{entry['local']['worst']:.4f} worst, {entry['local']['best']:.4f} best]", flush=True)

@@ -1,6 +1,8 @@
 """The two non-federated arms a federation is compared against, with the same data and compute:
 centralized (every site's images pooled in one place, as many steps as all sites together) and
-local-only (each site alone, its own steps). Both write the same metrics rows as a federation."""
+local-only (each site alone, its own steps). Both write the same metrics rows as a federation, and both
+run the fine-tuning phase when `finetune-rounds` > 0 (simulations/baseline_finetune.py); with
+`init-encoders` they fine-tune those encoders instead of pretraining, as a federation does."""
 
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.finetuning import HEADLINE
 from client.training import ssl_loader
 from server.checkpoints import save_encoders
+from server.finetune_phase import PHASES as FINETUNE_PHASES
+from server.finetune_phase import PLOTTED as FINETUNE_PLOTTED
+from server.finetune_phase import resolve_finetune_task
 from server.report import MetricsLog, plot_metrics, write_report
+from simulations.baseline_finetune import finetune_alone, pooled_tasks, site_tasks
 from simulations.scenario import Scenario, pooled_data, site_data
 from visionfm_core.pretraining import encoder_spec, evaluate_encoder_arrays, new_trainer
 from visionfm_core.run_config import RunConfig
@@ -77,7 +84,11 @@ def run_centralized(scenario: Scenario, cfg: RunConfig, central_evaluator: Evalu
     data = pooled_data(scenario, cfg.val_fraction)
     holders = {m: sum(m in s.modalities for s in scenario.sites) for m in data}
     steps = {m: cfg.local_steps * holders[m] for m in data}
-    arrays = _train_alone("centralized", data, cfg, steps, log, central_evaluator, seed_offset=0)
+    arrays, rounds_done = _pretrained(cfg) or (
+        _train_alone("centralized", data, cfg, steps, log, central_evaluator, seed_offset=0), cfg.num_rounds)
+    if cfg.finetune_rounds > 0:
+        finetune_alone("centralized", pooled_tasks(scenario, resolve_finetune_task(cfg)), cfg, arrays, log,
+                       round_offset=rounds_done, seed_offset=0)
     _finish(out, cfg, log, arrays, "centralized pretraining (all sites' data pooled)")
     return log
 
@@ -90,12 +101,27 @@ def run_local(scenario: Scenario, cfg: RunConfig, central_evaluator: Evaluator |
     for index, site in enumerate(scenario.sites):
         data = site_data(scenario, index, cfg.val_fraction)
         site_cfg = cfg.replace(out_dir=str(out / site.name))
-        arrays = _train_alone(site.name, data, site_cfg, {m: cfg.local_steps for m in data}, log,
-                              central_evaluator, seed_offset=index + 1)
-        save_encoders(out / site.name / "encoders", arrays, list(data), encoder_spec(cfg),
-                      round=cfg.num_rounds, objective=cfg.objective)
+        given = _pretrained(cfg)
+        if given is None:
+            arrays = _train_alone(site.name, data, site_cfg, {m: cfg.local_steps for m in data}, log,
+                                  central_evaluator, seed_offset=index + 1)
+            save_encoders(out / site.name / "encoders", arrays, list(data), encoder_spec(cfg),
+                          round=cfg.num_rounds, objective=cfg.objective)
+        arrays, rounds_done = given or (arrays, cfg.num_rounds)
+        if cfg.finetune_rounds > 0:
+            finetune_alone(site.name, site_tasks(scenario, resolve_finetune_task(cfg), index), cfg, arrays, log,
+                           round_offset=rounds_done, seed_offset=index + 1)
     _finish(out, cfg, log, {}, "local-only pretraining (each site alone)")
     return log
+
+
+def _pretrained(cfg: RunConfig) -> tuple[dict[str, np.ndarray], int] | None:
+    """The `init-encoders` to fine-tune instead of pretraining (0 pretraining rounds), if given."""
+    if not cfg.init_encoders:
+        return None
+    from server.finetune_phase import load_init_encoders
+
+    return load_init_encoders(cfg), 0
 
 
 def _finish(out: Path, cfg: RunConfig, log: MetricsLog, arrays: dict[str, np.ndarray], title: str) -> None:
@@ -104,4 +130,15 @@ def _finish(out: Path, cfg: RunConfig, log: MetricsLog, arrays: dict[str, np.nda
         save_encoders(out / "encoders", arrays, cfg.modality_list, encoder_spec(cfg), round=cfg.num_rounds,
                       objective=cfg.objective)
     plots = plot_metrics(log.rows, out / "plots")
-    write_report(out, f"visionfm-fed {title}", cfg.to_flat(), log.rows, plots)
+    notes: list[str] = []
+    tuned = [r for r in log.rows if r["phase"] in FINETUNE_PHASES]
+    if tuned:
+        cfg = resolve_finetune_task(cfg)  # the task a bundled finetune-data set stands for
+        plots += plot_metrics(tuned, out / "plots", FINETUNE_PLOTTED)
+        title += f", then {cfg.finetune_rounds} fine-tuning rounds ({cfg.finetune_task})"
+        last = max(int(r["round"]) for r in tuned)
+        for row in sorted((r for r in tuned if r["phase"] == "finetune-evaluate" and int(r["round"]) == last),
+                          key=lambda r: (r["site"], r["modality"])):
+            scores = ", ".join(f"{k} {row[k]:.3f}" for k in HEADLINE[cfg.finetune_task] if k in row)
+            notes.append(f"last fine-tune round, {row['site']} {row['modality']}: {scores}")
+    write_report(out, f"visionfm-fed {title}", cfg.to_flat(), log.rows, plots, notes)

@@ -144,7 +144,8 @@ def _print_finetune_scores(mode: str, log: Any) -> None:
     if not rows:
         return
     last = max(int(r["round"]) for r in rows)
-    rows = sorted((r for r in rows if int(r["round"]) == last), key=lambda r: (r["site"] != "global-test", r["site"]))
+    rows = sorted((r for r in rows if int(r["round"]) == last),
+                  key=lambda r: (not str(r["site"]).endswith("global-test"), r["site"]))
     keys = [k for task in HEADLINE.values() for k in task if any(k in r for r in rows)]
     table = Table(title=f"{mode}: fine-tuned model, fine-tune round {int(rows[0]['finetune_round'])}",
                   caption="global-test: held-out data; a site: its own validation split")

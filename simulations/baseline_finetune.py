@@ -1,0 +1,119 @@
+"""The fine-tuning phase of the centralized and local-only arms.
+
+The same task, head, optimiser, schedule and augmentation as a federated site (`client/finetuning.py`),
+but one site training without interruption for finetune-rounds x finetune-epochs epochs from the arm's
+pretrained (or given) encoders. Rows are written at the same round marks as a federation's: training
+loss ("finetune"), and scores ("finetune-evaluate") on the site's validation split and, as
+`<arm>:global-test`, on the held-out data the federation's server scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from client.finetuning import (
+    CLASSIFIER_PREFIX,
+    build_task_model,
+    new_tuner,
+    reported_scores,
+    shareable,
+    task_adapter,
+)
+from client.site import load_site_tasks
+from server.finetune_phase import resolve_finetune_task, task_test_evaluator
+from server.report import MetricsLog
+from simulations.scenario import Scenario
+from visionfm_core.models.heads import TaskModel
+from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import resolve_device, seed_everything
+from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.splits import TaskSplit
+from visionfm_core.tasks.trainer import FineTuner, TrainState, get_weights
+
+TestEvaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]]
+
+
+@dataclass
+class _Run:
+    tuner: FineTuner
+    model: TaskModel
+    state: TrainState
+    loader: DataLoader[Any]
+    preprocess: Preprocess
+    split: TaskSplit
+
+
+def site_tasks(scenario: Scenario, cfg: RunConfig, index: int) -> dict[str, TaskSplit]:
+    """Simulated site `index`'s task samples for the run's fine-tuning task."""
+    return load_site_tasks({"partition-id": index}, cfg, lambda modality: task_adapter(cfg, modality))
+
+
+def pooled_tasks(scenario: Scenario, cfg: RunConfig) -> dict[str, TaskSplit]:
+    """Every site's task samples pooled per modality, each keeping its train/validation side."""
+    pooled: dict[str, TaskSplit] = {}
+    for index in range(len(scenario.sites)):
+        for modality, split in site_tasks(scenario, cfg, index).items():
+            target = pooled.setdefault(modality, TaskSplit(modality, [], []))
+            target.train.extend(split.train)
+            target.val.extend(split.val)
+    return pooled
+
+
+def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, pretrained: Mapping[str, np.ndarray],
+                   log: MetricsLog, round_offset: int, seed_offset: int) -> dict[str, np.ndarray]:
+    """Fine-tune each modality's encoder on `tasks` as one site; returns encoder and head arrays."""
+    cfg = resolve_finetune_task(cfg)
+    device = resolve_device(cfg.device)
+    evaluator: TestEvaluator | None = task_test_evaluator(cfg) if cfg.server_eval == "scenario" else None
+    encoders = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in pretrained.items()
+                if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
+    runs: dict[str, _Run] = {}
+    for modality, split in tasks.items():
+        shared = modality_arrays(encoders, modality)
+        if not shared or not split.train:
+            continue
+        tuner = new_tuner(cfg, modality, device)
+        tuner.task.check(split.train + split.val)
+        model = build_task_model(tuner, cfg, shared, None)  # the same seeded head a federation starts from
+        tuner.config.seed = cfg.seed + seed_offset
+        seed_everything(tuner.config.seed)
+        preprocess = Preprocess.for_modality(modality, cfg.image_size)
+        loader = tuner.loader(split.train, preprocess, train=True)
+        total = cfg.finetune_rounds * cfg.finetune_epochs * len(loader)
+        runs[modality] = _Run(tuner, model, tuner.init_state(model, total, start_step=0, steps_per_epoch=len(loader)),
+                              loader, preprocess, split)
+    arrays: dict[str, np.ndarray] = {}
+    for finetune_round in range(1, cfg.finetune_rounds + 1):
+        row_round = round_offset + finetune_round
+        for modality, run in runs.items():
+            stats = run.tuner.train_epochs(run.state, run.loader, cfg.finetune_epochs)
+            log.add(row_round, label, modality, "finetune", {"finetune-loss": stats["loss"], "steps": stats["steps"],
+                                                              "num-examples": float(len(run.split.train)),
+                                                              "finetune-round": finetune_round})
+            arrays.update(_model_arrays(modality, run.model))
+        if finetune_round % cfg.eval_every == 0 or finetune_round == cfg.finetune_rounds:
+            for modality, run in runs.items():
+                if run.split.val:
+                    scores = run.tuner.evaluate(run.model, run.tuner.loader(run.split.val, run.preprocess, train=False))
+                    log.add(row_round, label, modality, "finetune-evaluate",
+                            {**reported_scores(cfg.finetune_task, scores), "finetune-round": finetune_round})
+            if evaluator is not None:
+                for modality, values in evaluator(arrays).items():
+                    log.add(row_round, f"{label}:global-test", modality, "finetune-evaluate",
+                            {**values, "finetune-round": finetune_round})
+        log.save()
+    return arrays
+
+
+def _model_arrays(modality: str, model: TaskModel) -> dict[str, np.ndarray]:
+    encoder = shareable(get_weights(model, "encoder"))
+    head = shareable(get_weights(model, "head"))
+    return {**{f"{modality}/{BACKBONE_PREFIX}{k}": v.numpy() for k, v in encoder.items()},
+            **{f"{modality}/{CLASSIFIER_PREFIX}{k}": v.numpy() for k, v in head.items()}}
