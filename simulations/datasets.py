@@ -14,6 +14,7 @@ from visionfm_core.errors import ConfigError
 from visionfm_core.splits import split_train_val
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_SALT = b"visionfm-fed bundled public data"
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ def _retinamnist() -> SimulationDataset:
 
 def _oct2017() -> SimulationDataset:
     root = DATA_DIR / "oct2017_val"
-    scan = scan_image_folder(root, labels_csv=root / "labels.csv", modality="oct")
+    # A fixed salt for this public, already de-identified set: with a site's random salt the patient keys,
+    # hence the held-out patients, would differ from one checkout or machine to the next.
+    scan = scan_image_folder(root, labels_csv=root / "labels.csv", modality="oct", salt=BUNDLED_SALT)
     items = scan.items
     # Hold out a quarter of the patients as the test split, so no patient is both trained and scored on.
     pool_idx, test_idx = split_train_val(len(items), 0.25, seed=2017, groups=[i.patient_key for i in items])
