@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.error_mod import safe_error_mod
-from client.finetuning import finetune_evaluate, finetune_round, task_adapter
+from client.finetuning import finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
@@ -114,13 +114,9 @@ def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
     return SiteStateStore(context).load_all(PERSONAL_HEAD_PREFIX)
 
 
-def _site_tasks(context: Context, cfg: RunConfig) -> dict[str, TaskSplit]:
-    return load_site_tasks(context.node_config, cfg, lambda modality: task_adapter(cfg, modality))
-
-
 def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int) -> Message:
     """One fine-tuning round; a personal head is kept in the node's state and never put in the reply."""
-    site = _site_tasks(context, cfg)
+    site = load_site_tasks(context.node_config, cfg)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     with torch_threads(cfg.client_threads):
         result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
@@ -151,7 +147,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     with torch_threads(cfg.client_threads):
         global_arrays = record_to_tensors(msg.content.array_records["arrays"])
         if cfg.phase == "finetune":
-            site = _site_tasks(context, cfg)
+            site = load_site_tasks(context.node_config, cfg)
             metrics = finetune_evaluate(site, global_arrays, cfg, _personal_heads(context))
         else:
             site = load_site_data(context.node_config, cfg)

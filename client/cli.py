@@ -47,11 +47,10 @@ def _modalities(value: str) -> list[str]:
 
 def _absolute_manifests(spec: str) -> str:
     """The --task-manifest value with absolute paths (the SuperNode runs in another folder)."""
-    entries = []
-    for entry in filter(None, (part.strip() for part in spec.split(","))):
-        modality, sep, path = entry.rpartition("=")
-        entries.append(f"{modality}{sep}{Path(path).resolve()}")
-    return ",".join(entries)
+    from client.site import task_manifest_entries
+
+    return ",".join(f"{modality}={Path(path).resolve()}" if modality else str(Path(path).resolve())
+                    for modality, path in task_manifest_entries(spec))
 
 
 @app.command()
@@ -147,6 +146,11 @@ def join(
     budget = {
         k: v for k, v in (("privacy-epsilon", privacy_epsilon), ("privacy-delta", privacy_delta)) if v is not None
     }
+    try:
+        manifest = {"task-manifest": _absolute_manifests(task_manifest)} if task_manifest else {}
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
     settings = SiteSettings(
         bundle,
         data,
@@ -155,8 +159,7 @@ def join(
         gpu,
         coordinator,
         warm=not cold,
-        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours,
-                           **({"task-manifest": _absolute_manifests(task_manifest)} if task_manifest else {})},
+        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest},
         max_offline_s=max_offline,
     )
     try:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from client.finetuning import task_adapter
 from simulations.scenario import load_scenario, site_data
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
@@ -80,49 +81,56 @@ def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
     return [TaskSample(item, label=item.label) for item in items if item.label is not None]
 
 
-def load_site_tasks(node_config: Mapping[str, Any], cfg: RunConfig,
-                    adapter: Callable[[str], TaskAdapter]) -> dict[str, TaskSplit]:
-    """The site's samples for the run's fine-tuning task, per modality, split into train/validation.
-    `adapter(modality)` gives the run's task (its point, class or target names select manifest columns)."""
+def load_site_tasks(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str, TaskSplit]:
+    """The site's samples for the run's fine-tuning task, per modality, split into train/validation."""
     if cfg.finetune_task == "classification":
         return {m: TaskSplit(m, task_samples(s.train), task_samples(s.val))
                 for m, s in load_site_data(node_config, cfg).items()}
     if "task-manifest" in node_config:
-        return _manifest_tasks(str(node_config["task-manifest"]), node_config, cfg, adapter)
+        return _manifest_tasks(str(node_config["task-manifest"]), node_config, cfg)
     if "partition-id" in node_config and cfg.finetune_data:
         return _simulated_tasks(int(node_config["partition-id"]), cfg)
     raise ConfigError("task-manifest", f"set this site's {cfg.finetune_task} manifest (a CSV, or "
                                        "'<modality>=<csv>,...') in its node config")
 
 
-def _manifest_tasks(spec: str, node_config: Mapping[str, Any], cfg: RunConfig,
-                    adapter: Callable[[str], TaskAdapter]) -> dict[str, TaskSplit]:
+def _manifest_tasks(spec: str, node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str, TaskSplit]:
     held = str(node_config.get("modalities", node_config.get("modality", ""))).split(",")
     modalities = [canonical_modality(m) for m in held if m.strip()] or cfg.modality_list
+    # The run's own task (its point, class or target names select the manifest's columns).
+    samples = read_task_manifests(spec, cfg.finetune_task, modalities, lambda modality: task_adapter(cfg, modality))
     result: dict[str, TaskSplit] = {}
-    for modality, samples in read_task_manifests(spec, cfg.finetune_task, modalities, adapter).items():
-        train, val = split_samples(samples, [cfg.val_fraction], seed=cfg.seed)
+    for modality, items in samples.items():
+        train, val = split_samples(items, [cfg.val_fraction], seed=cfg.seed)
         result[modality] = TaskSplit(modality, train, val)
     return result
 
 
+def task_manifest_entries(spec: str) -> list[tuple[str, str]]:
+    """A `task-manifest` value as (modality, CSV path) pairs: one CSV (modality "" = the site's first) or
+    '<modality>=<csv>,...'."""
+    entries = []
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        modality, sep, path = entry.partition("=") if "=" in entry else ("", "", entry)
+        if (sep and not modality.strip()) or not path.strip():
+            raise ConfigError("task-manifest", f"expected '<modality>=<csv>', got {entry!r}")
+        entries.append((modality.strip(), path.strip()))
+    if len(entries) > 1 and any(not modality for modality, _ in entries):
+        raise ConfigError("task-manifest", "with several manifests, name each one's modality: '<modality>=<csv>'")
+    return entries
+
+
 def read_task_manifests(spec: str, kind: str, modalities: Sequence[str],
                         adapter: Callable[[str], TaskAdapter] | None = None) -> dict[str, list[TaskSample]]:
-    """Samples per modality from a `task-manifest` value: one CSV (for the site's first modality) or
-    '<modality>=<csv>,...'. Without `adapter`, point, class and target names come from the CSV header."""
-    entries = [part.strip() for part in spec.split(",") if part.strip()]
-    if len(entries) == 1 and "=" not in entries[0]:
-        if not modalities:
-            raise ConfigError("task-manifest", "name the modality: '<modality>=<csv>'")
-        entries = [f"{modalities[0]}={entries[0]}"]
+    """Samples per modality from a `task-manifest` value (see `task_manifest_entries`; an unnamed CSV is
+    the first of `modalities`). Without `adapter`, point, class and target names come from the CSV header."""
     result: dict[str, list[TaskSample]] = {}
-    for entry in entries:
-        name, sep, path = entry.partition("=")
-        if not sep or not path.strip():
-            raise ConfigError("task-manifest", f"expected '<modality>=<csv>', got {entry!r}")
-        modality = canonical_modality(name.strip())
+    for name, path in task_manifest_entries(spec):
+        if not name and not modalities:
+            raise ConfigError("task-manifest", "name the modality: '<modality>=<csv>'")
+        modality = canonical_modality(name) if name else modalities[0]
         task = adapter(modality) if adapter is not None else None
-        result[modality] = _read_manifest(kind, Path(path.strip()), modality, task).samples
+        result[modality] = _read_manifest(kind, Path(path), modality, task).samples
     return result
 
 

@@ -23,7 +23,6 @@ from client.finetuning import (
     new_tuner,
     reported_scores,
     shareable,
-    task_adapter,
 )
 from client.site import load_site_tasks
 from server.finetune_phase import resolve_finetune_task, task_test_evaluator
@@ -50,16 +49,16 @@ class _Run:
     split: TaskSplit
 
 
-def site_tasks(scenario: Scenario, cfg: RunConfig, index: int) -> dict[str, TaskSplit]:
+def site_tasks(cfg: RunConfig, index: int) -> dict[str, TaskSplit]:
     """Simulated site `index`'s task samples for the run's fine-tuning task."""
-    return load_site_tasks({"partition-id": index}, cfg, lambda modality: task_adapter(cfg, modality))
+    return load_site_tasks({"partition-id": index}, cfg)
 
 
 def pooled_tasks(scenario: Scenario, cfg: RunConfig) -> dict[str, TaskSplit]:
     """Every site's task samples pooled per modality, each keeping its train/validation side."""
     pooled: dict[str, TaskSplit] = {}
     for index in range(len(scenario.sites)):
-        for modality, split in site_tasks(scenario, cfg, index).items():
+        for modality, split in site_tasks(cfg, index).items():
             target = pooled.setdefault(modality, TaskSplit(modality, [], []))
             target.train.extend(split.train)
             target.val.extend(split.val)

@@ -109,7 +109,7 @@ def run_local(scenario: Scenario, cfg: RunConfig, central_evaluator: Evaluator |
                           round=cfg.num_rounds, objective=cfg.objective)
         arrays, rounds_done = given or (arrays, cfg.num_rounds)
         if cfg.finetune_rounds > 0:
-            finetune_alone(site.name, site_tasks(scenario, resolve_finetune_task(cfg), index), cfg, arrays, log,
+            finetune_alone(site.name, site_tasks(resolve_finetune_task(cfg), index), cfg, arrays, log,
                            round_offset=rounds_done, seed_offset=index + 1)
     _finish(out, cfg, log, {}, "local-only pretraining (each site alone)")
     return log

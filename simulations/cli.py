@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulations.compare import comparison_rows, reference_rows, test_scores, write_comparison
+from simulations.compare import SCORES, comparison_rows, reference_rows, test_scores, write_comparison
 from simulations.simulate import MODES, quiet_framework_logs, simulate
 from visionfm_core.errors import VisionFMError
 
@@ -116,9 +116,6 @@ def simulate_command(
         console.print(f"comparison: {path}")
 
 
-SCORE_KEYS = ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
-
-
 def _print_scores(mode: str, log: Any, reference: dict[str, dict[str, float]]) -> None:
     first, last = test_scores(log, 0), test_scores(log)
     table = Table(title=f"{mode}: held-out test split, frozen encoder (round 0 → last)",
@@ -130,9 +127,9 @@ def _print_scores(mode: str, log: Any, reference: dict[str, dict[str, float]]) -
         for modality, scores in sorted(per_modality.items()):
             base = first.get(arm, {}).get(modality, {})
             table.add_row(arm, modality, *(f"{base.get(k, float('nan')):.3f} → {scores.get(k, float('nan')):.3f}"
-                                           for k in SCORE_KEYS))
+                                           for k in SCORES))
     for modality, scores in sorted(reference.items()):
-        table.add_row("colour statistics", modality, *(f"{scores[k]:.3f}" for k in SCORE_KEYS), style="dim")
+        table.add_row("colour statistics", modality, *(f"{scores[k]:.3f}" for k in SCORES), style="dim")
     console.print(table)
 
 

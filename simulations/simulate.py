@@ -135,6 +135,7 @@ def write_reference(out: Path, cfg: RunConfig) -> dict[str, dict[str, float]]:
     """`reference.json` and a section of `report.md`: the same k-NN and linear probe on each image's
     per-channel colour mean and standard deviation, fitted on the labelled pool, scored on the test split."""
     from server.central_eval import scenario_colour_reference
+    from simulations.compare import SCORES
 
     reference = scenario_colour_reference(cfg)
     (out / "reference.json").write_text(json.dumps(reference, indent=1))
@@ -146,7 +147,7 @@ def write_reference(out: Path, cfg: RunConfig) -> dict[str, dict[str, float]]:
                  "encoder has learned something beyond colour only where it scores above this.", "",
                  "| modality | k-NN acc | k-NN AUC | linear acc | linear AUC |", "|---|---|---|---|---|"]
         for modality, scores in reference.items():
-            cells = [f"{scores[k]:.3f}" for k in ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")]
+            cells = [f"{scores[k]:.3f}" for k in SCORES]
             lines.append(f"| {modality} | " + " | ".join(cells) + " |")
         with report.open("a") as handle:
             handle.write("\n".join(lines) + "\n")

@@ -38,7 +38,7 @@ def test_centralized_arm_fine_tunes_on_every_sites_samples_pooled(centralized) -
                                                                                (3, "centralized", 2)]
     scenario = str(centralized.out_dir / "scenario.json")
     cfg = resolve_finetune_task(resolve_config(load_scenario(scenario), scenario, FAST))
-    shares = [site_tasks(load_scenario(scenario), cfg, i)["fundus"].train for i in range(3)]
+    shares = [site_tasks(cfg, i)["fundus"].train for i in range(3)]
     assert trained[0]["num_examples"] == sum(map(len, shares))  # every site's training share, pooled
     held_out = [r for r in rows if r["phase"] == "finetune-evaluate" and r["site"] == "centralized:global-test"]
     assert [r["finetune_round"] for r in held_out] == [1, 2] and all(r["mre"] > 0 for r in held_out)

@@ -4,7 +4,6 @@ HRF photographs and masks. Only the encoder and the shared segmentation head lea
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 import simulations
+from tests.csv_files import write_csv
 from tests.integration.deployment.conftest import (
     CoordinatorHandle,
     Federation,
@@ -46,12 +46,7 @@ def vessel_manifest(folder: Path, first: int, count: int) -> Path:
         with Image.open(str(sample.mask)) as mask:
             mask.convert("L").resize(reduced.size, Image.Resampling.NEAREST).save(folder / f"{name}_vessels.png")
         rows.append({"image": f"{name}.png", "mask": f"{name}_vessels.png"})
-    manifest = folder / "vessels.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "mask"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(folder / "vessels.csv", rows)
 
 
 def test_two_hospitals_fine_tune_vessel_segmentation_from_their_own_manifests(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import simulations
 from certs.store import CertStore
 from client.cli import app
+from tests.csv_files import write_csv
 
 OCT = Path(simulations.__file__).parent / "data" / "oct2017_val" / "val" / "CNV"
 
@@ -76,8 +77,6 @@ def test_bundle_for_another_coordinator_fails(store: CertStore, images: Path, tm
 
 def _segmentation_manifest(folder: Path, images: Path, masks: int) -> Path:
     """A site's vessel manifest over its OCT files (any image works), `masks` of which have a mask."""
-    import csv
-
     from PIL import Image
 
     rows = []
@@ -86,12 +85,7 @@ def _segmentation_manifest(folder: Path, images: Path, masks: int) -> Path:
         if index < masks:
             Image.new("L", (32, 32)).save(mask)
         rows.append({"image": str(image), "mask": mask.name})
-    manifest = folder / "vessels.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "mask"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
+    return write_csv(folder / "vessels.csv", rows)
 
 
 def test_a_task_manifest_is_checked_and_a_missing_mask_fails(store: CertStore, images: Path, tmp_path: Path) -> None:

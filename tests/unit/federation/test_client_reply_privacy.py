@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import simulations
 from client.app import app as client_app
 from client.records import arrays_to_record, record_to_numpy
+from tests.csv_files import write_csv
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 
@@ -31,10 +31,7 @@ def site_folder(tmp_path: Path) -> Path:
         (root / src.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(src, root / src.parent.name / name)
         rows.append({"path": f"{src.parent.name}/{name}", "label": src.parent.name, "patient_id": f"{PATIENT}{i % 4}"})
-    with (root / "labels.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "label", "patient_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(root / "labels.csv", rows)
     return root
 
 

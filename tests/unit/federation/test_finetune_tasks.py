@@ -3,7 +3,6 @@ ClientApp: the bundled task sets shared out to simulated sites, and a site's own
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,11 +14,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
 from client.app import app as client_app
-from client.finetuning import CLASSIFIER_PREFIX, finetune_round, task_adapter
+from client.finetuning import CLASSIFIER_PREFIX, finetune_round
 from client.records import arrays_to_record, record_to_numpy
 from client.site import load_site_tasks
 from server.finetune_phase import FineTunePhase, finetune_arrays, resolve_finetune_task, task_test_evaluator
 from simulations.task_sets import TASK_SETS, load_task_set, site_share
+from tests.csv_files import write_csv
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import load_encoder
 from visionfm_core.pretraining import initial_global_arrays
@@ -93,7 +93,7 @@ def test_task_set_shares_are_disjoint_cover_the_pool_and_never_hold_test_patient
 def test_a_sites_round_trains_and_scores_the_task(name: str) -> None:
     cfg = _config(finetune_data=name, finetune_epochs=1)
     sent = _global(cfg)
-    site = load_site_tasks({"partition-id": 2}, cfg, lambda m: task_adapter(cfg, m))
+    site = load_site_tasks({"partition-id": 2}, cfg)
     assert set(site) == {"fundus"} and site["fundus"].train and site["fundus"].val
     result = finetune_round(site, {k: torch.from_numpy(v) for k, v in sent.items()}, cfg, 1, {})
     assert set(result.arrays) == set(sent)
@@ -109,8 +109,8 @@ def test_a_site_without_the_task_sets_modality_trains_nothing(tmp_path: Path) ->
     scenario.write_text('[datasets]\noct = "oct2017"\nfundus = "retinamnist"\n[[sites]]\nname = "a"\n'
                         'modalities = ["oct"]\n[[sites]]\nname = "b"\nmodalities = ["fundus"]\n')
     cfg = _config(finetune_data="hrf-vessels").replace(scenario=str(scenario))
-    assert load_site_tasks({"partition-id": 0}, cfg, lambda m: task_adapter(cfg, m)) == {}
-    assert len(load_site_tasks({"partition-id": 1}, cfg, lambda m: task_adapter(cfg, m))["fundus"].train) > 20
+    assert load_site_tasks({"partition-id": 0}, cfg) == {}
+    assert len(load_site_tasks({"partition-id": 1}, cfg)["fundus"].train) > 20
 
 
 def test_segmentation_reply_holds_weights_and_numbers_only_and_evaluation_scores_dice() -> None:
@@ -140,25 +140,20 @@ def _write_manifest(folder: Path, count: int) -> Path:
         Image.fromarray(image).save(folder / f"img{i}.png")
         Image.fromarray(mask).save(folder / f"img{i}_mask.png")
         rows.append({"image": f"img{i}.png", "mask": f"img{i}_mask.png"})
-    path = folder / "segmentation.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "mask"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(folder / "segmentation.csv", rows)
 
 
 def test_a_deployed_site_reads_its_task_manifest(tmp_path: Path) -> None:
     manifest = _write_manifest(tmp_path, 10)
     cfg = _config(finetune_task="segmentation", finetune_task_config='{"num_classes": 2}', scenario="")
     node = {"data-path": str(tmp_path), "modalities": "fundus", "task-manifest": str(manifest)}
-    site = load_site_tasks(node, cfg, lambda m: task_adapter(cfg, m))
+    site = load_site_tasks(node, cfg)
     assert len(site["fundus"].train) + len(site["fundus"].val) == 10 and site["fundus"].val
     reply = _reply(cfg, _global(cfg), _context(**node))
     metrics = dict(reply.content.metric_records["metrics"])
     assert metrics["fundus/num-examples"] == len(site["fundus"].train)
     with pytest.raises(ConfigError) as raised:
-        load_site_tasks({"data-path": str(tmp_path), "modalities": "fundus"}, cfg, lambda m: task_adapter(cfg, m))
+        load_site_tasks({"data-path": str(tmp_path), "modalities": "fundus"}, cfg)
     assert raised.value.key == "task-manifest"
 
 
@@ -198,3 +193,18 @@ def test_a_task_that_cannot_be_built_stops_the_run_before_pretraining() -> None:
     with pytest.raises(ConfigError) as raised:
         run_federation(None, cfg)  # type: ignore[arg-type]  # no grid: nothing may have been sent yet
     assert raised.value.key == "finetune-task-config"
+
+
+def test_a_task_manifest_value_names_one_csv_or_one_per_modality(tmp_path: Path) -> None:
+    from client.cli import _absolute_manifests
+    from client.site import task_manifest_entries
+
+    assert task_manifest_entries("vessels.csv") == [("", "vessels.csv")]
+    assert task_manifest_entries("fundus=a.csv, oct=b.csv") == [("fundus", "a.csv"), ("oct", "b.csv")]
+    for bad in ("a.csv,b.csv", "fundus=", "=a.csv"):
+        with pytest.raises(ConfigError) as raised:
+            task_manifest_entries(bad)
+        assert raised.value.key == "task-manifest", bad
+    relative = Path(tmp_path.name) / "a.csv"
+    assert _absolute_manifests(f"fundus={relative}") == f"fundus={relative.resolve()}"
+    assert _absolute_manifests(str(relative)) == str(relative.resolve())

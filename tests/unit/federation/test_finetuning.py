@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import PERSONAL_HEAD_PREFIX
 from client.app import app as client_app
-from client.finetuning import CLASSIFIER_PREFIX, finetune_round, task_adapter
+from client.finetuning import CLASSIFIER_PREFIX, finetune_round
 from client.records import arrays_to_record, record_to_numpy
 from client.site import load_site_tasks
 from server.finetune_phase import finetune_arrays, resolve_finetune_task
@@ -76,7 +76,7 @@ def test_shared_head_and_trained_encoder_come_back_trained_with_validation_score
     cfg = _config(finetune_mode="ordinal")
     sent = _global(cfg)
     assert any(k.startswith(f"fundus/{CLASSIFIER_PREFIX}") for k in sent)
-    site = load_site_tasks({"partition-id": 0}, cfg, lambda m: task_adapter(cfg, m))
+    site = load_site_tasks({"partition-id": 0}, cfg)
     result = finetune_round(site, {k: torch.from_numpy(v) for k, v in sent.items()}, cfg, 1, {})
     assert set(result.arrays) == set(sent)
     for key in ("fundus/classifier.fc.weight", "fundus/backbone.blocks.1.mlp.fc2.weight"):
