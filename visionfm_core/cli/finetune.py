@@ -101,7 +101,8 @@ def finetune_command(
     source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}")
     result = pipeline.finetune(
-        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out
+        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
+        announce=lambda line: console.print(line, markup=False, highlight=False),
     )
     emit_json(
         {

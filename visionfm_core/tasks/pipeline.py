@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
-from visionfm_core.models.importers import build_encoder, import_encoder
+from visionfm_core.models.importers import build_encoder, import_encoder, normalisation_name
 from visionfm_core.tasks.adapters import TaskAdapter
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
@@ -32,9 +32,12 @@ class EncoderSource:
     trust: bool = False
 
 
-def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_encoder(
+    source: EncoderSource, modality: str, image_size: int, announce: Callable[[str], None] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """An encoder at ``image_size`` (position embedding resampled when it was trained at another size)
-    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...)."""
+    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...). ``announce`` hears one
+    line naming the weights' format and normalisation."""
     if source.checkpoint is None:
         spec = EncoderSpec(arch=source.arch, image_size=image_size, patch_size=source.patch_size)
         return create_encoder(spec), encoder_metadata(spec, modality, source_format="scratch")
@@ -45,6 +48,9 @@ def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tu
         imported = import_encoder(path, modality, trust=source.trust)
         state, meta = imported.state, imported.metadata
     encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
+    if announce is not None:
+        announce(f"encoder {path}: {meta.get('source_format', 'visionfm-fed')} weights, "
+                 f"{normalisation_name(meta['mean'])} normalisation")
     return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
 
 
@@ -67,9 +73,10 @@ def finetune(
     device: torch.device | str,
     out: str | Path | None = None,
     preprocess_options: dict[str, Any] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
-    encoder, meta = prepare_encoder(source, modality, image_size)
+    encoder, meta = prepare_encoder(source, modality, image_size, announce)
     preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
     tuner = FineTuner(task, config, device)
     result = tuner.fit(encoder, train, val, preprocess)
