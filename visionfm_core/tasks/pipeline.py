@@ -15,6 +15,7 @@ from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
 from visionfm_core.models.importers import build_encoder, import_encoder, normalisation_name
+from visionfm_core.progress import NO_PROGRESS, ProgressReporter
 from visionfm_core.tasks.adapters import TaskAdapter
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
@@ -74,11 +75,13 @@ def finetune(
     out: str | Path | None = None,
     preprocess_options: dict[str, Any] | None = None,
     announce: Callable[[str], None] | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> FitResult:
     """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
     encoder, meta = prepare_encoder(source, modality, image_size, announce)
     preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
     tuner = FineTuner(task, config, device)
+    tuner.progress = progress
     result = tuner.fit(encoder, train, val, preprocess)
     if out is not None:
         save_task_model(
@@ -103,25 +106,45 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 16,
     bootstrap: int = 0,
+    threads: int | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Metrics of a saved task model on ``samples`` (bootstrap AUC interval for classification)."""
+    """Metrics of a saved task model on ``samples`` (bootstrap AUC interval for classification);
+    files that could not be read are added to ``skipped`` (path -> reason) when given."""
     if bootstrap and hasattr(loaded.task, "bootstrap_resamples"):
         loaded.task.bootstrap_resamples = bootstrap
-    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size, threads=threads), device)
+    tuner.progress = progress
     loaded.model.to(tuner.device)
     loaded.task.check(samples)
-    return tuner.evaluate(loaded.model, tuner.loader(samples, loaded.preprocess, train=False))
+    loader = tuner.loader(samples, loaded.preprocess, train=False)
+    progress.start("evaluate", len(loader), "evaluating")
+    metrics = tuner.evaluate(loaded.model, loader)
+    progress.finish("evaluate", f"evaluated {len(samples)} images")
+    if skipped is not None:
+        skipped.update(getattr(loader.dataset, "skipped", {}))
+    return metrics
 
 
 def predict(
-    loaded: LoadedTaskModel, items: Sequence[ImageItem], device: torch.device | str, batch_size: int = 16
+    loaded: LoadedTaskModel,
+    items: Sequence[ImageItem],
+    device: torch.device | str,
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> list[dict[str, Any]]:
-    """Predictions for unlabelled images, each with ``source`` (the image's name on this site)."""
-    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    """Predictions for unlabelled images, each with ``source`` (the image's name on this site);
+    images that could not be read come back as ``{"source", "error"}``."""
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size, threads=threads), device)
+    tuner.progress = progress
     loaded.model.to(tuner.device)
     samples = [TaskSample(item) for item in items]
     loader = tuner.loader(samples, loaded.preprocess, train=False, with_targets=False)
+    progress.start("predict", len(loader), "predicting")
     results = tuner.predict(loaded.model, loader)
+    progress.finish("predict", f"predicted {len(results)} images")
     for result in results:
         item = samples[result["index"]].item
         result["source"] = item.source
