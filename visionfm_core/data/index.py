@@ -140,10 +140,10 @@ def _image_entry(path: Path, rel: str, stat: os.stat_result) -> IndexEntry:
 def vendor_entry(path: Path, rel: str, stat: os.stat_result, salt: bytes | None) -> IndexEntry:
     """The index entry of a vendor OCT export: its volumes, fundus images and their group keys."""
     from visionfm_core.data.patients import hash_patient_id
-    from visionfm_core.data.vendor_oct import read_export, sniff_vendor_file
+    from visionfm_core.data.vendor_oct import convert_export, sniff_vendor_file
 
     fmt = sniff_vendor_file(path)
-    export = read_export(path, fmt)
+    export = convert_export(path, fmt)
 
     def group(eye: str | None) -> str | None:
         # One group per eye and visit, so a patient split keeps a volume's B-scans (and the fundus

@@ -12,9 +12,14 @@ cached, a few at a time, for the frames that follow.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import tempfile
 import threading
 import types
 import warnings
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from visionfm_core.data.problems import DataFileError, ProblemKind
+
+logger = logging.getLogger(__name__)
 
 VENDOR_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"FOCTFDA", "fda"),  # Topcon
@@ -177,22 +184,90 @@ def read_export(path: str | Path, fmt: str) -> VendorExport:
     return export
 
 
-def read_vendor_frame(path: str | Path, fmt: str, frame: int | None) -> np.ndarray:
-    """Frame `frame` of an export as (H, W, 3) uint8: a B-scan (0..N-1, default 0) or a fundus
-    image (-1, -2, ...)."""
-    from visionfm_core.data.readers import to_rgb_uint8
-
-    export = read_export(path, fmt)
+def _frame_key(export: VendorExport, frame: int | None) -> str:
     index = 0 if frame is None else frame
     if index < 0:
         if -index > len(export.fundus):
-            raise DataFileError(str(path), ProblemKind.OTHER, f"no fundus image {-index} in this export")
-        return to_rgb_uint8(export.fundus[-index - 1][0], str(path))
+            raise IndexError(f"no fundus image {-index} in this export")
+        return f"f{-index - 1}"
+    if index >= export.bscans:
+        raise IndexError(f"no B-scan {frame} in this export ({export.bscans})")
+    return f"b{index}"
+
+
+def _frames(export: VendorExport, name: str) -> dict[str, np.ndarray]:
+    """Every frame as uint8, the way the readers hand them on (B-scans grey, fundus RGB)."""
+    from visionfm_core.data.readers import to_rgb_uint8
+
+    bscans = [b for volume in export.volumes for b in volume.bscans]
+    frames = {f"b{i}": to_rgb_uint8(b, name)[..., 0] for i, b in enumerate(bscans)}
+    frames.update({f"f{j}": to_rgb_uint8(image, name) for j, (image, _) in enumerate(export.fundus)})
+    return frames
+
+
+def frames_cache_path(path: str | Path) -> Path:
+    """Where the decoded frames of this version of the file are kept (in the site's state area, never
+    in the data folder): named by a hash of its absolute path, size and modification time."""
+    from visionfm_core.data.state import default_state_base
+
+    stat = Path(path).stat()
+    identity = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return default_state_base() / "vendor-oct" / f"{hashlib.sha256(identity.encode()).hexdigest()[:24]}.npz"
+
+
+def convert_export(path: str | Path, fmt: str) -> VendorExport:
+    """Parse an export and keep its frames decoded on disk, so that training, which asks for one
+    B-scan at a time in random order, reads a small array instead of parsing the whole file again.
+    A cache that cannot be written costs speed only."""
+    export = read_export(path, fmt)
+    try:
+        target = frames_cache_path(path)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".frames-", suffix=".npz", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    np.savez(handle, **_frames(export, str(path)))  # type: ignore[arg-type]  # keys are names
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("could not keep decoded OCT frames (%s); they are parsed again when used", type(exc).__name__)
+    return export
+
+
+def read_vendor_frame(path: str | Path, fmt: str, frame: int | None) -> np.ndarray:
+    """Frame `frame` of an export as (H, W, 3) uint8: a B-scan (0..N-1, default 0) or a fundus
+    image (-1, -2, ...); from the decoded frames on disk when `convert_export` kept them."""
+    from visionfm_core.data.readers import to_rgb_uint8
+
+    name = str(path)
+    try:
+        cached = frames_cache_path(path)
+        with np.load(cached, allow_pickle=False) as frames:
+            index = 0 if frame is None else frame
+            key = f"f{-index - 1}" if index < 0 else f"b{index}"
+            if key in frames.files:
+                return to_rgb_uint8(frames[key], name)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # not converted yet, or a damaged cache file: parse the export itself
+    export = read_export(path, fmt)
+    try:
+        key = _frame_key(export, frame)
+    except IndexError as exc:
+        raise DataFileError(name, ProblemKind.OTHER, str(exc)) from exc
+    return to_rgb_uint8(_frames_for(export, key), name)
+
+
+def _frames_for(export: VendorExport, key: str) -> np.ndarray:
+    index = int(key[1:])
+    if key[0] == "f":
+        return export.fundus[index][0]
     for volume in export.volumes:
         if index < len(volume.bscans):
-            return to_rgb_uint8(volume.bscans[index], str(path))
+            return volume.bscans[index]
         index -= len(volume.bscans)
-    raise DataFileError(str(path), ProblemKind.OTHER, f"no B-scan {frame} in this export ({export.bscans})")
+    raise IndexError(key)
 
 
 def sniff_vendor_file(path: str | Path) -> str:

@@ -111,3 +111,22 @@ def test_vendor_exports_without_the_reader_are_named_with_the_fix(
     assert sorted(Path(s.path).name for s in missing) == ["cut.fda", "e2e_minimized.E2E", "fda_minimized.fda",
                                                            "fds_minimized.fds"]
     assert all("pip install 'visionfm-fed[oct]'" in s.reason for s in missing)
+
+
+def test_bscans_are_read_from_frames_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training asks for B-scans one at a time in random order: after indexing, a frame is a small
+    array read, not a parse of the whole export (here the parser is gone and frames still load)."""
+    pytest.importorskip("oct_converter", reason="the optional 'oct' extra (oct-converter) is not installed")
+    from visionfm_core.data import vendor_oct
+
+    site = _vendor_site(tmp_path)
+    parsed = {(str(site / name), frame): read_any_image(site / name, frame)  # before any conversion
+              for name, frames in (("fda_minimized.fda", 1), ("fds_minimized.fds", 4)) for frame in range(frames)}
+    items = open_site(site, "oct").items
+    expected = [parsed[(item.source, item.frame)] for item in items]
+    vendor_oct._cache.clear()
+    monkeypatch.setitem(sys.modules, "oct_converter", None)
+    monkeypatch.setitem(sys.modules, "oct_converter.readers", None)
+    assert all(np.array_equal(item.load(), want) for item, want in zip(items, expected, strict=True))
+    assert all(vendor_oct.frames_cache_path(item.source).is_file() for item in items)
+    assert all(site not in vendor_oct.frames_cache_path(item.source).parents for item in items)  # never in the data
