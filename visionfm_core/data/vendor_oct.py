@@ -6,8 +6,9 @@ fundus photograph some exports carry into another, and gives each file's frames 
 or file, eye, visit) so a patient split never puts B-scans of one volume on both sides.
 
 Frames: 0..N-1 are the B-scans of all volumes in file order; -1, -2, ... are the fundus images.
-The reader parses the whole file (the formats have no separate header), so decoded exports are
-cached, a few at a time, for the frames that follow.
+The reader parses the whole file (the formats have no separate header): indexing converts each
+export once and keeps its decoded frames in the site's state area (`convert_export`), and a few
+parsed exports stay in memory, so frames asked for one at a time do not parse the file again.
 """
 
 from __future__ import annotations
