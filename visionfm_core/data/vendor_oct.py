@@ -105,7 +105,11 @@ def _reader_class(fmt: str, path: str) -> Callable[[str], Any]:
         else:
             from oct_converter.readers import e2e as module  # type: ignore[no-redef]
     except ImportError as exc:
-        raise DataFileError(path, ProblemKind.MISSING_CODEC, f"{VENDOR_NAMES[fmt]} export: {INSTALL_HINT}") from exc
+        # Also what a missing system library of OpenCV (libGL.so.1 on a bare server) looks like.
+        detail = f" ({str(exc).splitlines()[0]})" if getattr(exc, "name", None) != "oct_converter" else ""
+        raise DataFileError(
+            path, ProblemKind.MISSING_CODEC, f"{VENDOR_NAMES[fmt]} export: {INSTALL_HINT}{detail}"
+        ) from exc
     if _numpy_lacks_binary_fromstring() and not isinstance(module.np, _NumpyWithFromstring):
         module.np = _NumpyWithFromstring()  # only this reader module sees the shim
     reader: Callable[[str], Any] = getattr(module, fmt.upper())
