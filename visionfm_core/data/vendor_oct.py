@@ -232,7 +232,8 @@ def convert_export(path: str | Path, fmt: str) -> VendorExport:
             fd, tmp = tempfile.mkstemp(prefix=".frames-", suffix=".npz", dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as handle:
-                    np.savez(handle, **_frames(export, str(path)))  # type: ignore[arg-type]  # keys are names
+                    # Compressed members: one B-scan is still read alone; OCT speckle halves at least.
+                    np.savez_compressed(handle, **_frames(export, str(path)))  # type: ignore[arg-type]
                 os.replace(tmp, target)
             finally:
                 Path(tmp).unlink(missing_ok=True)
