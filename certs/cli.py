@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold paths or keys
 )
-console = Console()
+console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 
 
 def _fail(exc: Exception) -> None:

@@ -22,7 +22,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals may hold paths or keys
 )
-console = Console()
+console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 DEFAULT_WORK = Path("visionfm-site")
 BUNDLE = typer.Option(..., "--bundle", "-b", help="This hospital's bundle folder from the coordinator.")
 DATA = typer.Option(..., "--data", "-d", help="The site's images: a folder, a DICOM folder or a .npz file.")
@@ -36,7 +36,7 @@ TASK_MANIFEST = typer.Option(
     help="Labelled data for a federated fine-tuning task other than classification: a CSV manifest (see "
     "`visionfm finetune --help` for the columns of each task), or '<modality>=<csv>,...' for several.")
 
-COLOURS = {"ok": "green", "warn": "yellow", "fail": "red"}
+COLOURS = {"ok": "green", "warn": "yellow", "fail": "red", "skip": "dim"}
 # A training site hears from the coordinator only at its heartbeats (about every 20 s in Flower 1.42).
 MIN_MAX_OFFLINE_S = 60
 
@@ -55,13 +55,17 @@ def _absolute_manifests(spec: str) -> str:
 
 @app.command()
 def check(
-    bundle: Path = BUNDLE,
+    bundle: Path | None = typer.Option(
+        None, "--bundle", "-b",
+        help="This hospital's bundle folder from the coordinator; required unless --offline (a data-only "
+        "check, which skips the certificate checks)."),
     data: Path = DATA,
     modalities: str = MODALITIES,
     work: Path = WORK,
     gpu: int | None = GPU,
     coordinator: str | None = COORDINATOR,
-    offline: bool = typer.Option(False, "--offline", help="Do not contact the coordinator."),
+    offline: bool = typer.Option(
+        False, "--offline", help="Do not contact the coordinator; with no --bundle, check data and hardware only."),
     headers_only: bool = typer.Option(False, "--headers-only", help="Index files without decoding every image."),
     task_manifest: str | None = TASK_MANIFEST,
     task: str = typer.Option("segmentation", "--task",
@@ -75,6 +79,9 @@ def check(
     """
     from client.preflight import run_checks
 
+    if bundle is None and not offline:
+        console.print("[red]error:[/red] --bundle is required unless --offline (a data-only check)")
+        raise typer.Exit(2)
     try:
         checks = run_checks(
             data, _modalities(modalities), bundle, work, coordinator, gpu, not offline, not headers_only,
@@ -87,7 +94,7 @@ def check(
         colour = COLOURS[item.verdict]
         console.print(f"[{colour}]{item.verdict.upper():4}[/{colour}] {item.name}: {escape(item.message)}")
         for line in item.details:
-            console.print(f"       {line}", markup=False)
+            console.print(f"       {line}", markup=False, highlight=False)
     failed = [c for c in checks if c.verdict == "fail"]
     console.print("[red]NOT READY[/red]" if failed else "[green]READY[/green] to join")
     raise typer.Exit(1 if failed else 0)

@@ -27,7 +27,7 @@ class Check:
     """One verdict of the preflight."""
 
     name: str
-    verdict: str  # "ok", "warn" or "fail"
+    verdict: str  # "ok", "warn", "fail" or "skip" (not checked)
     message: str
     details: list[str] = field(default_factory=list)  # local-only lines (may name files)
 
@@ -75,8 +75,10 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
 
 
 def check_task_manifest(spec: str, kind: str, modalities: list[str]) -> list[Check]:
-    """A fine-tuning task manifest: it parses, and every image and mask file it names exists."""
+    """A fine-tuning task manifest: it parses, every image and mask file it names exists, and every
+    mask can be read and has its image's size."""
     from client.site import read_task_manifests
+    from visionfm_core.tasks.mask_check import mask_pair_problems
 
     try:
         per_modality = read_task_manifests(spec, kind, [canonical_modality(m) for m in modalities])
@@ -91,6 +93,9 @@ def check_task_manifest(spec: str, kind: str, modalities: list[str]) -> list[Che
                                                             "do not exist", sorted(set(missing))[:20]))
         elif not samples:
             checks.append(Check(f"task:{modality}", "fail", f"the {kind} manifest lists no samples"))
+        elif bad_pairs := mask_pair_problems(samples):
+            checks.append(Check(f"task:{modality}", "fail", f"{len(bad_pairs)} of {len(samples)} image/mask "
+                                                            "pair(s) cannot be used", bad_pairs))
         else:
             checks.append(Check(f"task:{modality}", "ok", f"{len(samples)} {kind} samples"))
     return checks
@@ -178,7 +183,7 @@ def check_bundle(bundle_dir: Path, coordinator: str | None, online: bool) -> lis
 def run_checks(
     data_path: Path,
     modalities: list[str],
-    bundle_dir: Path,
+    bundle_dir: Path | None,
     work_dir: Path,
     coordinator: str | None = None,
     gpu: int | None = None,
@@ -187,11 +192,16 @@ def run_checks(
     task_manifest: str | None = None,
     task: str = "segmentation",
 ) -> list[Check]:
-    """Every preflight check, in the order they are shown."""
+    """Every preflight check, in the order they are shown. Without a bundle (a data-only check) the
+    certificate and coordinator checks are skipped, and a line says so."""
+    if bundle_dir is None:
+        certificates = [Check("bundle", "skip", "no --bundle given: certificate and coordinator checks skipped")]
+    else:
+        certificates = check_bundle(bundle_dir, coordinator, online)
     return [
         *check_data(data_path, modalities, decode),
         *(check_task_manifest(task_manifest, task, modalities) if task_manifest else []),
         check_gpu(gpu),
         *check_resources(work_dir),
-        *check_bundle(bundle_dir, coordinator, online),
+        *certificates,
     ]

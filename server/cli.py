@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold paths or keys
 )
 app.add_typer(certs_app, name="certs")
-console = Console()
+console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 DEFAULT_STATE = Path("visionfm-coordinator")
 STATE_OPTION = typer.Option(DEFAULT_STATE, "--state", help="The coordinator's state folder.")
 

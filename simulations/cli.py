@@ -17,7 +17,7 @@ from visionfm_core.errors import VisionFMError
 
 app = typer.Typer(help="visionfm-fed: federated ophthalmic foundation models (VisionFM) with Flower.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 
 
 @app.callback()

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from visionfm_core.errors import VisionFMError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never wrap or cut a line: paths stay whole
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
-from PIL import Image
 
 from visionfm_core.cli.common import clean_numbers, console, emit_json, reports_errors, split_names
+from visionfm_core.cli.predict_output import MASK_MAX_COLOURS, looks_like_mask, save_masks
 from visionfm_core.cli.task_data import TASK_KINDS, TaskOptions, build_task, read_task_data
 from visionfm_core.errors import ConfigError
+from visionfm_core.progress import console_progress, name_skipped
 from visionfm_core.runtime import resolve_device
 from visionfm_core.tasks import pipeline
 from visionfm_core.tasks.persistence import load_task_model
@@ -101,15 +101,18 @@ def finetune_command(
     source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}")
     result = pipeline.finetune(
-        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out
+        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
+        announce=lambda line: console.print(line, markup=False, highlight=False),
+        progress=console_progress(console),
     )
+    skipped = name_skipped(console, [*train_data.skipped, *result.skipped.items()])
     emit_json(
         {
             "model": str(out),
             "best_epoch": result.best_epoch,
             "selection_metric": result.selection_metric,
             "validation": result.best_validation,
-            "skipped": len(result.skipped),
+            "skipped": skipped,
             "history": [
                 {
                     "epoch": r.epoch,
@@ -138,6 +141,7 @@ def evaluate_command(
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the AUC confidence interval")] = 1000,
     batch_size: int = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics JSON here instead of stdout")] = None,
 ) -> None:
     """Score a fine-tuned model on labelled data (AUC with a bootstrap 95% interval for classification)."""
@@ -145,8 +149,11 @@ def evaluate_command(
     task = loaded.task
     options = TaskOptions(task.kind, getattr(task, "mode", "multiclass"))
     modality = loaded.encoder_metadata.get("modality", "fundus")
-    samples = read_task_data(options, data, split, modality, _task_names(task)).samples
-    metrics = pipeline.evaluate(loaded, samples, resolve_device(device), batch_size, bootstrap)
+    manifest = read_task_data(options, data, split, modality, _task_names(task))
+    unreadable: dict[str, str] = {}
+    metrics = pipeline.evaluate(loaded, manifest.samples, resolve_device(device), batch_size, bootstrap, threads,
+                                console_progress(console), unreadable)
+    name_skipped(console, [*manifest.skipped, *unreadable.items()])
     emit_json({"model": str(model), "task": task.kind, "metrics": metrics}, out)
 
 
@@ -168,29 +175,21 @@ def _flatten(prediction: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _save_masks(predictions: list[dict[str, Any]], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for number, prediction in enumerate(predictions):
-        mask = prediction.pop("mask", None)
-        if mask is None:
-            continue
-        name = f"{number:05d}_{Path(prediction['source']).stem}_mask.png"
-        Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(folder / name)
-        prediction["mask_file"] = str(folder / name)
-
-
 @reports_errors
 def predict_command(
     model: Annotated[Path, typer.Argument(help="task model written by `visionfm finetune`")],
     inputs: Annotated[Path, typer.Argument(help="an image, a folder (nested; images and DICOM) or a DICOM file")],
     out: Annotated[Path, typer.Option(help="predictions file: .csv or .json")],
     masks: Annotated[
-        Path | None, typer.Option(help="segmentation: folder for the mask PNGs (default: next to --out)")
+        Path | None,
+        typer.Option(help="segmentation: folder for the <image>_mask.png files (default: beside --out)"),
     ] = None,
     batch_size: int = 16,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
 ) -> None:
-    """Predict on unlabelled images; segmentation masks are written as PNGs at each image's own size."""
+    """Predict on unlabelled images. Segmentation masks are written at each image's own size as
+    `<image>_mask.png` (0/255 for one class, a palette image of class ids for several)."""
     from visionfm_core.data.site import open_site
 
     if out.suffix not in (".csv", ".json"):
@@ -201,10 +200,13 @@ def predict_command(
     if not scan.items:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in scan.skipped[:3])
         raise ConfigError("inputs", f"no usable image in {inputs}" + (f" ({reasons})" if reasons else ""))
-    predictions = pipeline.predict(loaded, scan.items, resolve_device(device), batch_size)
+    _warn_about_masks(sorted({item.source for item in scan.items}))
+    predictions = pipeline.predict(loaded, scan.items, resolve_device(device), batch_size, threads,
+                                   console_progress(console))
     predictions += [{"source": s.path, "error": s.reason} for s in scan.skipped]
+    name_skipped(console, [(p["source"], p["error"]) for p in predictions if "error" in p])
     if loaded.task.kind == "segmentation":
-        _save_masks(predictions, masks or out.with_name(f"{out.stem}_masks"))
+        save_masks(predictions, masks or out.parent, int(getattr(loaded.task, "num_classes", 2)))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(
@@ -219,4 +221,17 @@ def predict_command(
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-    console.print(f"{len(scan.items)} image(s) predicted, {len(scan.skipped)} skipped: {out}")
+    failed = sum(1 for p in predictions if "error" in p)
+    console.print(f"{len(predictions) - failed} image(s) predicted, {failed} skipped: {out}", markup=False,
+                  highlight=False)
+
+
+def _warn_about_masks(sources: list[str]) -> None:
+    """A dataset folder often holds its annotation files next to the photographs: say so, by name."""
+    suspects = [source for source in sources if looks_like_mask(source)]
+    if not suspects:
+        return
+    console.print(f"[yellow]warning:[/] {len(suspects)} of {len(sources)} input(s) look like masks or annotations "
+                  f"(at most {MASK_MAX_COLOURS} distinct values), not photographs; predicting on them anyway:")
+    for source in suspects:
+        console.print(f"  {source}", markup=False, highlight=False)

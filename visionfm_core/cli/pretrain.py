@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ import typer
 
 from visionfm_core.cli.common import console, emit_json, reports_errors
 from visionfm_core.errors import ConfigError, DataError
+from visionfm_core.progress import EpochLine, console_progress, name_skipped
 
 
 @reports_errors
@@ -54,6 +56,7 @@ def pretrain_command(
         raise ConfigError("keep", f"use 'teacher' or 'student', got {keep!r}")
     seed_everything(seed)
     scan = open_site(data, modality, split=split)
+    skipped = name_skipped(console, [(s.path, s.reason) for s in scan.skipped])
     if len(scan.items) < 2:
         raise DataError(str(data), f"found {len(scan.items)} usable image(s); pretraining needs at least 2")
     mod = get_modality(modality)
@@ -74,11 +77,16 @@ def pretrain_command(
     console.print(f"pretraining {arch} ({objective}) on {len(scan.items)} images for {steps} steps")
     chunk = max(1, steps // 10)
     done, last = 0, {}
+    progress = console_progress(console)
+    progress.start("pretrain", steps, f"pretraining {arch}")
     while done < steps:
         take = min(chunk, steps - done)
+        started = time.perf_counter()
         last = trainer.train_steps(loader, take, start_step=done)
         done += take
-        console.print(f"  step {done}/{steps}: loss {last['loss']:.4f}")
+        progress.advance("pretrain", take)
+        progress.epoch(EpochLine(done, steps, last["loss"], time.perf_counter() - started, unit="step"))
+    progress.finish("pretrain", f"pretrained on {len(scan.items)} images")
     network = trainer.teacher if keep == "teacher" else trainer.student
     backbone = {k: v.detach().to("cpu") for k, v in network.backbone.state_dict().items()}
     metadata = encoder_metadata(
@@ -89,7 +97,7 @@ def pretrain_command(
         {
             "encoder": str(out),
             "images": len(scan.items),
-            "skipped": len(scan.skipped),
+            "skipped": skipped,
             "steps": steps,
             "final_loss": last.get("loss"),
         },

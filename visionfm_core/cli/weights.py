@@ -49,10 +49,13 @@ def import_command(
 ) -> None:
     """Convert released weights into our encoder checkpoint (timm keys, strict load verified)."""
     from visionfm_core.models.checkpoint import save_encoder
-    from visionfm_core.models.importers import import_encoder
+    from visionfm_core.models.importers import import_encoder, normalisation_name
 
     result = import_encoder(source, modality, source_format, image_size, trust, num_heads)
     save_encoder(out, result.state, result.metadata)
+    how = "detected" if source_format == "auto" else "as asked"
+    console.print(f"read {source} as {result.source_format} ({how}); "
+                  f"{normalisation_name(result.metadata['mean'])} normalisation", markup=False, highlight=False)
     emit_json(
         {
             "written": str(out),

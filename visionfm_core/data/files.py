@@ -29,6 +29,10 @@ def read_any_image(path: str | Path, frame: int | None = None) -> np.ndarray:
         from visionfm_core.data.dicom_pixels import read_dicom_frame
 
         return read_dicom_frame(path, 0 if frame is None else frame)
+    if kind is FileType.VENDOR_OCT:
+        from visionfm_core.data.vendor_oct import read_vendor_frame, sniff_vendor_file
+
+        return read_vendor_frame(path, sniff_vendor_file(path), frame)
     if kind is FileType.IMAGE:
         if frame not in (None, 0):
             raise DataFileError(name, ProblemKind.OTHER, f"frame {frame} requested from a single-frame image")
@@ -37,5 +41,6 @@ def read_any_image(path: str | Path, frame: int | None = None) -> np.ndarray:
         return read_image(path)
     suffix = Path(path).suffix or "(none)"
     raise DataFileError(
-        name, ProblemKind.NOT_AN_IMAGE, f"content is neither a supported image nor DICOM (extension {suffix})"
+        name, ProblemKind.NOT_AN_IMAGE,
+        f"content is neither a supported image, DICOM nor a vendor OCT export (extension {suffix})",
     )

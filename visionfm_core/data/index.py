@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -30,7 +31,7 @@ from visionfm_core.errors import DataError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: vendor OCT exports (files that version 1 listed as problems are re-read)
 
 
 @dataclass
@@ -50,6 +51,11 @@ class IndexEntry:
     modality: str | None = None
     laterality: str | None = None
     patient_key: str | None = None
+    # Vendor OCT exports ("vendor_oct"): the format, each volume as [B-scans, eye, group key] and each
+    # fundus image as [eye, group key] (group: salted hash of patient or file, eye and visit).
+    vendor: str | None = None
+    volumes: list[list[Any]] | None = None
+    fundus: list[list[Any]] | None = None
 
 
 @dataclass
@@ -131,6 +137,30 @@ def _image_entry(path: Path, rel: str, stat: os.stat_result) -> IndexEntry:
     return IndexEntry(rel, stat.st_size, stat.st_mtime_ns, "image", width=width, height=height)
 
 
+def vendor_entry(path: Path, rel: str, stat: os.stat_result, salt: bytes | None) -> IndexEntry:
+    """The index entry of a vendor OCT export: its volumes, fundus images and their group keys."""
+    from visionfm_core.data.patients import hash_patient_id
+    from visionfm_core.data.vendor_oct import convert_export, sniff_vendor_file
+
+    fmt = sniff_vendor_file(path)
+    export = convert_export(path, fmt)
+
+    def group(eye: str | None) -> str | None:
+        # One group per eye and visit, so a patient split keeps a volume's B-scans (and the fundus
+        # photograph taken with them) together; the raw ID and date never leave this function.
+        owner = f"patient:{export.patient_id}" if export.patient_id else f"file:{rel}"
+        return None if salt is None else hash_patient_id(f"{owner}|eye:{eye or '?'}|visit:{export.visit or '?'}", salt)
+
+    volumes = [[len(v.bscans), v.laterality, group(v.laterality)] for v in export.volumes if v.bscans]
+    fundus = [[eye, group(eye)] for _, eye in export.fundus]
+    first = export.volumes[0].bscans[0] if export.bscans else export.fundus[0][0]
+    return IndexEntry(
+        rel, stat.st_size, stat.st_mtime_ns, "vendor_oct", width=int(first.shape[1]), height=int(first.shape[0]),
+        frames=export.bscans, modality="oct" if export.bscans else "fundus",
+        laterality=export.volumes[0].laterality if export.volumes else None, vendor=fmt, volumes=volumes, fundus=fundus,
+    )
+
+
 def index_file(root: Path, rel: str, stat: os.stat_result, salt: bytes | None) -> IndexEntry:
     """Classify and describe one file from its header; a bad file becomes a "problem" entry."""
     path = root / rel
@@ -154,11 +184,13 @@ def index_file(root: Path, rel: str, stat: os.stat_result, salt: bytes | None) -
                 laterality=header.laterality,
                 patient_key=header.patient_key,
             )
+        if kind is FileType.VENDOR_OCT:
+            return vendor_entry(path, rel, stat, salt)
         suffix = Path(rel).suffix or "(none)"
         raise DataFileError(
             str(path),
             ProblemKind.NOT_AN_IMAGE,
-            f"content is neither a supported image nor DICOM (extension {suffix})",
+            f"content is neither a supported image, DICOM nor a vendor OCT export (extension {suffix})",
         )
     except DataError as exc:
         return _problem(rel, stat, exc)

@@ -14,7 +14,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visionfm_core.data.problems import DataFileError, ProblemKind
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif"})
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 # Refuse decompression bombs: 2x Pillow's warning threshold is far above any ophthalmic photograph.
 MAX_PIXELS = 2 * 89_478_485
 
@@ -59,7 +61,7 @@ def _pillow_array(image: Image.Image) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read a png/jpeg/tiff/bmp/gif file as (H, W, 3) uint8; raise DataFileError(path, kind, reason)."""
+    """Read a png/jpeg/tiff/bmp/gif/Netpbm file as (H, W, 3) uint8; raise DataFileError(path, kind, reason)."""
     name = str(path)
     try:
         if Path(path).stat().st_size == 0:

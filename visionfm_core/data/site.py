@@ -8,11 +8,11 @@ that changed. Multi-frame DICOM (OCT volumes, cine loops) becomes one item per s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from visionfm_core.data.dicom_header import read_dicom_header
-from visionfm_core.data.index import IndexEntry, SiteIndex, index_site
+from visionfm_core.data.index import IndexEntry, SiteIndex, index_site, vendor_entry
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.labels import LabelRow, read_label_rows
 from visionfm_core.data.patients import hash_patient_id, load_or_create_salt
@@ -85,6 +85,24 @@ def _items_for(
     return [ImageItem(source, label, modality, patient_key)]
 
 
+def _vendor_items(entry: IndexEntry, source: str, label: int | None, options: SiteOptions) -> list[ImageItem]:
+    """Every selected B-scan of an export as an OCT item and each fundus image as a fundus item,
+    keeping those of the site's modality (all when the site names none)."""
+    items: list[ImageItem] = []
+    start = 0
+    for count, eye, key in entry.volumes or []:
+        items += [ImageItem(source, label, "oct", key, start + f, eye) for f in select_frames(count, options.slices)]
+        start += count
+    items += [ImageItem(source, label, "fundus", key, -(j + 1), eye) for j, (eye, key) in enumerate(entry.fundus or [])]
+    return [i for i in items if options.modality is None or i.modality == options.modality]
+
+
+def _vendor_mismatch(entry: IndexEntry, source: str, options: SiteOptions) -> SkippedFile:
+    held = " and ".join(m for m, n in (("OCT B-scans", entry.frames), ("fundus images", len(entry.fundus or []))) if n)
+    return SkippedFile(source, f"vendor OCT export holds {held}, the site is configured for {options.modality}",
+                       ProblemKind.WRONG_MODALITY, entry.modality)
+
+
 def items_from_index(
     index: SiteIndex, labels: dict[str, LabelRow] | None, salt: bytes, options: SiteOptions
 ) -> ScanResult:
@@ -113,6 +131,16 @@ def items_from_index(
     items: list[ImageItem] = []
     for entry in usable:
         source = str(root / entry.path)
+        if entry.kind == "vendor_oct":
+            vendor_label, row_key, missing = _label_of(entry, labels, class_names, salt)
+            if missing:
+                skipped.append(SkippedFile(source, "no row in the labels CSV", ProblemKind.NO_LABEL_ROW))
+                continue
+            vendor_items = _vendor_items(entry, source, vendor_label, options)
+            if not vendor_items:
+                skipped.append(_vendor_mismatch(entry, source, options))
+            items.extend(replace(i, patient_key=row_key) if row_key else i for i in vendor_items)
+            continue
         modality, wrong = _resolve_modality(entry, options)
         if wrong:
             skipped.append(
@@ -140,6 +168,18 @@ def items_from_index(
     return ScanResult(items=items, skipped=skipped, class_names=class_names)
 
 
+def _label_of(
+    entry: IndexEntry, labels: dict[str, LabelRow] | None, class_names: list[str], salt: bytes
+) -> tuple[int | None, str | None, bool]:
+    """(label, patient key from the labels CSV, whether the CSV lacks a row for the file)."""
+    if labels is None:
+        return (class_names.index(entry.path.split("/")[0]) if class_names else None), None, False
+    row = labels.get(entry.path)
+    if row is None:
+        return None, None, True
+    return class_names.index(row.label), hash_patient_id(row.patient_id, salt) if row.patient_id else None, False
+
+
 def _single_file(path: Path, salt: bytes, options: SiteOptions) -> ScanResult:
     try:
         kind = sniff_file(path)
@@ -157,11 +197,20 @@ def _single_file(path: Path, salt: bytes, options: SiteOptions) -> ScanResult:
             )
         elif kind is FileType.IMAGE:
             entry = IndexEntry(path.name, 0, 0, "image")
+        elif kind is FileType.VENDOR_OCT:
+            stat = path.stat()
+            entry = vendor_entry(path, path.name, stat, salt)
         else:
-            raise DataFileError(str(path), ProblemKind.NOT_AN_IMAGE, "neither a supported image nor DICOM")
+            raise DataFileError(str(path), ProblemKind.NOT_AN_IMAGE,
+                                "neither a supported image, DICOM nor a vendor OCT export")
     except DataError as exc:
         kind_of = exc.kind if isinstance(exc, DataFileError) else ProblemKind.OTHER
         return ScanResult(items=[], skipped=[SkippedFile(str(path), exc.reason, kind_of)])
+    if entry.kind == "vendor_oct":
+        vendor_items = _vendor_items(entry, str(path), None, options)
+        if not vendor_items:
+            return ScanResult(items=[], skipped=[_vendor_mismatch(entry, str(path), options)])
+        return ScanResult(items=vendor_items)
     modality, wrong = _resolve_modality(entry, options)
     if wrong:
         return ScanResult(

@@ -42,11 +42,17 @@ _IMAGE_MAGIC: tuple[bytes, ...] = (
 )
 
 
+def is_netpbm(head: bytes) -> bool:
+    """Netpbm (.pbm/.pgm/.ppm/.pnm, e.g. STARE's photographs): "P1".."P6" then whitespace."""
+    return len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n"
+
+
 class FileType(str, Enum):
     """What the first bytes say a file is."""
 
     DICOM = "dicom"
     IMAGE = "image"
+    VENDOR_OCT = "vendor_oct"  # Topcon .fda/.fds, Heidelberg .e2e (vendor_oct.py)
     EMPTY = "empty"
     UNKNOWN = "unknown"
 
@@ -61,6 +67,12 @@ def sniff_bytes(head: bytes, suffix: str = "") -> FileType:
         return FileType.IMAGE
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return FileType.IMAGE
+    if is_netpbm(head):
+        return FileType.IMAGE
+    from visionfm_core.data.vendor_oct import vendor_format
+
+    if vendor_format(head) is not None:
+        return FileType.VENDOR_OCT
     # Old DICOM files may lack the preamble; trust the extension then and let the reader decide.
     if suffix.lower() in DICOM_SUFFIXES:
         return FileType.DICOM

@@ -23,6 +23,11 @@ from torch import Tensor
 from visionfm_core.errors import CheckpointError
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
+FOREIGN_PRETRAINED_KEYS = (
+    "tag", "hf_hub_id", "hf_hub_filename", "url", "file", "license", "paper_ids", "paper_name",
+    "origin_url", "notes", "source",
+)
+
 
 def _model(state: dict[str, Tensor], metadata: dict[str, Any]) -> torch.nn.Module:
     model: torch.nn.Module = timm.create_model(metadata["timm_name"], **metadata["timm_kwargs"])
@@ -57,6 +62,12 @@ def export_timm_folder(state: dict[str, Tensor], metadata: dict[str, Any], folde
     config = json.loads((folder / "config.json").read_text())
     if "architecture" not in config:
         raise CheckpointError(str(folder), "timm wrote no architecture into config.json")
+    # timm copies the registered model's pretrained tag, hub id, licence and paper links (e.g. an
+    # ImageNet "augreg2_in21k_ft_in1k" tag); they describe timm's weights, not these.
+    pretrained = config.get("pretrained_cfg", {})
+    for key in FOREIGN_PRETRAINED_KEYS:
+        pretrained.pop(key, None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return folder
 
 

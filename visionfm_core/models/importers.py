@@ -126,12 +126,41 @@ def detect_format(checkpoint: dict[str, Any]) -> SourceFormat:
         return "retfound_dinov2" if any(m in k for k in teacher for m in dinov2_marks) else "visionfm"
     model = _tensors(checkpoint.get("model"))
     if model:
-        return "retfound_mae" if any(k.startswith(("decoder", "mask_token")) for k in model) else "timm"
+        return "retfound_mae" if _is_retfound(checkpoint, model) else "timm"
     if _tensors(checkpoint.get("visionfm_state_dict")) or _tensors(checkpoint.get("state_dict")):
         return "timm"
     if _tensors(checkpoint):
         return "timm"
     raise CheckpointError("<checkpoint>", f"no weights found; top-level keys: {sorted(checkpoint)[:12]}")
+
+
+# RETFound's released encoders: ViT-Large/16 at 224 px (1024-d, 24 blocks, 14x14 patches + [CLS]).
+_RETFOUND_SHAPES = {
+    "cls_token": (1, 1, 1024),
+    "pos_embed": (1, 197, 1024),
+    "patch_embed.proj.weight": (1024, 3, 16, 16),
+    "blocks.23.mlp.fc1.weight": (4096, 1024),
+}
+# What MAE's training script (which RETFound uses) stores in its `args` besides the weights.
+_MAE_ARGS = ("mask_ratio", "norm_pix_loss", "blr", "accum_iter")
+
+
+def _is_retfound(checkpoint: dict[str, Any], model: dict[str, Tensor]) -> bool:
+    """RETFound (MAE code) stores {"model": ..., "args": Namespace, "epoch", ...}. With the MAE
+    decoder keys it is certainly MAE; without them (an encoder-only or fine-tuned release) the
+    training script's `args` or RETFound's exact ViT-L/16 shapes tell it from a plain timm file."""
+    if any(k.startswith(("decoder", "mask_token")) for k in model):
+        return True
+    args = checkpoint.get("args")
+    if args is not None and any(hasattr(args, name) for name in _MAE_ARGS):
+        return True
+    state = _strip(model, ("module.",))
+    return all(k in state and tuple(state[k].shape) == shape for k, shape in _RETFOUND_SHAPES.items())
+
+
+def normalisation_name(mean: Any) -> str:
+    """'ImageNet' or 'modality' for printing which input statistics an encoder expects."""
+    return "ImageNet" if tuple(round(float(m), 3) for m in mean) == IMAGENET_MEAN else "modality"
 
 
 def _strip(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> dict[str, Tensor]:

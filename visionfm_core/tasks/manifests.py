@@ -32,6 +32,7 @@ class Manifest:
 
     samples: list[TaskSample]
     names: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files left out
 
 
 def _rows(csv_path: Path) -> tuple[list[dict[str, str]], str]:
@@ -225,6 +226,7 @@ def classification_source(
     if path.suffix == ".csv":
         return read_classification_csv(path, class_names, multilabel, modality)
     scan = scan_image_folder(path, modality=modality)
+    skipped = [(s.path, s.reason) for s in scan.skipped]
     if not scan.class_names:
         raise DataError(str(path), "no class folders (expected <class>/<image> below the folder)")
     names = scan.class_names
@@ -235,6 +237,7 @@ def classification_source(
         remap = {i: list(class_names).index(n) for i, n in enumerate(names)}
         names = list(class_names)
         return Manifest(
-            [TaskSample(i, label=remap[i.label] if i.label is not None else None) for i in scan.items], names
+            [TaskSample(i, label=remap[i.label] if i.label is not None else None) for i in scan.items], names,
+            skipped,
         )
-    return Manifest([TaskSample(i, label=i.label) for i in scan.items], names)
+    return Manifest([TaskSample(i, label=i.label) for i in scan.items], names, skipped)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,8 @@ from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
-from visionfm_core.models.importers import build_encoder, import_encoder
+from visionfm_core.models.importers import build_encoder, import_encoder, normalisation_name
+from visionfm_core.progress import NO_PROGRESS, ProgressReporter
 from visionfm_core.tasks.adapters import TaskAdapter
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
@@ -32,9 +33,12 @@ class EncoderSource:
     trust: bool = False
 
 
-def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_encoder(
+    source: EncoderSource, modality: str, image_size: int, announce: Callable[[str], None] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """An encoder at ``image_size`` (position embedding resampled when it was trained at another size)
-    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...)."""
+    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...). ``announce`` hears one
+    line naming the weights' format and normalisation."""
     if source.checkpoint is None:
         spec = EncoderSpec(arch=source.arch, image_size=image_size, patch_size=source.patch_size)
         return create_encoder(spec), encoder_metadata(spec, modality, source_format="scratch")
@@ -45,6 +49,9 @@ def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tu
         imported = import_encoder(path, modality, trust=source.trust)
         state, meta = imported.state, imported.metadata
     encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
+    if announce is not None:
+        announce(f"encoder {path}: {meta.get('source_format', 'visionfm-fed')} weights, "
+                 f"{normalisation_name(meta['mean'])} normalisation")
     return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
 
 
@@ -67,11 +74,14 @@ def finetune(
     device: torch.device | str,
     out: str | Path | None = None,
     preprocess_options: dict[str, Any] | None = None,
+    announce: Callable[[str], None] | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> FitResult:
     """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
-    encoder, meta = prepare_encoder(source, modality, image_size)
+    encoder, meta = prepare_encoder(source, modality, image_size, announce)
     preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
     tuner = FineTuner(task, config, device)
+    tuner.progress = progress
     result = tuner.fit(encoder, train, val, preprocess)
     if out is not None:
         save_task_model(
@@ -96,25 +106,45 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 16,
     bootstrap: int = 0,
+    threads: int | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """Metrics of a saved task model on ``samples`` (bootstrap AUC interval for classification)."""
+    """Metrics of a saved task model on ``samples`` (bootstrap AUC interval for classification);
+    files that could not be read are added to ``skipped`` (path -> reason) when given."""
     if bootstrap and hasattr(loaded.task, "bootstrap_resamples"):
         loaded.task.bootstrap_resamples = bootstrap
-    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size, threads=threads), device)
+    tuner.progress = progress
     loaded.model.to(tuner.device)
     loaded.task.check(samples)
-    return tuner.evaluate(loaded.model, tuner.loader(samples, loaded.preprocess, train=False))
+    loader = tuner.loader(samples, loaded.preprocess, train=False)
+    progress.start("evaluate", len(loader), "evaluating")
+    metrics = tuner.evaluate(loaded.model, loader)
+    progress.finish("evaluate", f"evaluated {len(samples)} images")
+    if skipped is not None:
+        skipped.update(getattr(loader.dataset, "skipped", {}))
+    return metrics
 
 
 def predict(
-    loaded: LoadedTaskModel, items: Sequence[ImageItem], device: torch.device | str, batch_size: int = 16
+    loaded: LoadedTaskModel,
+    items: Sequence[ImageItem],
+    device: torch.device | str,
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: ProgressReporter = NO_PROGRESS,
 ) -> list[dict[str, Any]]:
-    """Predictions for unlabelled images, each with ``source`` (the image's name on this site)."""
-    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size), device)
+    """Predictions for unlabelled images, each with ``source`` (the image's name on this site);
+    images that could not be read come back as ``{"source", "error"}``."""
+    tuner = FineTuner(loaded.task, FineTuneConfig(batch_size=batch_size, threads=threads), device)
+    tuner.progress = progress
     loaded.model.to(tuner.device)
     samples = [TaskSample(item) for item in items]
     loader = tuner.loader(samples, loaded.preprocess, train=False, with_targets=False)
+    progress.start("predict", len(loader), "predicting")
     results = tuner.predict(loaded.model, loader)
+    progress.finish("predict", f"predicted {len(results)} images")
     for result in results:
         item = samples[result["index"]].item
         result["source"] = item.source

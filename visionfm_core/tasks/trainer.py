@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskHead, TaskModel, encoder_dims
+from visionfm_core.progress import NO_PROGRESS, EpochLine, ProgressReporter
 from visionfm_core.runtime import autocast_dtype, autocast_for, seed_everything, torch_threads
 from visionfm_core.tasks.adapters.base import Regime, TaskAdapter
 from visionfm_core.tasks.data import Preprocess, TaskDataset, collate, move, select
@@ -202,6 +204,7 @@ class FineTuner:
         self.config = config
         self.device = torch.device(device)
         self.selection_metric = config.select_metric or task.selection_metric
+        self.progress: ProgressReporter = NO_PROGRESS  # set by the CLI: bars or one line per epoch
 
     # --- building -------------------------------------------------------------------------------------
 
@@ -269,6 +272,7 @@ class FineTuner:
                     total_loss += float(loss.detach())
                     steps += 1
                     state.step += 1
+                    self.progress.advance("train")
         return {"loss": total_loss / max(1, steps), "steps": float(steps), "lr": lr}
 
     def _backward_and_step(self, state: TrainState, loss: Tensor) -> None:
@@ -305,6 +309,7 @@ class FineTuner:
                 total_loss += float(self.task.loss(outputs, batch)) * count
                 images += count
                 meter.update(outputs, batch)
+                self.progress.advance("evaluate")
         model.train(was_training)
         results = meter.compute()
         results["loss"] = total_loss / images if images else float("nan")
@@ -328,6 +333,7 @@ class FineTuner:
                     batch["index"].tolist(), self.task.predictions(outputs, batch), strict=True
                 ):
                     results.append({"index": index, **prediction})
+                self.progress.advance("predict")
         return results
 
     # --- the single-site entry point -----------------------------------------------------------------
@@ -357,7 +363,9 @@ class FineTuner:
         best_score: tuple[int, float] | None = None
         best_state: dict[str, Tensor] = {}
         best_epoch, best_validation, history, waited = 0, {}, [], 0
+        self.progress.start("train", per_epoch * self.config.epochs, "fine-tuning")
         for epoch in range(self.config.epochs):
+            epoch_started = time.perf_counter()
             train_metrics = self.train_epochs(state, train_loader, 1)
             validation = self.evaluate(model, val_loader)
             if metric not in validation:
@@ -373,6 +381,8 @@ class FineTuner:
                 metric,
                 validation[metric],
             )
+            self.progress.epoch(EpochLine(epoch + 1, self.config.epochs, train_metrics["loss"],
+                                          time.perf_counter() - epoch_started, metric, validation[metric]))
             score = selection_score(validation, metric, higher)
             if best_score is None or score > best_score:
                 best_score, best_epoch, best_validation, waited = score, epoch, validation, 0
@@ -381,6 +391,7 @@ class FineTuner:
                 waited += 1
                 if self.config.patience is not None and waited >= self.config.patience:
                     break
+        self.progress.finish("train", f"fine-tuned on {len(train_samples)} images, best epoch {best_epoch + 1}")
         model.load_state_dict(best_state)
         skipped = {
             **getattr(train_loader.dataset, "skipped", {}),

@@ -154,7 +154,8 @@ def test_segmentation_from_a_manifest_writes_masks_at_image_size(tmp_path: Path)
     run("predict", model, image, "--out", tmp_path / "seg.json", "--device", "cpu")
     prediction = json.loads((tmp_path / "seg.json").read_text())[0]
     mask = np.asarray(Image.open(prediction["mask_file"]))
-    assert mask.shape == (584, 565) and set(np.unique(mask)) <= {0, 1}
+    assert mask.shape == (584, 565) and set(np.unique(mask)) <= {0, 255}  # viewable: 0/255
+    assert Path(prediction["mask_file"]) == tmp_path / "photo_mask.png"  # <stem>_mask.png beside --out
 
 
 def test_weights_import_inspect_export(tmp_path: Path) -> None:
