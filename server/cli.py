@@ -123,6 +123,10 @@ def run(
     state: Path = STATE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue the job from its last complete round."),
     detach: bool = typer.Option(False, "--detach", help="Submit and return; follow with `status`/`logs`."),
+    tracking: str = typer.Option(
+        "", "--tracking", help="mlflow | tensorboard: log config, per-round metrics and final encoders "
+        "(in the job's folder unless the job's run-config names a tracking-uri)."
+    ),
 ) -> None:
     """Start a federation from a job file and follow it round by round until it finishes."""
     from server.jobs import load_job
@@ -130,6 +134,10 @@ def run(
 
     try:
         job = load_job(job_file)
+        if tracking:
+            if tracking not in ("mlflow", "tensorboard"):
+                raise ConfigError("--tracking", f"must be 'mlflow' or 'tensorboard', got {tracking!r}")
+            job.overrides["tracking"] = tracking
         record = submit(state, job, resume=resume)
     except (ConfigError, RuntimeError) as exc:
         _fail(exc)
