@@ -4,7 +4,9 @@ worker threads), embedded in the page as data URIs (no file, no script, no JavaS
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import math
 import threading
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ METRIC_PLOTS = (
     ("epsilon", "privacy spent (epsilon)"),
 )
 _LOCK = threading.Lock()  # matplotlib's font and text caches are not made for concurrent use
+_LAST: dict[str, list[Plot]] = {}  # the plots of the latest rows: most refreshes find nothing new to draw
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,13 @@ def bytes_plot(per_round: dict[int, float]) -> Plot | None:
 
 
 def run_plots(rows: Sequence[dict[str, Any]], per_round_bytes: dict[int, float]) -> list[Plot]:
-    """Every plot the run has data for, in a fixed order."""
+    """Every plot the run has data for, in a fixed order (drawn again only when the rows changed)."""
+    key = hashlib.sha256(json.dumps([rows, sorted(per_round_bytes.items())], default=str).encode()).hexdigest()
+    if key in _LAST:
+        return _LAST[key]
     plots = [metric_plot(rows, metric, title) for metric, title in METRIC_PLOTS]
     plots.append(bytes_plot(per_round_bytes))
-    return [p for p in plots if p is not None]
+    drawn = [p for p in plots if p is not None]
+    _LAST.clear()
+    _LAST[key] = drawn
+    return drawn

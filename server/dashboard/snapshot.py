@@ -122,7 +122,8 @@ def latest_epsilon(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (str(row["site"]), str(row["modality"]))
         if key not in latest or int(row["round"]) >= latest[key]["round"]:
             latest[key] = {"site": key[0], "modality": key[1], "round": int(row["round"]), "epsilon": epsilon,
-                           "delta": _finite(row.get("delta")), "exhausted": bool(row.get("budget_exhausted"))}
+                           "delta": _finite(row.get("delta")), "budget": _finite(row.get("epsilon_budget")),
+                           "exhausted": bool(row.get("budget_exhausted"))}
     return [latest[k] for k in sorted(latest)]
 
 
@@ -214,7 +215,7 @@ def take_snapshot(
     try:
         current = current_run(state_dir)
     except Exception as exc:
-        logger.warning("dashboard: current run not readable (%s)", type(exc).__name__)
+        logger.warning("dashboard: current run not readable (%s)", type(exc).__name__, exc_info=True)
         problems.append(f"current run not readable ({type(exc).__name__})")
     return Snapshot(
         federation=load_participants(store.participants).federation,

@@ -1,10 +1,12 @@
 """The coordinator's dashboard in a real browser during a real run.
 
 A real coordinator (`visionfm-server start`: SuperLink, mutual-TLS gateway, dashboard on loopback) and two
-hospitals (`visionfm-client join`) pretrain for two rounds. Debian's Chromium, driven by Playwright with an
+hospitals (`visionfm-client join`) pretrain for two rounds with DP-SGD, tracked in TensorBoard (the
+deployed side of experiment tracking). Debian's Chromium, driven by Playwright with an
 operator's client certificate, watches the page refresh itself: both hospitals online, the round counter
-advancing to 2, metric plots rendered. The access policy is checked with httpx against the federation CA:
-no certificate fails the handshake, a hospital's certificate and a revoked operator's are refused.
+advancing to 2, metric plots rendered, epsilon per site. The access policy is checked with httpx against
+the federation CA: no certificate fails the handshake, a hospital's certificate and a revoked operator's
+are refused.
 
 Set VISIONFM_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh the screenshot in the docs.
 """
@@ -50,6 +52,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SITES = ("hospital-a", "hospital-b")
+BUDGET = ("--privacy-epsilon", "8", "--privacy-delta", "1e-5")
 
 
 def _require_browser() -> None:
@@ -114,7 +117,7 @@ def test_operator_watches_a_two_round_run_in_a_browser(
 
     data = site_data(tmp_path / "data", count=2)
     for name, path in zip(SITES, data, strict=True):
-        join_site(processes, federation.bundle(name), path, tmp_path / f"site-{name}")
+        join_site(processes, federation.bundle(name), path, tmp_path / f"site-{name}", *BUDGET)
     wait_until(lambda: online_nodes(coordinator) >= set(SITES), 120, "both hospitals online")
 
     with sync_playwright() as playwright:
@@ -134,7 +137,11 @@ def test_operator_watches_a_two_round_run_in_a_browser(
             assert "coordinator dashboard" in (page.text_content("h1") or "")
             wait_until(lambda: _text(page, "#online-count") == "2", 60, "the page to show 2 hospitals online")
 
-            job = write_deploy_job(tmp_path, "dashboard", rounds=2, min_sites=2, round_timeout=120)
+            job = write_deploy_job(
+                tmp_path, "dashboard", rounds=2, min_sites=2, round_timeout=120,
+                privacy={"noise-multiplier": 1.0, "expected-batch-size": 8},
+                extra_run_config='tracking = "tensorboard"\n',
+            )
             submitted = coordinator.cli("run", str(job), "--detach")
             assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
@@ -151,11 +158,14 @@ def test_operator_watches_a_two_round_run_in_a_browser(
             assert seen == sorted(seen) and seen[0] < 2, seen  # it advanced, never went back
             assert _text(page, "#round-total") == "2"
 
-            page.wait_for_selector("#plot-loss", timeout=30_000)
+            # DP-SGD sites report epsilon, not their loss (an unprivatised number): epsilon is plotted.
+            page.wait_for_selector("#plot-epsilon", timeout=60_000, state="attached")
             widths = page.eval_on_selector_all("img.plot", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
             assert widths and all(w > 100 for w in widths), widths  # every plot decoded and rendered
             names = page.eval_on_selector_all("img.plot", "imgs => imgs.map(i => i.id)")
-            assert {"plot-loss", "plot-bytes_sent"} <= set(names), names
+            assert {"plot-epsilon", "plot-knn_accuracy", "plot-bytes_sent"} <= set(names), names
+            privacy = _text(page, "#privacy") or ""
+            assert privacy.count("fundus") == 2, privacy  # one row per site: epsilon spent so far
             html = page.content()
             assert str(tmp_path / "data") not in html  # no site's paths, only labels and numbers
             time.sleep(1.0)
@@ -167,3 +177,15 @@ def test_operator_watches_a_two_round_run_in_a_browser(
                 shutil.copyfile(shot, REPO / target)
         finally:
             browser.close()
+
+    # The deployed run was tracked: TensorBoard's own reader finds each round's numbers and the encoders.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = coordinator.state_dir / "runs" / "dashboard"
+    wait_until(lambda: (out / "report.md").is_file(), 120, "the run's report")
+    wait_until(lambda: (out / "tensorboard" / "encoders" / "fundus.safetensors").is_file(), 30, "tracked encoders")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    epsilon = [t for t in events.Tags()["scalars"] if t.endswith("/fundus/epsilon")]
+    assert len(epsilon) == 2, events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars(epsilon[0])] == [1, 2]
