@@ -66,7 +66,11 @@ class DashboardServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise RuntimeError(f"the dashboard cannot listen on {self.host}:{self.port} ({exc.strerror})") from exc
         self.port = int(sock.getsockname()[1])
         tls = server_context(self.store.server_cert, self.store.server_key, self.store.ca_cert, self.store.crl)
         factory: Callable[..., object] = lambda *_: tls  # noqa: E731 - uvicorn calls it with (config, default)
