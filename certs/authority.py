@@ -24,6 +24,8 @@ from certs.errors import CertificateError
 from certs.participants import is_ip
 
 NODE_KEY_URI_PREFIX = "urn:visionfm:node-key:sha256:"
+# Marks a coordinator operator's client certificate (dashboard access); hospital certificates never carry it.
+OPERATOR_ROLE_URI = "urn:visionfm:role:operator"
 # Issue certificates valid from slightly in the past so a peer whose clock lags a little accepts them.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -158,6 +160,27 @@ def issue_hospital_cert(
         x509.UniformResourceIdentifier(NODE_KEY_URI_PREFIX + node_key_fingerprint),
     ]
     return _leaf(ca_cert, ca_key, public_key, hospital, validity, ExtendedKeyUsageOID.CLIENT_AUTH, sans)
+
+
+def issue_operator_cert(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    operator: str,
+    validity: Validity,
+) -> x509.Certificate:
+    """A coordinator operator's TLS client certificate (the dashboard admits these, not hospitals')."""
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(OPERATOR_ROLE_URI)]
+    return _leaf(ca_cert, ca_key, public_key, operator, validity, ExtendedKeyUsageOID.CLIENT_AUTH, sans)
+
+
+def has_operator_role(cert: x509.Certificate) -> bool:
+    """True when `cert` was issued to a coordinator operator (see `issue_operator_cert`)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return OPERATOR_ROLE_URI in sans.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 def build_crl(

@@ -115,3 +115,30 @@ def verify_cmd(
         "[green]OK[/green]: certificates, keys and bundles are consistent"
         + (f" ({len(findings)} warning(s))" if findings else "")
     )
+
+
+@app.command("operator")
+def operator_cmd(
+    folder: Path = typer.Argument(..., help="The provisioning folder."),
+    name: str = typer.Argument(..., help="The operator (a person of the coordinator's team), e.g. 'alice'."),
+    days: int = typer.Option(0, "--days", help="Validity in days (default: the participants file's)."),
+    revoke_it: bool = typer.Option(False, "--revoke", help="Revoke this operator's certificates instead."),
+) -> None:
+    """Issue a coordinator operator's client certificate: the only kind the dashboard admits.
+
+    Writes OUT/operators/NAME/operator.crt and .key, and operator.p12 (passphrase in operator.p12.pass)
+    to import into a browser. Hospitals' certificates never open the dashboard.
+    """
+    from certs.operators import issue_operator, revoke_operator
+
+    try:
+        if revoke_it:
+            record = revoke_operator(folder, name)
+            console.print(f"revoked  operator {record.name}: {len(record.serials)} certificate(s)")
+            return
+        files = issue_operator(folder, name, days or None)
+    except (ConfigError, CertificateError) as exc:
+        _fail(exc)
+        return
+    console.print(f"created  operator {name}: {files.cert}, {files.key}")
+    console.print(f"browser  {files.pkcs12} (passphrase in {files.pkcs12_passphrase})")

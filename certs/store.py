@@ -9,6 +9,7 @@
 <root>/coordinator/server.crt     the gateway's and SuperLink's TLS certificate (+ server.key 0600)
 <root>/hospitals/<name>/          client.crt, client.key, node.key, node.pub of one hospital
 <root>/bundles/<name>/            what is handed to that hospital, and nothing else
+<root>/operators/<name>/          an operator's dashboard client certificate (+ key, PKCS#12 for browsers)
 ```
 """
 
@@ -29,7 +30,7 @@ class IssuedCert:
     """One line of the issue register."""
 
     serial: str  # hex, as OpenSSL prints it
-    kind: str  # "ca", "server" or "hospital"
+    kind: str  # "ca", "server", "hospital" or "operator"
     subject: str
     not_after: str  # ISO 8601
     node_key_fingerprint: str | None = None
@@ -112,6 +113,10 @@ class CertStore:
 
     def bundle_dir(self, name: str) -> Path:
         return self.root / "bundles" / name
+
+    def operator_dir(self, name: str) -> Path:
+        """`<root>/operators/<name>/`: an operator's dashboard certificate, key and PKCS#12 bundle."""
+        return self.root / "operators" / name
 
     def require(self) -> CertStore:
         """Raise CertificateError unless this looks like an issued folder."""

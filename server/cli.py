@@ -65,13 +65,22 @@ def start(
     superlink_port: int = typer.Option(
         0, "--superlink-port", help="Loopback port of the SuperLink (default: free)."
     ),
+    dashboard: str = typer.Option(
+        "127.0.0.1:0",
+        "--dashboard",
+        help="host:port of the read-only dashboard (HTTPS; operators' certificates from `certs operator` "
+        "only); port 0 picks a free one, shown at start and by `status`; 'off' for none.",
+    ),
 ) -> None:
     """Run the coordinator in the foreground until Ctrl-C / SIGTERM.
 
     The SuperLink listens on 127.0.0.1 only (its Control API, which starts runs, is unauthenticated in
-    open-source Flower); hospitals reach the Fleet API through the mutual-TLS gateway on --listen.
+    open-source Flower); hospitals reach the Fleet API through the mutual-TLS gateway on --listen. The
+    dashboard (loopback by default) shows hospitals online, round progress and timings, metric plots per
+    round and site, epsilon spent, bytes per round and recent rejections.
     """
     from server.coordinator import run_coordinator
+    from server.dashboard.serve import dashboard_factory
 
     _configure_logging(state / "logs" / "coordinator.log")
 
@@ -79,10 +88,14 @@ def start(
         console.print(
             f"[green]coordinator ready[/green]: gateway {info.gateway_host}:{info.gateway_port}, "
             f"SuperLink 127.0.0.1:{info.superlink_port}, state {state}"
+            + (f", dashboard {info.dashboard_url}" if info.dashboard_url else "")
         )
 
     try:
-        code = run_coordinator(certs, state, listen or None, superlink_port or None, on_ready=ready)
+        serve_dashboard = None if dashboard.lower() in ("", "off", "none") else dashboard_factory(dashboard)
+        code = run_coordinator(
+            certs, state, listen or None, superlink_port or None, on_ready=ready, dashboard=serve_dashboard
+        )
     except (ConfigError, CertificateError, RuntimeError) as exc:
         _fail(exc)
         return
@@ -110,6 +123,10 @@ def run(
     state: Path = STATE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue the job from its last complete round."),
     detach: bool = typer.Option(False, "--detach", help="Submit and return; follow with `status`/`logs`."),
+    tracking: str = typer.Option(
+        "", "--tracking", help="mlflow | tensorboard: log config, per-round metrics and final encoders "
+        "(in the job's folder unless the job's run-config names a tracking-uri)."
+    ),
 ) -> None:
     """Start a federation from a job file and follow it round by round until it finishes."""
     from server.jobs import load_job
@@ -117,6 +134,10 @@ def run(
 
     try:
         job = load_job(job_file)
+        if tracking:
+            if tracking not in ("mlflow", "tensorboard"):
+                raise ConfigError("--tracking", f"must be 'mlflow' or 'tensorboard', got {tracking!r}")
+            job.overrides["tracking"] = tracking
         record = submit(state, job, resume=resume)
     except (ConfigError, RuntimeError) as exc:
         _fail(exc)
@@ -163,6 +184,7 @@ def status(state: Path = STATE_OPTION) -> None:
     console.print(
         f"coordinator pid {info.pid}: gateway {info.gateway_host}:{info.gateway_port}, "
         f"SuperLink 127.0.0.1:{info.superlink_port}"
+        + (f", dashboard {info.dashboard_url}" if info.dashboard_url else "")
     )
     jobs = {r.run_id: r for r in RunRegistry(state).records()}
     with ControlPlane(info.superlink_port, CertStore(Path(info.certs_dir))) as control:

@@ -1,9 +1,10 @@
 """`visionfm-server start`: the coordinator's long-running process.
 
 It starts the SuperLink on loopback (TLS, node authentication, SQLite state in the state folder),
-registers the hospitals of the provisioning folder, opens the fleet gateway on the public address,
-and then watches: when the revocation register or the hospitals change, registrations follow within
-seconds. Everything is stopped together on SIGTERM/SIGINT or when the SuperLink dies.
+registers the hospitals of the provisioning folder, opens the fleet gateway on the public address and
+the operators' dashboard (loopback by default), and then watches: when the revocation register or the
+hospitals change, registrations follow within seconds. Everything is stopped together on SIGTERM/SIGINT
+or when the SuperLink dies.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from certs.participants import load_participants, split_address
 from certs.store import CertStore
@@ -41,6 +43,7 @@ class CoordinatorState:
     gateway_port: int
     certs_dir: str
     started_at: float
+    dashboard_url: str = ""  # empty when the dashboard is off
 
     @classmethod
     def load(cls, state_dir: Path) -> CoordinatorState | None:
@@ -57,6 +60,20 @@ class CoordinatorState:
     @property
     def running(self) -> bool:
         return pid_alive(self.pid) and pid_alive(self.superlink_pid)
+
+
+class Service(Protocol):
+    """Something served beside the gateway for the coordinator's lifetime (the dashboard)."""
+
+    def start(self) -> str:
+        """Start serving; returns where (a URL)."""
+        ...
+
+    def stop(self) -> None: ...
+
+
+# Builds a service for a started coordinator (given its start time); the CLI passes the dashboard's.
+ServiceFactory = Callable[["Coordinator", float], Service]
 
 
 def running_state(state_dir: Path) -> CoordinatorState:
@@ -77,7 +94,12 @@ class Coordinator:
     """The SuperLink, the registrations and the gateway, started and stopped as one."""
 
     def __init__(
-        self, certs_dir: Path, state_dir: Path, listen: str | None = None, superlink_port: int | None = None
+        self,
+        certs_dir: Path,
+        state_dir: Path,
+        listen: str | None = None,
+        superlink_port: int | None = None,
+        dashboard: ServiceFactory | None = None,
     ) -> None:
         self.store = CertStore(certs_dir).require()
         self.state_dir = state_dir
@@ -88,6 +110,8 @@ class Coordinator:
         self.superlink_port = superlink_port or free_port()
         self.spec = SuperLinkSpec(self.superlink_port, self.store, state_dir)
         self.gateway: GatewayThread | None = None
+        self.dashboard_factory = dashboard
+        self.dashboard: Service | None = None
         self.superlink: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
 
@@ -104,6 +128,11 @@ class Coordinator:
             )
             self.gateway = GatewayThread(config)
             port = self.gateway.start()
+            started_at = time.time()
+            dashboard_url = ""
+            if self.dashboard_factory is not None:
+                self.dashboard = self.dashboard_factory(self, started_at)
+                dashboard_url = self.dashboard.start()
         except BaseException:
             self.shutdown()
             raise
@@ -114,7 +143,8 @@ class Coordinator:
             self.listen_host,
             port,
             str(self.store.root.resolve()),
-            time.time(),
+            started_at,
+            dashboard_url,
         )
         state.save(self.state_dir)
         return state
@@ -151,6 +181,9 @@ class Coordinator:
         self._stop.set()
 
     def shutdown(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.stop()
+            self.dashboard = None
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
@@ -168,9 +201,11 @@ def run_coordinator(
     listen: str | None = None,
     superlink_port: int | None = None,
     on_ready: Callable[[CoordinatorState], None] | None = None,
+    dashboard: ServiceFactory | None = None,
 ) -> int:
-    """Start, serve until SIGTERM/SIGINT, stop everything; the exit code for the CLI."""
-    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port)
+    """Start, serve until SIGTERM/SIGINT, stop everything; the exit code for the CLI. `dashboard` builds
+    the operators' dashboard once the gateway runs (None: no dashboard)."""
+    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port, dashboard)
     signal.signal(signal.SIGTERM, coordinator.request_stop)
     signal.signal(signal.SIGINT, coordinator.request_stop)
     state = coordinator.start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ class MetricsLog:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.rows: list[dict[str, Any]] = []
+        # Called with every row after each save (experiment tracking follows the run round by round).
+        self.on_save: list[Callable[[list[dict[str, Any]]], None]] = []
         existing = out_dir / "metrics.json"
         if existing.is_file():
             self.rows = json.loads(existing.read_text())
@@ -53,6 +55,8 @@ class MetricsLog:
                 writer.writerows(self.rows)
 
         atomic_write_bytes(self.out_dir / "metrics.csv", write_csv)
+        for listener in self.on_save:
+            listener(self.rows)
 
     def select(self, **match: Any) -> list[dict[str, Any]]:
         return [r for r in self.rows if all(r.get(k) == v for k, v in match.items())]

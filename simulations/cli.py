@@ -70,6 +70,10 @@ def simulate_command(
                                                           "hrf-disc (landmarks), idrid-disc (detection)")] = None,
     init_encoders: Annotated[Path | None, typer.Option(help="fine-tune these <modality>.safetensors encoders "
                                                             "instead of pretraining")] = None,
+    tracking: Annotated[str | None, typer.Option(help="log config, per-round metrics and final encoders to "
+                                                 "mlflow (OUT/mlruns) or tensorboard (OUT/tensorboard)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="an MLflow tracking URI or TensorBoard log folder "
+                                                     "instead of the run folder's (a server only if named)")] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Simulate a federation of hospitals on this machine and write checkpoints, metrics, plots and a report."""
@@ -86,6 +90,7 @@ def simulate_command(
         "strategy": strategy,
         "max-update-norm": max_update_norm, "compression": compression, "secure-aggregation": secure_aggregation,
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
+        "tracking": tracking, "tracking-uri": tracking_uri,
     }
     scenario_overrides: dict[str, Any] = {"sites": sites}
     if partition is not None or alpha is not None:

@@ -28,6 +28,7 @@ FINETUNE_ENCODER = ("frozen", "trained")
 FINETUNE_HEAD = ("shared", "personal")
 FINETUNE_TASKS = ("classification", "segmentation", "landmarks", "detection", "regression")
 FINETUNE_MODES = ("binary", "multiclass", "ordinal")
+TRACKERS = ("", "none", "mlflow", "tensorboard")
 
 
 @dataclass
@@ -108,6 +109,11 @@ class RunConfig:
     phase: str = "pretrain"
     # Sample-level DP-SGD at every site (each site's budget comes from its own node config).
     dp: bool = False
+    # Experiment tracking of the run's config, per-round metrics and final encoders: "mlflow" or
+    # "tensorboard" ("" = none). Local files in the run folder (OUT/mlruns, OUT/tensorboard) unless
+    # `tracking-uri` names another store (an MLflow tracking URI, or a TensorBoard log folder).
+    tracking: str = ""
+    tracking_uri: str = ""
     ssl: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
 
@@ -154,6 +160,8 @@ class RunConfig:
             raise ConfigError("central-dp-clip", "central DP noise needs a clip norm")
         if not self.modality_list:
             raise ConfigError("modalities", "names no modality")
+        if self.tracking not in TRACKERS:
+            raise ConfigError("tracking", f"must be 'mlflow' or 'tensorboard' (or empty), got {self.tracking!r}")
         self._validate_finetune()
 
     def _validate_finetune(self) -> None:
