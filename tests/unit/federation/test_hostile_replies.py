@@ -8,10 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+
+from client.records import record_to_numpy
+from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 
 from server.federation import FAILURE_FILE, Federation, FederationFailedError
 from server.runs import export_encoders
@@ -28,8 +33,10 @@ from tests.unit.federation.site_grid import (
     SITE_NAMES,
     HonestSite,
     SiteGrid,
+    Tamper,
     TamperedSite,
     error_reply,
+    reply,
     replaying,
     shifted,
     with_count,
@@ -225,3 +232,78 @@ def test_export_refuses_a_non_finite_encoder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"fundus\.safetensors is not finite"):
         export_encoders(tmp_path / "run", tmp_path / "export")
     assert not (tmp_path / "export" / "fundus.safetensors").exists()
+
+
+# -- the fine-tuning phase -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("tamper", "reason"), [
+    (with_count(1e15), "above the coordinator's cap"),
+    (with_count(math.nan), "not finite"),
+    (shifted(1e4), "update norm"),
+    (replaying(1, relabel=True), "replayed update"),
+    (with_manifest(b"not json"), "manifest is not JSON"),
+])
+def test_the_fine_tuning_phase_rejects_the_same_attacks(tmp_path: Path, tamper: Tamper, reason: str) -> None:
+    from server.finetune_phase import FineTunePhase
+    from visionfm_core.pretraining import initial_global_arrays
+
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), num_rounds=1, finetune_rounds=3, finetune_classes="fundus=2",
+                    min_sites=2, round_timeout=5, rejoin_grace=0, arch="nano", image_size=32, patch_size=8)
+    pretrained = {k: v.numpy() for k, v in initial_global_arrays(cfg).items()}
+    sites = {node: HonestSite(STEPS[node], EXAMPLES[node]) for node in STEPS}
+    grid = SiteGrid({**sites, HOSTILE: TamperedSite(0.02, 20, tamper=tamper)})
+    phase = FineTunePhase(grid, cfg, pretrained, site_names=SITE_NAMES, poll_interval=0.0)  # type: ignore[arg-type]
+    start = dict(phase.arrays)
+    phase.run()
+    rejected = phase.rejected
+    attacked_rounds = 2 if "replayed" in reason else 3  # a replay needs round 1's update to replay
+    assert len(rejected) == attacked_rounds and all(reason in r and "hostile" in r for r in rejected), rejected
+    assert (tmp_path / "run" / "finetuned" / "fundus.safetensors").is_file()
+    # The honest sites' FedAvg every round (round 1 also the hostile site's honest update, for a replay).
+    honest = _honest_fedavg(3)
+    if "replayed" in reason:
+        both = (sum(STEPS[n] * EXAMPLES[n] for n in STEPS) + 0.02 * 20) / (sum(EXAMPLES.values()) + 20)
+        honest = both + _honest_fedavg(2)
+    for key, value in phase.arrays.items():
+        np.testing.assert_allclose(value, start[key] + np.float32(honest), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+# -- secure aggregation: the server sees sums only ------------------------------------------------------
+
+@dataclass
+class SecureSite(HonestSite):
+    """A site under SecAgg+: keeps its update on the site (client/secure.py) and answers the protocol's
+    stages with the real client code; `count` overrides the example count it reports in the clear."""
+
+    count: float | None = None
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type == MessageType.QUERY:
+            stage = str(msg.content.config_records["config"][STAGE_KEY])
+            return reply(msg, pack_groups(handle_stage(stage, unpack_groups(msg.content), context)))
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            return super().__call__(msg, context)
+        content = self.train_content(msg, context.node_id)
+        received = record_to_numpy(msg.content.array_records["arrays"])
+        keep_update(context, received, self.sent[-1], {"fundus": self.examples})
+        metrics = dict(content.metric_records["metrics"])
+        if self.count is not None:
+            metrics["fundus/num-examples"] = self.count
+        return reply(msg, RecordDict({"metrics": MetricRecord(metrics), "reply": content.config_records["reply"]}))
+
+
+@pytest.mark.parametrize(("count", "reason"), [(1e15, "above the coordinator's cap"), (math.nan, "not finite"),
+                                               (1.7e308, "above the coordinator's cap")])
+def test_under_secure_aggregation_counts_in_the_clear_are_checked(tmp_path: Path, count: float, reason: str) -> None:
+    sites: dict[int, SecureSite] = {node: SecureSite(STEPS[node], EXAMPLES[node]) for node in STEPS}
+    sites[HOSTILE] = SecureSite(0.5, 40, count=count)
+    grid = SiteGrid(dict(sites))
+    cfg = RunConfig(out_dir=str(tmp_path / "run"), num_rounds=2, min_sites=2, round_timeout=5, rejoin_grace=0,
+                    arch="nano", image_size=32, patch_size=8, secure_aggregation=True)
+    federation = Federation(grid, cfg, _initial(), site_names=SITE_NAMES, poll_interval=0.0)  # type: ignore[arg-type]
+    federation.run()
+    assert len(federation.rejected) == 2 and all(reason in r and "hostile" in r for r in federation.rejected)
+    # The securely aggregated mean is the honest sites' (up to SecAgg+'s quantisation).
+    for key, value in federation.arrays.items():
+        assert np.isfinite(value).all()
+        np.testing.assert_allclose(value, _honest_fedavg(2), atol=2e-3, err_msg=key)
