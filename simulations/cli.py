@@ -86,7 +86,8 @@ def simulate_command(
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
         "finetune-data": finetune_data, "init-encoders": str(init_encoders) if init_encoders else None,
         "strategy": strategy,
-        "max-update-norm": max_update_norm, "update-norm-factor": update_norm_factor, "compression": compression, "secure-aggregation": secure_aggregation,
+        "max-update-norm": max_update_norm, "update-norm-factor": update_norm_factor,
+        "compression": compression, "secure-aggregation": secure_aggregation,
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
     }
     scenario_overrides: dict[str, Any] = {"sites": sites}

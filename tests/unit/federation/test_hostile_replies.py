@@ -17,7 +17,6 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
 from client.records import record_to_numpy
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
-
 from server.federation import FAILURE_FILE, Federation, FederationFailedError
 from server.runs import export_encoders
 from strategies.fedavg import SiteReply
@@ -36,8 +35,8 @@ from tests.unit.federation.site_grid import (
     Tamper,
     TamperedSite,
     error_reply,
-    reply,
     replaying,
+    reply,
     shifted,
     with_count,
     with_manifest,
