@@ -263,7 +263,7 @@ class Federation:
             screen = screen_update_norms(held, norms, self.cfg.update_norm_factor)
             for site, reason in screen.rejected:
                 self._reject(server_round, site, reason)
-                self.accepted.remove(site)
+                self._forget_update(server_round, site)
             held = screen.kept
             if not robust:
                 for update in held:
@@ -281,6 +281,19 @@ class Federation:
         self._check_global_model(server_round, previous)
         logger.info("round %d aggregated (%s) from %s", server_round, self.cfg.strategy, ", ".join(self.accepted))
         return True
+
+    def _row_round(self, server_round: int) -> int:
+        """The metrics row number of a round of this phase."""
+        return server_round
+
+    def _forget_update(self, server_round: int, site: str) -> None:
+        """Undo what accepting `site`'s update recorded (it was rejected once the whole round was seen)."""
+        self.accepted.remove(site)
+        self.site_seconds.pop(site, None)
+        row_round = self._row_round(server_round)
+        self.metrics.rows = [r for r in self.metrics.rows
+                             if not (int(r["round"]) == row_round and r["site"] == site
+                                     and r["phase"] in ("train", "finetune", "transport"))]
 
     def _check_global_model(self, server_round: int, previous: dict[str, np.ndarray]) -> None:
         """Stop the run when aggregation produced a non-finite model (the previous one is kept)."""

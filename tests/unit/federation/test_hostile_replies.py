@@ -128,6 +128,8 @@ def test_with_defaults_a_site_adding_1e4_to_every_weight_is_rejected(
     assert len(federation.rejected) == 3
     assert all("update norm" in line and "median update norm" in line for line in federation.rejected)
     assert "update from hostile rejected: fundus update norm" in caplog.text
+    trained = [(r["round"], r["site"]) for r in federation.metrics.rows if r["phase"] in ("train", "transport")]
+    assert trained and all(site != "hostile" for _, site in trained)  # a rejected update is not counted
     expected = None if strategy == "fedavg" else STEPS[2]  # median and 10% trim of 3: the middle site
     _assert_honest_model(federation, 3, expected)
 
@@ -255,6 +257,8 @@ def test_the_fine_tuning_phase_rejects_the_same_attacks(tmp_path: Path, tamper: 
     start = dict(phase.arrays)
     phase.run()
     rejected = phase.rejected
+    assert not [r for r in phase.metrics.rows if r["phase"] == "finetune" and r["site"] == "hostile"
+                and int(r["finetune_round"]) > 1]
     attacked_rounds = 2 if "replayed" in reason else 3  # a replay needs round 1's update to replay
     assert len(rejected) == attacked_rounds and all(reason in r and "hostile" in r for r in rejected), rejected
     assert (tmp_path / "run" / "finetuned" / "fundus.safetensors").is_file()
