@@ -187,7 +187,8 @@ class Federation:
         """Send the global model to every connected site; call `on_reply` for each reply as it arrives
         (streaming: replies are folded in and dropped, never all held at once). Returns replies seen."""
         nodes = self._wait_for_nodes()
-        self.global_digest = model_digest(self.arrays)
+        if message_type == MessageType.TRAIN:  # what a training reply must name (evaluation sends no update)
+            self.global_digest = model_digest(self.arrays)
         config = ConfigRecord({**self.cfg.to_flat(), ROUND_KEY: server_round, DIGEST_KEY: self.global_digest})
         record = arrays_to_record(self.arrays)
         messages = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,7 +157,9 @@ def test_every_hostile_reply_is_rejected_with_its_reason_and_the_run_goes_on(
 
     # --resume after such rounds: one more round, honest again, with all three sites.
     resumed_job = _job(tmp_path, "hostile-replies", ROUNDS + 1)
+    started = time.monotonic()
     resumed = deployment.coordinator.cli("run", str(resumed_job), "--resume", timeout=400)
+    resume_seconds = time.monotonic() - started
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming after round {ROUNDS}" in resumed.stdout and "completed" in resumed.stdout
     trained = Counter(int(str(r["round"])) for r in _rows(out) if r["phase"] == "train")
@@ -167,3 +170,4 @@ def test_every_hostile_reply_is_rejected_with_its_reason_and_the_run_goes_on(
     for server_round in sorted(seconds):
         mode, reason = PLAN.get(server_round, ("honest (resumed run)", None))
         print(f"{server_round:>5}  {mode:<23}  {(reason or 'accepted')[:60]:<60} {seconds[server_round]:7.1f}")
+    print(f"--resume after round {ROUNDS} to round {ROUNDS + 1} completed: {resume_seconds:.1f} s (submit to finish)")
