@@ -304,12 +304,13 @@ class Federation:
             raise FederationFailedError(f"round {server_round}: the aggregated global model is not finite ({bad})")
 
     def _end_round(self, server_round: int, aggregated: bool) -> None:
-        """Count rounds in a row without an accepted update; too many stop the run as failed."""
+        """Count rounds in a row that kept the global model (too few accepted updates); too many stop the
+        run as failed: every site failing or rejected for rounds is not a run to report as completed."""
         self.failed_rounds = 0 if aggregated else self.failed_rounds + 1
         limit = self.cfg.max_failed_rounds
         if limit and self.failed_rounds >= limit:
-            raise FederationFailedError(f"round {server_round}: no update was accepted in {self.failed_rounds} "
-                                   f"round(s) in a row (max-failed-rounds = {limit})")
+            raise FederationFailedError(f"round {server_round}: {self.failed_rounds} round(s) in a row without enough "
+                                        f"accepted updates to aggregate (max-failed-rounds = {limit})")
 
     def _record_failure(self, exc: FederationFailedError, last_good: int | None, label: str = "round") -> None:
         """Log why the run stops and leave `failure.json` beside its checkpoints."""

@@ -171,3 +171,33 @@ def test_every_hostile_reply_is_rejected_with_its_reason_and_the_run_goes_on(
         mode, reason = PLAN.get(server_round, ("honest (resumed run)", None))
         print(f"{server_round:>5}  {mode:<23}  {(reason or 'accepted')[:60]:<60} {seconds[server_round]:7.1f}")
     print(f"--resume after round {ROUNDS} to round {ROUNDS + 1} completed: {resume_seconds:.1f} s (submit to finish)")
+
+
+def test_rounds_without_enough_good_updates_fail_the_run_and_resume_recovers(
+        deployment: HostileDeployment, tmp_path: Path) -> None:
+    """With every site required (min-sites 3), hospital C's bad replies leave each round without enough
+    accepted updates: after max-failed-rounds = 2 such rounds the run stops as failed with the reason and
+    its last good checkpoint, instead of reporting `completed`; once C behaves, --resume finishes."""
+    deployment.plan.write_text(json.dumps({"1": "count-nan", "2": "count-nan"}))
+    job = write_deploy_job(tmp_path, "hostile-failing", rounds=3, min_sites=3, round_timeout=90, eval_every=1000,
+                           extra_run_config="max-failed-rounds = 2\n")
+    app = tampered_app(tmp_path / "tampered-app")
+    job.write_text(job.read_text().replace('name = "hostile-failing"\n', f'name = "hostile-failing"\napp = "{app}"\n'))
+    failed = deployment.coordinator.cli("run", str(job), timeout=600)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    output = failed.stdout + failed.stderr
+    assert "failed: round 2: 2 round(s) in a row without enough accepted updates to aggregate" in output, output
+    assert "last good checkpoint: round 1" in output, output
+    out = deployment.coordinator.state_dir / "runs" / "hostile-failing"
+    assert not (out / "encoders").exists() and not (out / "checkpoints" / "round-0002").exists()
+    status = deployment.coordinator.cli("status")
+    assert "finished:failed" in status.stdout, status.stdout
+
+    deployment.plan.write_text("{}")
+    started = time.monotonic()
+    resumed = deployment.coordinator.cli("run", str(job), "--resume", timeout=600)
+    recovery = time.monotonic() - started
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming after round 1" in resumed.stdout and "completed" in resumed.stdout
+    assert not (out / "failure.json").exists() and (out / "encoders" / "fundus.safetensors").is_file()
+    print(f"\nfailed run -> --resume to completion (rounds 2-3, all sites): {recovery:.1f} s")
