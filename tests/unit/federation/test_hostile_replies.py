@@ -194,7 +194,7 @@ def test_every_site_failing_stops_the_run_as_failed_and_resume_continues(tmp_pat
         grid.sites[node] = error_reply_site
     cfg = federation.cfg.replace(num_rounds=5, resume=True, max_failed_rounds=2)
     failing = Federation(grid, cfg, _initial(), site_names=SITE_NAMES, poll_interval=0.0)  # type: ignore[arg-type]
-    with pytest.raises(FederationFailedError, match="2 round.s. in a row without enough accepted updates"):
+    with pytest.raises(FederationFailedError, match=r"2 round\(s\) in a row without enough accepted updates"):
         failing.run()
     failure = json.loads((out / FAILURE_FILE).read_text())
     assert failure["last-good-round"] == 2 and "max-failed-rounds" in failure["reason"]
