@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
@@ -32,6 +32,8 @@ from visionfm_core.splits import ModalitySplit
 from visionfm_core.tasks.splits import TaskSplit
 
 LOCAL_STATE_PREFIX = "local-ssl-state/"
+MODEL_DIGEST_KEY = "model-digest"
+REPLY_INFO = "reply"
 PERSONAL_HEAD_PREFIX = "personal-head/"
 
 # Every reply passes the audit mod: it logs what leaves the site (keys, shapes, bytes, hashes). The error mod
@@ -45,8 +47,16 @@ def _run_config(msg: Message, context: Context) -> RunConfig:
     if "config" in msg.content.config_records:
         flat.update(dict(msg.content.config_records["config"]))
     flat.pop("server-round", None)
+    flat.pop(MODEL_DIGEST_KEY, None)
     flat.pop(STAGE_KEY, None)
     return RunConfig.from_flat(flat)
+
+
+def reply_info(msg: Message) -> ConfigRecord:
+    """Which round and global model a training reply answers (the server refuses stale replies)."""
+    config = msg.content.config_records["config"]
+    return ConfigRecord({"server-round": int(str(config["server-round"])),
+                         MODEL_DIGEST_KEY: str(config.get(MODEL_DIGEST_KEY, ""))})
 
 
 def _site_numbers(context: Context) -> dict[str, float]:
@@ -86,7 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["bytes-sent"] = float(payload_bytes(outgoing))
     # The site's own work this round (data, training, packing), so the server can tell it from overhead.
     metrics["compute-seconds"] = time.perf_counter() - started
-    content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics))})
+    content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics)),
+                          REPLY_INFO: reply_info(msg)})
     return Message(content=content, reply_to=msg)
 
 
@@ -127,7 +138,8 @@ def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round
     metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
     metrics.update(_site_numbers(context))
     metrics["bytes-sent"] = float(payload_bytes({k: v.numpy() for k, v in result.arrays.items()}))
-    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(dict[str, Any](metrics))})
+    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(dict[str, Any](metrics)),
+                          REPLY_INFO: reply_info(msg)})
     return Message(content=content, reply_to=msg)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,18 +45,81 @@ def arrays_to_record(arrays: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRe
     return record
 
 
+class MalformedRecordError(ValueError):
+    """A packed record that cannot be read as arrays (the message says what is wrong, never a value)."""
+
+
+# The dtypes a packed record may hold: numeric ones only (an object dtype would unpickle, a string
+# dtype is not a tensor).
+_PACKABLE_KINDS = "biuf"
+
+
+def _manifest(record: ArrayRecord) -> list[dict[str, Any]]:
+    raw = record[MANIFEST_KEY].numpy()
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise MalformedRecordError(f"manifest is {raw.dtype} of shape {raw.shape}, not a uint8 byte string")
+    try:
+        manifest = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedRecordError(f"manifest is not JSON ({type(exc).__name__})") from exc
+    if not isinstance(manifest, list):
+        raise MalformedRecordError(f"manifest is a JSON {type(manifest).__name__}, not a list of entries")
+    for index, entry in enumerate(manifest):
+        if not isinstance(entry, dict) or set(entry) != {"key", "dtype", "shape", "offset"}:
+            raise MalformedRecordError(f"manifest entry {index} is not {{key, dtype, shape, offset}}")
+        if not isinstance(entry["key"], str) or not isinstance(entry["dtype"], str):
+            raise MalformedRecordError(f"manifest entry {index}: key and dtype must be strings")
+        shape, offset = entry["shape"], entry["offset"]
+        if not isinstance(shape, list) or not all(_count(s) for s in shape) or len(shape) > 32:
+            raise MalformedRecordError(f"manifest entry {index} ({entry['key']}): shape is not a list of sizes")
+        if not _count(offset):
+            raise MalformedRecordError(f"manifest entry {index} ({entry['key']}): offset is not a non-negative int")
+    return manifest
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
+def _flat(record: ArrayRecord, dtype: str) -> np.ndarray:
+    name = PACKED_PREFIX + dtype
+    if name not in record:
+        raise MalformedRecordError(f"manifest names dtype {dtype!r} but the record has no {name} buffer")
+    try:
+        expected = np.dtype(dtype)
+    except TypeError as exc:
+        raise MalformedRecordError(f"manifest names an unknown dtype {dtype!r}") from exc
+    if expected.kind not in _PACKABLE_KINDS:
+        raise MalformedRecordError(f"dtype {dtype!r} is not numeric")
+    flat = record[name].numpy()
+    if flat.dtype != expected or flat.ndim != 1:
+        raise MalformedRecordError(f"buffer {name} holds {flat.dtype} of shape {flat.shape}, not flat {expected}")
+    return flat
+
+
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
     """Numpy arrays keyed like the dict that was packed (views sharing the record's buffers: copy to write).
-    Keys stored individually next to a manifest override the packed ones."""
+    Keys stored individually next to a manifest override the packed ones.
+
+    The record may come from an untrusted party: a manifest that is not JSON, has the wrong shape,
+    names a missing or non-numeric buffer, repeats a key, or points outside its buffer raises
+    `MalformedRecordError` saying which entry is at fault."""
     arrays: dict[str, np.ndarray] = {}
     if MANIFEST_KEY in record:
-        manifest = json.loads(bytes(record[MANIFEST_KEY].numpy().tobytes()).decode())
-        flats = {dtype: record[PACKED_PREFIX + dtype].numpy() for dtype in {m["dtype"] for m in manifest}}
+        manifest = _manifest(record)
+        flats = {dtype: _flat(record, dtype) for dtype in {m["dtype"] for m in manifest}}
         for entry in manifest:
-            shape = tuple(int(s) for s in entry["shape"])
-            size = int(np.prod(shape, dtype=np.int64))
+            key = entry["key"]
+            if key in arrays:
+                raise MalformedRecordError(f"manifest names {key!r} twice")
+            shape = tuple(entry["shape"])
+            size = int(np.prod(shape, dtype=object))
             start = int(entry["offset"])
-            arrays[entry["key"]] = flats[entry["dtype"]][start:start + size].reshape(shape)
+            flat = flats[entry["dtype"]]
+            if start + size > flat.size:
+                raise MalformedRecordError(f"manifest entry {key!r} reaches past the end of its "
+                                      f"{entry['dtype']} buffer ({start + size} > {flat.size} values)")
+            arrays[key] = flat[start:start + size].reshape(shape)
     for key, array in record.items():
         if key != MANIFEST_KEY and not key.startswith(PACKED_PREFIX):
             arrays[key] = array.numpy()

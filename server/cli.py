@@ -162,7 +162,10 @@ def run(
         return
     report = Path(record.out_dir) / "report.md"
     if info.sub_status != "completed":
-        _fail(f"run {record.run_id} {info.sub_status}: {info.details or 'see visionfm-server logs'}", 1)
+        from server.runs import failure_reason
+
+        reason = failure_reason(Path(record.out_dir)) or info.details or "see visionfm-server logs"
+        _fail(f"run {record.run_id} {info.sub_status}: {reason}", 1)
     console.print(
         f"[green]run {record.run_id} completed[/green]" + (f"; report: {report}" if report.exists() else "")
     )

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.records import arrays_to_record, record_to_numpy
+from client.records import MalformedRecordError, arrays_to_record, record_to_numpy
 from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
@@ -31,6 +31,16 @@ from server.timing import round_timing
 from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
 from strategies.fedavg import ModalityAccumulator, SiteReply, split_by_modality
+from strategies.reply_checks import (
+    ReplayGuard,
+    ReplyProblemError,
+    check_freshness,
+    checked_count,
+    first_non_finite,
+    model_digest,
+    screen_update_norms,
+    update_norms,
+)
 from strategies.robust import (
     Aggregator,
     aggregate_per_modality,
@@ -49,6 +59,16 @@ from visionfm_core.run_config import RunConfig
 logger = logging.getLogger(__name__)
 
 CentralEvaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]]
+# What a reply says about itself (client/app.py writes it): the round and the global model it answers.
+REPLY_INFO = "reply"
+ROUND_KEY = "server-round"
+DIGEST_KEY = "model-digest"
+FAILURE_FILE = "failure.json"
+
+
+class FederationFailedError(RuntimeError):
+    """The run cannot go on (its global model is no longer finite, or no site's update has been accepted
+    for `max-failed-rounds` rounds); the last good checkpoint is kept and `--resume` continues from it."""
 
 
 @dataclass
@@ -134,6 +154,9 @@ class Federation:
         self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
         self.destinations: dict[str, int] = {}  # message id -> the node it was sent to
         self.last_nodes: set[int] = set()  # the nodes the previous exchange went to
+        self.global_digest = ""  # digest of the global model the current exchange sent
+        self.replays = ReplayGuard()
+        self.failed_rounds = 0  # rounds in a row without an accepted update
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -164,7 +187,9 @@ class Federation:
         """Send the global model to every connected site; call `on_reply` for each reply as it arrives
         (streaming: replies are folded in and dropped, never all held at once). Returns replies seen."""
         nodes = self._wait_for_nodes()
-        config = ConfigRecord({**self.cfg.to_flat(), "server-round": server_round})
+        if message_type == MessageType.TRAIN:  # what a training reply must name (evaluation sends no update)
+            self.global_digest = model_digest(self.arrays)
+        config = ConfigRecord({**self.cfg.to_flat(), ROUND_KEY: server_round, DIGEST_KEY: self.global_digest})
         record = arrays_to_record(self.arrays)
         messages = [
             Message(RecordDict({"arrays": record, "config": config}), dst_node_id=node,
@@ -212,18 +237,22 @@ class Federation:
         if self.cfg.secure_aggregation:
             return self._secure_train_round(server_round)
         robust = self.cfg.strategy != "fedavg"
+        screened = self.cfg.update_norm_factor > 0
         accumulator = ModalityAccumulator()
         held: list[SiteReply] = []
+        norms: list[dict[str, float]] = []
 
         def fold(reply: Message) -> None:
             site = _site_label(reply, self.node_names, self.site_names, self.destinations)
             update = self._site_update(server_round, site, reply)
             if update is None:
                 return
+            if screened:
+                norms.append(update_norms(update, self.arrays))
             if self.cfg.max_update_norm > 0:
                 update = self._bounded(update)
-            if robust:
-                held.append(update)  # robust rules need every update at once
+            if robust or screened:
+                held.append(update)  # robust rules and the norm screen need every update at once
             else:
                 accumulator.add(update)
             self.accepted.append(site)
@@ -231,6 +260,15 @@ class Federation:
         self.accepted = []
         self.progress.start_round(server_round)
         self._exchange(MessageType.TRAIN, server_round, fold)
+        if screened and held:
+            screen = screen_update_norms(held, norms, self.cfg.update_norm_factor)
+            for site, reason in screen.rejected:
+                self._reject(server_round, site, reason)
+                self._forget_update(server_round, site)
+            held = screen.kept
+            if not robust:
+                for update in held:
+                    accumulator.add(update)
         if len(self.accepted) < self.cfg.min_sites:
             logger.error("round %d failed: %d accepted update(s), %d required; global model kept",
                          server_round, len(self.accepted), self.cfg.min_sites)
@@ -241,19 +279,85 @@ class Federation:
         else:
             self.arrays.update(accumulator.result())
         self._add_central_noise(server_round, previous, {m: len(s) for m, s in accumulator.contributors.items()})
+        self._check_global_model(server_round, previous)
         logger.info("round %d aggregated (%s) from %s", server_round, self.cfg.strategy, ", ".join(self.accepted))
         return True
 
+    def _row_round(self, server_round: int) -> int:
+        """The metrics row number of a round of this phase."""
+        return server_round
+
+    def _forget_update(self, server_round: int, site: str) -> None:
+        """Undo what accepting `site`'s update recorded (it was rejected once the whole round was seen)."""
+        self.accepted.remove(site)
+        self.site_seconds.pop(site, None)
+        row_round = self._row_round(server_round)
+        self.metrics.rows = [r for r in self.metrics.rows
+                             if not (int(r["round"]) == row_round and r["site"] == site
+                                     and r["phase"] in ("train", "finetune", "transport"))]
+
+    def _check_global_model(self, server_round: int, previous: dict[str, np.ndarray]) -> None:
+        """Stop the run when aggregation produced a non-finite model (the previous one is kept)."""
+        bad = first_non_finite(self.arrays)
+        if bad is not None:
+            self.arrays = previous
+            raise FederationFailedError(f"round {server_round}: the aggregated global model is not finite ({bad})")
+
+    def _end_round(self, server_round: int, aggregated: bool) -> None:
+        """Count rounds in a row that kept the global model (too few accepted updates); too many stop the
+        run as failed: every site failing or rejected for rounds is not a run to report as completed."""
+        self.failed_rounds = 0 if aggregated else self.failed_rounds + 1
+        limit = self.cfg.max_failed_rounds
+        if limit and self.failed_rounds >= limit:
+            raise FederationFailedError(f"round {server_round}: {self.failed_rounds} round(s) in a row without enough "
+                                        f"accepted updates to aggregate (max-failed-rounds = {limit})")
+
+    def _record_failure(self, exc: FederationFailedError, last_good: int | None, label: str = "round") -> None:
+        """Log why the run stops and leave `failure.json` beside its checkpoints."""
+        kept = f"the last good checkpoint is {label} {last_good}" if last_good is not None else "no round was kept"
+        message = f"run failed: {exc}; {kept}; fix the cause, then resume (visionfm-server run JOB --resume)"
+        logger.error(message)
+        payload = {"reason": str(exc), "last-good-round": last_good, "phase": self.cfg.phase,
+                   "rejected": self.rejected[-20:]}
+        (self.out_dir / FAILURE_FILE).write_text(json.dumps(payload, indent=2))
+
     def _read_reply(self, server_round: int, site: str, reply: Message) -> ReplyParts | None:
-        """A training reply's metrics, per-modality numbers, example counts and arrays; None (logged) when
-        the site answered with an error."""
+        """A training reply's metrics, per-modality numbers, checked example counts and arrays; None
+        (logged) when the site answered with an error or the reply is malformed, stale or implausible."""
         if reply.has_error():
             self._reject(server_round, site, f"site error: {reply.error.reason}")
             return None
-        metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+        try:
+            metrics, per_modality, counts = self._reply_numbers(server_round, reply)
+            if "arrays" not in reply.content.array_records:
+                raise ReplyProblemError("reply holds no array record")
+            arrays = record_to_numpy(reply.content.array_records["arrays"])
+        except (ReplyProblemError, MalformedRecordError) as exc:
+            self._reject(server_round, site, str(exc))
+            return None
+        except (KeyError, TypeError, ValueError) as exc:  # Flower could not deserialise a tampered record
+            self._reject(server_round, site, f"unreadable reply ({type(exc).__name__})")
+            return None
+        return ReplyParts(metrics, per_modality, counts, arrays)
+
+    def _reply_numbers(self, server_round: int,
+                       reply: Message) -> tuple[dict[str, Any], dict[str, dict[str, float]], dict[str, int]]:
+        """The reply's metrics, checked for freshness, with every example count checked."""
+        content = reply.content
+        if "metrics" not in content.metric_records:
+            raise ReplyProblemError("reply holds no metrics")
+        info = content.config_records.get(REPLY_INFO)
+        info_values: dict[str, Any] = dict(info) if info is not None else {}
+        check_freshness(info_values.get(ROUND_KEY), info_values.get(DIGEST_KEY), server_round, self.global_digest)
+        metrics: dict[str, Any] = dict(content.metric_records["metrics"])
         per_modality = _modality_metrics(metrics)
-        counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
-        return ReplyParts(metrics, per_modality, counts, record_to_numpy(reply.content.array_records["arrays"]))
+        cap = self.cfg.max_site_examples
+        counts = {m: checked_count(v.get("num-examples", 0), cap, f"{m}/num-examples") for m, v in per_modality.items()}
+        for key in ("bytes-sent", "compute-seconds"):
+            value = metrics.get(key, 0.0)
+            if not isinstance(value, (int, float)) or not 0 <= float(value) < float("inf"):
+                raise ReplyProblemError(f"metric {key} is not a finite number >= 0")
+        return metrics, per_modality, counts
 
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
@@ -276,6 +380,8 @@ class Federation:
         if problem is not None:
             self._reject(server_round, site, str(problem))
             return None
+        if not self._fresh_update(server_round, site, parts.arrays):
+            return None
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
         self._note_compute(site, metrics)
@@ -284,6 +390,20 @@ class Federation:
         self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
         self.progress.site_done(site, float(np.mean([v.get("loss", np.nan) for v in per_modality.values()])))
         return update
+
+    def _fresh_update(self, server_round: int, site: str, arrays: dict[str, np.ndarray]) -> bool:
+        """False (logged) when these exact arrays were accepted in an earlier round: a replayed update."""
+        if not arrays:
+            return True
+        update_digest = model_digest(arrays)
+        unchanged = model_digest({k: self.arrays[k] for k in arrays if k in self.arrays})
+        try:
+            self.replays.check(site, update_digest, server_round, unchanged)
+        except ReplyProblemError as exc:
+            self._reject(server_round, site, str(exc))
+            return False
+        self.replays.remember(site, update_digest, server_round)
+        return True
 
     def _note_compute(self, site: str, metrics: dict[str, Any]) -> None:
         if "compute-seconds" in metrics:
@@ -320,11 +440,18 @@ class Federation:
             if reply.has_error():
                 self._reject(server_round, site, f"site error: {reply.error.reason}")
                 return
-            metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
+            # Under SecAgg+ the server never sees a site's update, only what the reply says in the clear:
+            # its round, model digest and example counts are checked here; its update is bounded at the
+            # site (secagg-clip-range) and by the masking field, and the unmasked mean is checked finite.
+            try:
+                metrics, per_modality, counts = self._reply_numbers(server_round, reply)
+            except (ReplyProblemError, KeyError, TypeError, ValueError) as exc:
+                self._reject(server_round, site, str(exc))
+                return
             self._note_compute(site, metrics)
-            for modality, values in _modality_metrics(metrics).items():
+            for modality, values in per_modality.items():
                 self.metrics.add(server_round, site, modality, "train", values)
-                count = int(values.get("num-examples", 0))
+                count = counts[modality]
                 if count > 0 and modality in self.cfg.modality_list:
                     holders.setdefault(modality, []).append(reply.metadata.src_node_id)
                     weights.append(count)
@@ -349,6 +476,7 @@ class Federation:
             # In place: the mean is a float32 view of the protocol's own buffer, so nothing is allocated.
             self.arrays[key] = np.add(mean_delta, self.arrays[key], out=mean_delta, casting="same_kind")
         self._add_central_noise(server_round, previous, {m: len(r.survivors) for m, r in outcome.results.items()})
+        self._check_global_model(server_round, previous)
         logger.info("round %d securely aggregated: %s", server_round,
                     ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
         return bool(outcome.results)
@@ -433,11 +561,16 @@ class Federation:
             self.evaluate(0)
             save_round(self.out_dir, 0, self.arrays, self.cfg.modality_list, spec, {"objective": self.cfg.objective})
             self.metrics.save()
+        (self.out_dir / FAILURE_FILE).unlink(missing_ok=True)
         with self.progress:
             for server_round in range(start, self.cfg.num_rounds + 1):
                 self.site_seconds = {}
                 started = time.perf_counter()
-                self.train_round(server_round)
+                try:
+                    self._end_round(server_round, self.train_round(server_round))
+                except FederationFailedError as exc:
+                    self._record_failure(exc, server_round - 1)
+                    raise
                 self.metrics.add(server_round, "server", "all", "timing",
                                  round_timing(time.perf_counter() - started, self.site_seconds))
                 if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:

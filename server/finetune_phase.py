@@ -41,7 +41,15 @@ from client.finetuning import (
     task_adapter,
 )
 from client.site import task_samples
-from server.federation import CentralEvaluator, Federation, FederationResult, _modality_metrics, _site_label
+from server.federation import (
+    FAILURE_FILE,
+    CentralEvaluator,
+    Federation,
+    FederationFailedError,
+    FederationResult,
+    _modality_metrics,
+    _site_label,
+)
 from server.progress import RoundProgress
 from server.report import plot_metrics, write_report
 from strategies.fedavg import SiteReply
@@ -225,6 +233,8 @@ class FineTunePhase(Federation):
             if problem is not None:
                 self._reject(server_round, site, str(problem))
                 return None
+        if not self._fresh_update(server_round, site, arrays):
+            return None
         for modality, values in per_modality.items():
             self.metrics.add(self._row_round(server_round), site, modality, "finetune",
                              {**values, "finetune-round": server_round})
@@ -324,9 +334,14 @@ class FineTunePhase(Federation):
                 shutil.rmtree(folder)
             self.metrics.rows = [r for r in self.metrics.rows if not (r["phase"] in PHASES or "finetune_round" in r)]
         start = 1 if resumed is None else resumed + 1
+        (self.out_dir / FAILURE_FILE).unlink(missing_ok=True)
         with self.progress:
             for finetune_round in range(start, self.cfg.finetune_rounds + 1):
-                self.train_round(finetune_round)
+                try:
+                    self._end_round(finetune_round, self.train_round(finetune_round))
+                except FederationFailedError as exc:
+                    self._record_failure(exc, finetune_round - 1 if finetune_round > 1 else None, "fine-tune round")
+                    raise
                 if finetune_round % self.cfg.eval_every == 0 or finetune_round == self.cfg.finetune_rounds:
                     self.evaluate(finetune_round)
                 self.metrics.save()  # before the marker, as in pretraining

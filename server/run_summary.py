@@ -44,6 +44,14 @@ INVALID_UPDATE_KINDS = (
     ("example count", "bad example count"),
     ("no arrays", "empty update"),
     ("did not announce", "unannounced modality"),
+    ("stale reply", "stale reply"),
+    ("does not say which round", "stale reply"),
+    ("replayed update", "replayed update"),
+    ("update norm", "update norm over the bound"),
+    ("manifest", "malformed record"),
+    ("buffer", "malformed record"),
+    ("unreadable reply", "malformed record"),
+    ("metric", "bad metric"),
 )
 # Errors Flower itself raises on the SuperLink ("Error: Node Unavailable — ...").
 FLOWER_ERROR = re.compile(r"Error: ([A-Za-z ]+?) [—-]")

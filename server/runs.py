@@ -206,6 +206,29 @@ def metrics_rows(out_dir: Path, server_round: int) -> list[dict[str, Any]]:
     return [r for r in rows if int(r.get("round", -1)) == server_round]
 
 
+def failure_reason(out_dir: Path) -> str | None:
+    """Why the run in `out_dir` stopped as failed (its ServerApp wrote `failure.json`), if it did."""
+    path = out_dir / "failure.json"
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    last = payload.get("last-good-round")
+    kept = f"; last good checkpoint: round {last}" if last is not None else ""
+    return f"{payload.get('reason', 'unknown reason')}{kept}"
+
+
+def _refuse_non_finite(path: Path) -> None:
+    """An encoder with NaN or Inf weights is never exported (it would poison every model built on it)."""
+    from visionfm_core.models.checkpoint import load_encoder
+
+    state, _ = load_encoder(path)
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ConfigError("run", f"{path.name} is not finite ({key} holds NaN or Inf): refusing to export it; "
+                                     "export an earlier round with --round")
+
+
 def export_encoders(out_dir: Path, dest: Path, server_round: int | None = None) -> list[Path]:
     """Copy the final encoders (or those of one checkpointed round) with their metadata to `dest`."""
     if server_round is None:
@@ -223,6 +246,7 @@ def export_encoders(out_dir: Path, dest: Path, server_round: int | None = None) 
     for path in sorted(source.glob("*.safetensors")):
         if path.name.endswith(".head.safetensors"):
             continue  # SSL projection heads are training machinery, not part of the encoder
+        _refuse_non_finite(path)
         target = dest / path.name
         shutil.copy2(path, target)
         copied.append(target)

@@ -54,6 +54,8 @@ def simulate_command(
     resume: Annotated[bool, typer.Option(help="continue the run folder from its last complete round")] = False,
     strategy: Annotated[str | None, typer.Option(help="fedavg | median | trimmed-mean | krum | multi-krum")] = None,
     max_update_norm: Annotated[float | None, typer.Option(help="bound each site's update to this L2 norm")] = None,
+    update_norm_factor: Annotated[float | None, typer.Option(
+        help="reject updates whose norm exceeds this x the round's median (default 4; 0 = off)")] = None,
     compression: Annotated[str | None, typer.Option(help="transport codec: none | fp16 | bf16 | int8")] = None,
     secure_aggregation: Annotated[bool | None, typer.Option(
         "--secure-aggregation/--no-secure-aggregation", help="SecAgg+: the server sees only sums")] = None,
@@ -88,7 +90,8 @@ def simulate_command(
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
         "finetune-data": finetune_data, "init-encoders": str(init_encoders) if init_encoders else None,
         "strategy": strategy,
-        "max-update-norm": max_update_norm, "compression": compression, "secure-aggregation": secure_aggregation,
+        "max-update-norm": max_update_norm, "update-norm-factor": update_norm_factor,
+        "compression": compression, "secure-aggregation": secure_aggregation,
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
         "tracking": tracking, "tracking-uri": tracking_uri,
     }

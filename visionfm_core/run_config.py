@@ -54,6 +54,16 @@ class RunConfig:
     trim_beta: float = 0.1
     byzantine: int = 1
     max_update_norm: float = 0.0
+    # Safe default against a site's oversized update: a reply whose update norm (per modality, from the
+    # global model it started from) exceeds this factor times the round's median update norm is rejected
+    # (0 = off). The median is the lower median, so it stays an honest site's norm while fewer than half
+    # the sites are outliers; a modality only one site sent cannot be judged this way.
+    update_norm_factor: float = 4.0
+    # The most examples a site may report for one modality (its FedAvg weight is capped by it: a larger,
+    # non-finite, fractional or non-positive count rejects the reply).
+    max_site_examples: int = 1_000_000
+    # Rounds in a row in which no update was accepted before the run stops as failed (0 = never).
+    max_failed_rounds: int = 3
     # Transport codec of site updates: "none" (fp32), "fp16", "bf16", "int8".
     compression: str = "none"
     # SecAgg+: the server only ever sees each modality's sum over at least `secagg-threshold` of its sites.
@@ -154,6 +164,12 @@ class RunConfig:
             raise ConfigError("strategy", "secure aggregation reveals only sums: it works with 'fedavg' only")
         if self.secure_aggregation and self.compression != "none":
             raise ConfigError("compression", "secure aggregation quantises updates itself: use 'none'")
+        if not self.update_norm_factor == 0 and not self.update_norm_factor >= 1:
+            raise ConfigError("update-norm-factor", f"must be 0 (off) or >= 1, got {self.update_norm_factor}")
+        if not 1 <= self.max_site_examples <= 2**53:
+            raise ConfigError("max-site-examples", f"must be in [1, 2**53], got {self.max_site_examples}")
+        if self.max_failed_rounds < 0:
+            raise ConfigError("max-failed-rounds", f"must be >= 0, got {self.max_failed_rounds}")
         if self.central_dp_clip < 0 or self.central_dp_noise < 0:
             raise ConfigError("central-dp-clip", "clip norm and noise multiplier must be >= 0")
         if self.central_dp_noise > 0 and self.central_dp_clip == 0:

@@ -54,7 +54,11 @@ def test_reply_holds_only_weight_arrays_and_numbers(site_folder: Path, message_t
     reply = client_app(request, context)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content = reply.content
-    assert set(content.config_records) == set()
+    if message_type == MessageType.TRAIN:  # only which round and global model it answers
+        assert set(content.config_records) == {"reply"}
+        assert set(content.config_records["reply"]) == {"server-round", "model-digest"}
+    else:
+        assert set(content.config_records) == set()
     for record in content.metric_records.values():
         assert all(isinstance(v, (int, float)) for v in record.values())
     if message_type == MessageType.TRAIN:
