@@ -174,7 +174,8 @@ def join(
             settings,
             stop,
             on_ready=lambda node: console.print(
-                f"[green]joined[/green] as {node.bundle.hospital}; logs in {work / 'logs'}"
+                f"[green]joining[/green] as {node.bundle.hospital} (coordinator reached, SuperNode started); "
+                f"logs in {work / 'logs'}"
             ),
         )
     except (JoinRefusedError, ConfigError) as exc:

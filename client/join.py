@@ -153,10 +153,14 @@ def refusal_in_log(text: str) -> str | None:
     return f"the coordinator's SuperLink refused this site: {reason}{hint}"
 
 
-def startup_error(text: str, lines: int = 6) -> str:
-    """The SuperNode's own words when it could not start: its error lines, else the last lines it logged."""
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b[^:]*: ")
+
+
+def startup_error(text: str, lines: int = 4) -> str:
+    """The SuperNode's own words when it could not start: the exception it ended with and the errors
+    it logged, else the last lines it logged."""
     logged = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in logged if "ERROR" in line or "Error" in line or "error:" in line]
+    errors = [line for line in logged if EXCEPTION_LINE.match(line) or "ERROR" in line]
     return "\n".join((errors or logged)[-lines:]) or "(the SuperNode logged nothing)"
 
 
@@ -330,6 +334,7 @@ def run_site(
             code = node.node_exited()
             if code is None:
                 if node.remember_node_id():
+                    logger.info("joined: the coordinator activated this site's SuperNode")
                     backoff = 1.0  # activated: the next failure starts from a short wait again
                 continue
             logger.warning("SuperNode exited (code %s); checking with the coordinator", code)

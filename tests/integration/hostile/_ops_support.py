@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from certs.authority import crl_pem, load_cert, utcnow
 from certs.keys import load_openssh_public_key, load_private_key, write_public
 from certs.store import CertStore
-from server.processes import descendants, pid_alive
-from tests.integration.deployment.conftest import REPO
+from server.processes import descendants, pid_alive, wait_for_port
+from tests.integration.deployment.conftest import REPO, CoordinatorHandle, Federation, Processes, wait_until
 
 
 
@@ -99,3 +99,41 @@ def node_key_header(store: CertStore, hospital: str) -> dict[str, str]:
 def idle_connections(port: int, count: int) -> list[socket.socket]:
     """`count` TCP connections to 127.0.0.1:port that never start TLS."""
     return [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(count)]
+
+
+def start_coordinator_with(
+    processes: Processes, federation: Federation, state_dir: Path, *extra: str, cwd_args: tuple[str, str] | None = None
+) -> CoordinatorHandle:
+    """`visionfm-server start` with extra options (the deployment suite's launcher has none)."""
+    log = state_dir.parent / f"{state_dir.name}.out"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    certs, state = cwd_args or (str(federation.store.root), str(state_dir))
+    process = processes.launch(["-m", "server.cli", "start", "--certs", certs, "--state", state, *extra], log)
+    wait_until(
+        lambda: (state_dir / "coordinator.json").exists() or process.poll() is not None, 120, "the coordinator to start"
+    )
+    assert process.poll() is None, log.read_text()
+    assert wait_for_port("127.0.0.1", federation.gateway_port, 10)
+    return CoordinatorHandle(process, state_dir, log)
+
+
+def launch_in(processes: Processes, args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Start `python ARGS` in `cwd` (relative paths resolve there), tracked for teardown like
+    `Processes.launch`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as handle:
+        process = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={
+                **os.environ,
+                "COLUMNS": "200",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            },
+            start_new_session=True,
+        )
+    processes.started.append(process)
+    return process
