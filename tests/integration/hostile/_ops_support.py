@@ -10,18 +10,27 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from certs.authority import crl_pem, load_cert, utcnow
 from certs.keys import load_openssh_public_key, load_private_key, write_public
+from certs.provision import issue
 from certs.store import CertStore
-from server.processes import descendants, pid_alive, wait_for_port
-from tests.integration.deployment.conftest import REPO, CoordinatorHandle, Federation, Processes, wait_until
-
+from server.processes import descendants, free_port, pid_alive, wait_for_port
+from tests.integration.deployment.conftest import (
+    REPO,
+    CoordinatorHandle,
+    Federation,
+    Processes,
+    start_coordinator,
+    wait_until,
+    write_participants,
+)
 
 
 def cli(module: str, *args: str, cwd: Path = REPO, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -137,3 +146,26 @@ def launch_in(processes: Processes, args: list[str], cwd: Path, log: Path) -> su
         )
     processes.started.append(process)
     return process
+
+
+# Fixtures (the deployment suite's, under names a test module can import without shadowing): import
+# `processes_fixture`, `federation_fixture`, `coordinator_fixture` and ask for processes/federation/coordinator.
+@pytest.fixture(name="processes")
+def processes_fixture() -> Iterator[Processes]:
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(name="federation")
+def federation_fixture(tmp_path: Path) -> Federation:
+    port = free_port()
+    issue(write_participants(tmp_path / "participants.toml", port), tmp_path / "pki")
+    return Federation(tmp_path, CertStore(tmp_path / "pki"), port)
+
+
+@pytest.fixture(name="coordinator")
+def coordinator_fixture(processes: Processes, federation: Federation) -> CoordinatorHandle:
+    return start_coordinator(processes, federation, federation.root / "coordinator")

@@ -14,10 +14,13 @@ import pytest
 from certs.bundle import load_bundle
 from certs.tls import client_context
 from client.uplink import probe_coordinator
-from tests.integration.deployment.conftest import Federation, Processes, federation, processes  # noqa: F401
-from tests.integration.hostile._ops_support import (
+from tests.integration.deployment.conftest import Federation, Processes
+from tests.integration.hostile._ops_support import (  # noqa: F401
+    coordinator_fixture,
+    federation_fixture,
     idle_connections,
     node_key_header,
+    processes_fixture,
     start_coordinator_with,
     timed,
     tree_rss_mb,

@@ -12,17 +12,22 @@ import pytest
 from certs.authority import utcnow
 from certs.bundle import load_bundle
 from client.uplink import probe_coordinator
-from tests.integration.deployment.conftest import (  # noqa: F401  (fixtures: coordinator, federation, processes)
+from tests.integration.deployment.conftest import (
     CoordinatorHandle,
     Federation,
     Processes,
-    coordinator,
-    federation,
-    processes,
     start_coordinator,
     write_participants,
 )
-from tests.integration.hostile._ops_support import cli, crl_next_update, timed, write_crl
+from tests.integration.hostile._ops_support import (  # noqa: F401
+    cli,
+    coordinator_fixture,
+    crl_next_update,
+    federation_fixture,
+    processes_fixture,
+    timed,
+    write_crl,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

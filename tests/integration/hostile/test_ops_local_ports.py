@@ -14,20 +14,22 @@ import pytest
 
 from certs.tls import client_context
 from server.processes import listening_addresses
-from tests.integration.deployment.conftest import (  # noqa: F401  (fixtures)
+from tests.integration.deployment.conftest import (
     REPO,
     CoordinatorHandle,
     Federation,
     Processes,
-    coordinator,
-    federation,
     join_site,
     online_nodes,
-    processes,
     site_data,
     wait_until,
 )
-from tests.integration.hostile._ops_support import processes_named
+from tests.integration.hostile._ops_support import (  # noqa: F401
+    coordinator_fixture,
+    federation_fixture,
+    processes_fixture,
+    processes_named,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -14,20 +14,21 @@ import pytest
 
 from server.coordinator import CoordinatorState
 from server.processes import OWNER_ENV, descendants, process_environment, stop_tree
-from tests.integration.deployment.conftest import (  # noqa: F401  (fixtures)
+from tests.integration.deployment.conftest import (
     Federation,
     Processes,
-    federation,
     online_nodes,
-    processes,
     site_data,
     start_coordinator,
     wait_until,
 )
-from tests.integration.hostile._ops_support import (
+from tests.integration.hostile._ops_support import (  # noqa: F401
     cli,
+    coordinator_fixture,
+    federation_fixture,
     launch_in,
     living,
+    processes_fixture,
     processes_named,
     start_coordinator_with,
     timed,
@@ -43,9 +44,9 @@ def _superlinks_on(state_dir: Path) -> list[int]:
         if entry.name.isdigit():
             pid = int(entry.name)
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}/cmdline").exists() else b""
-            if b"flower-superlink" in cmd and b"server.processes" not in cmd:
-                if process_environment(pid).get(OWNER_ENV) == owner:
-                    found.append(pid)
+            is_superlink = b"flower-superlink" in cmd and b"server.processes" not in cmd
+            if is_superlink and process_environment(pid).get(OWNER_ENV) == owner:
+                found.append(pid)
     return found
 
 

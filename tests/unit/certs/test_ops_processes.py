@@ -31,7 +31,9 @@ STARTER = """
 import sys, time
 from pathlib import Path
 from server.processes import spawn, descendants
-child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); time.sleep(120)"
+child = ("import subprocess, sys, time; "
+         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); "
+         "time.sleep(120)")
 process = spawn([sys.executable, "-c", child], {**__import__("os").environ}, Path(sys.argv[1]), owner=Path(sys.argv[2]))
 deadline = time.monotonic() + 30
 while len(descendants(process.pid)) < 2 and time.monotonic() < deadline:
