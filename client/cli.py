@@ -115,7 +115,7 @@ def join(
     cold: bool = typer.Option(
         False,
         "--cold",
-        help="Let Flower start a fresh ClientApp process per message "
+        help="Let Flower's own SuperExec start a fresh ClientApp process per message "
         "(no pre-warmed executor; slower, but what stock Flower does).",
     ),
     max_offline: float = typer.Option(
