@@ -34,9 +34,17 @@ class Check:
 
 
 def modality_folder(data_path: Path, modality: str, several: bool) -> Path:
-    """Where a modality's images are: a sub-folder named after it when the site holds several."""
+    """Where a modality's images are: a sub-folder named after it when the site holds several.
+    DataError when that sub-folder is a link out of the data folder (nothing there is read)."""
+    from visionfm_core.data.confine import OUTSIDE_REASON, escapes
+    from visionfm_core.errors import DataError
+
     folder = data_path / modality
-    return folder if several and folder.is_dir() else data_path
+    if several and folder.is_dir():
+        if escapes(data_path, modality):
+            raise DataError(str(folder), OUTSIDE_REASON)
+        return folder
+    return data_path
 
 
 def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> list[Check]:
@@ -50,8 +58,8 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
     checks = []
     canonical = [canonical_modality(m) for m in modalities]
     for modality in canonical:
-        folder = modality_folder(data_path, modality, len(canonical) > 1)
         try:
+            folder = modality_folder(data_path, modality, len(canonical) > 1)
             report = check_site_data(folder, modality, decode=decode)
         except VisionFMError as exc:
             checks.append(Check(f"data:{modality}", "fail", str(exc)))

@@ -18,6 +18,7 @@ from typing import Any
 
 from client.finetuning import task_adapter
 from simulations.scenario import load_scenario, site_data
+from visionfm_core.data.confine import OUTSIDE_REASON, escapes
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.modalities import canonical_modality
@@ -63,6 +64,8 @@ def _deployment_site(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str
         # One data path per site; with several modalities, a sub-folder per modality is expected.
         root = Path(path)
         folder = root / modality if len(modalities) > 1 and (root / modality).is_dir() else root
+        if folder != root and escapes(root, modality):
+            raise DataError(str(folder), OUTSIDE_REASON)  # a modality folder linked from elsewhere
         if open_site is not None:
             scan = open_site(str(folder), modality)
         elif folder.suffix == ".npz":

@@ -99,3 +99,13 @@ def test_manifest_files_must_be_images(tmp_path: Path) -> None:
     manifest = _manifest(data, [("img.png", "notes.png")])
     (check,) = check_task_manifest(str(manifest), "segmentation", ["fundus"], data)
     assert check.verdict == "fail" and any("notes.png: is not an image" in line for line in check.details)
+
+
+def test_a_modality_folder_linked_from_outside_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "site"
+    _png(data / "oct" / "a.png")
+    _png(tmp_path / "elsewhere" / "b.png")
+    os.symlink(tmp_path / "elsewhere", data / "fundus")
+    checks = {c.name: c for c in check_data(data, ["fundus", "oct"])}
+    assert checks["data:fundus"].verdict == "fail" and "outside the data folder" in checks["data:fundus"].message
+    assert checks["data:oct"].verdict == "ok"
