@@ -120,12 +120,24 @@ def probe_coordinator(
     return ProbeResult(True, f"coordinator at {address} accepts this site as {seen!r}", seen)
 
 
+# TLS alerts the gateway sends when it refuses this site's certificate, in words.
+TLS_ALERTS = {
+    "CERTIFICATE_REVOKED": "the coordinator says this site's certificate is revoked",
+    "CERTIFICATE_EXPIRED": "the coordinator says this site's certificate has expired (check both clocks)",
+    "UNKNOWN_CA": "the coordinator does not know the CA of this site's certificate",
+    "BAD_CERTIFICATE": "the coordinator refused this site's certificate",
+    "CERTIFICATE_REQUIRED": "the coordinator requires a client certificate",
+}
+
+
 def _tls_reason(exc: BaseException) -> str:
     """The most specific reason in an exception chain (an SSL error names the certificate problem)."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError):
-            return f"TLS: {seen.reason or seen}"
+            reason = str(seen.reason or seen)
+            plain = next((words for alert, words in TLS_ALERTS.items() if reason.endswith("ALERT_" + alert)), None)
+            return f"TLS: {reason}" + (f" ({plain})" if plain else "")
         seen = seen.__cause__ or seen.__context__
     return str(exc) or type(exc).__name__
 
