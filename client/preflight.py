@@ -102,9 +102,13 @@ def check_task_manifest(spec: str, kind: str, modalities: list[str], data_path: 
     for modality, samples in per_modality.items():
         problems = task_file_problems(samples, manifest_roots(csv_of[modality], data_path))
         if problems:
-            checks.append(Check(f"task:{modality}", "fail", f"{len(problems)} file(s) named in the {kind} manifest "
-                                                            "refused (outside the allowed folders, missing, or not "
-                                                            "images)", sorted(problems)[:20]))
+            missing = sum(line.endswith(": does not exist") for line in problems)
+            outside = sum("outside the data folder" in line for line in problems)
+            parts = [f"{missing} file(s) named in the {kind} manifest do not exist" if missing else "",
+                     f"{outside} file(s) outside the data folder and the manifest's folder refused" if outside else "",
+                     f"{len(problems) - missing - outside} file(s) that are not images"
+                     if len(problems) - missing - outside else ""]
+            checks.append(Check(f"task:{modality}", "fail", "; ".join(p for p in parts if p), sorted(problems)[:20]))
         elif not samples:
             checks.append(Check(f"task:{modality}", "fail", f"the {kind} manifest lists no samples"))
         else:
