@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from certs.errors import CertificateError
-from certs.provision import issue, renew, revoke
+from certs.provision import crl_time_left, issue, refresh_crl, renew, revoke
 from certs.verify import has_errors, verify_path
 from visionfm_core.errors import ConfigError
 
@@ -30,9 +30,10 @@ def _fail(exc: Exception) -> None:
 @app.command("issue")
 def issue_cmd(
     participants: Path = typer.Argument(
-        ..., help="The participants TOML file (coordinator address, hospitals)."
+        ..., help="The participants TOML file (coordinator address, hospitals).", resolve_path=True
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="The provisioning folder (created; keep it private)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The provisioning folder (created; keep it private).",
+                           resolve_path=True),
 ) -> None:
     """Create the CA, the coordinator's certificate and one bundle per hospital (only what is missing).
 
@@ -55,7 +56,7 @@ def issue_cmd(
 
 @app.command("renew")
 def renew_cmd(
-    folder: Path = typer.Argument(..., help="The provisioning folder."),
+    folder: Path = typer.Argument(..., help="The provisioning folder.", resolve_path=True),
     hospital: list[str] = typer.Option([], "--hospital", "-H", help="A hospital to renew (repeatable)."),
     server: bool = typer.Option(False, "--server", help="Renew the coordinator's server certificate."),
     days: int = typer.Option(0, "--days", help="Validity in days (default: the participants file's)."),
@@ -73,12 +74,35 @@ def renew_cmd(
     for name in renewed:
         console.print(f"renewed  {name}")
     if server:
-        console.print("restart the coordinator (`visionfm-server start`) to serve the new certificate")
+        console.print(
+            "a running coordinator serves the new certificate to sites within seconds; restart it "
+            "(`visionfm-server start`) for its loopback SuperLink to use it too"
+        )
+
+
+@app.command("refresh-crl")
+def refresh_crl_cmd(
+    folder: Path = typer.Argument(..., help="The provisioning folder.", resolve_path=True),
+) -> None:
+    """Re-sign the certificate revocation list with a fresh expiry (same revocations).
+
+    A running coordinator does this itself well before the CRL expires; run it by hand when the
+    coordinator was stopped for weeks or its CA key is kept offline. A running coordinator picks the
+    new CRL up within seconds."""
+    from certs.store import CertStore
+
+    try:
+        refresh_crl(folder, force=True)
+        left = crl_time_left(CertStore(folder))
+    except (ConfigError, CertificateError) as exc:
+        _fail(exc)
+        return
+    console.print(f"CRL refreshed: valid for {left.days if left else 0} more day(s)")
 
 
 @app.command("revoke")
 def revoke_cmd(
-    folder: Path = typer.Argument(..., help="The provisioning folder."),
+    folder: Path = typer.Argument(..., help="The provisioning folder.", resolve_path=True),
     hospital: str = typer.Argument(..., help="The hospital that may no longer join."),
     reason: str = typer.Option("unspecified", "--reason", help="Recorded in the revocation register."),
 ) -> None:
@@ -100,7 +124,7 @@ def revoke_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    folder: Path = typer.Argument(..., help="A provisioning folder, or one hospital's bundle."),
+    folder: Path = typer.Argument(..., help="A provisioning folder, or one hospital's bundle.", resolve_path=True),
 ) -> None:
     """Explain what is wrong with a certificate set (exit code 1 when anything would fail)."""
     findings = verify_path(folder)

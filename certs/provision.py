@@ -46,6 +46,11 @@ from certs.participants import Participants, load_participants
 from certs.store import CertStore, IssuedCert, RevokedHospital, iso
 from visionfm_core.errors import ConfigError
 
+# The CRL's nextUpdate is this far ahead; a running coordinator re-signs it once less than
+# CRL_REFRESH_BEFORE is left, so sites never meet an expired CRL while the coordinator runs.
+CRL_VALIDITY_DAYS = 30
+CRL_REFRESH_BEFORE = dt.timedelta(days=15)
+
 
 @dataclass
 class IssueReport:
@@ -215,13 +220,36 @@ def revoke(out_dir: str | Path, hospital: str, reason: str = "unspecified") -> R
     return record
 
 
-def _write_crl(store: CertStore) -> None:
+def _write_crl(store: CertStore, next_update_days: int = CRL_VALIDITY_DAYS) -> None:
     ca_cert, ca_key = load_cert(store.ca_cert), load_private_key(store.ca_key)
     entries: list[tuple[int, dt.datetime]] = []
     for record in store.read_revoked().values():
         when = dt.datetime.fromisoformat(record.revoked_at)
         entries.extend((int(serial, 16), when) for serial in record.serials)
-    write_public(store.crl, crl_pem(build_crl(ca_cert, ca_key, entries)))
+    write_public(store.crl, crl_pem(build_crl(ca_cert, ca_key, entries, next_update_days)))
+
+
+def crl_time_left(store: CertStore, now: dt.datetime | None = None) -> dt.timedelta | None:
+    """Time until the CRL's nextUpdate (negative once expired); None when it is missing or unreadable."""
+    try:
+        crl = x509.load_pem_x509_crl(store.crl.read_bytes())
+    except (OSError, ValueError):
+        return None
+    if crl.next_update_utc is None:
+        return None
+    return crl.next_update_utc - (now or utcnow())
+
+
+def refresh_crl(out_dir: str | Path, min_left: dt.timedelta = CRL_REFRESH_BEFORE, force: bool = False) -> bool:
+    """Re-sign the CRL (same revocations, a fresh nextUpdate) when it expires within `min_left`, is
+    missing or unreadable, or `force`; True when it was rewritten. Needs the CA key
+    (CertificateError naming it otherwise)."""
+    store = CertStore(Path(out_dir)).require()
+    left = crl_time_left(store)
+    if not force and left is not None and left > min_left:
+        return False
+    _write_crl(store)
+    return True
 
 
 def hospital_node_fingerprint(store: CertStore, name: str) -> str:

@@ -29,6 +29,9 @@ from certs.store import CertStore
 from visionfm_core.errors import ConfigError
 
 EXPIRY_WARNING = dt.timedelta(days=30)
+# A CRL close to its nextUpdate: a running coordinator refreshes it 15 days ahead, so 14 days left
+# means nothing refreshes it (coordinator stopped, or its CA key kept offline).
+CRL_EXPIRY_WARNING = dt.timedelta(days=14)
 
 
 @dataclass(frozen=True)
@@ -187,11 +190,51 @@ def verify_store(root: str | Path, now: dt.datetime | None = None) -> list[Findi
     for folder in sorted(hospitals_dir.iterdir()) if hospitals_dir.exists() else []:
         if folder.name not in declared and folder.name not in revoked:
             c.warning(folder, "credentials for a hospital no longer in the participants file: revoke it")
-    _check_crl(c, store, ca, revoked_serials)
+    _check_crl(c, store, ca, revoked_serials, now)
     return c.findings
 
 
-def _check_crl(c: _Collector, store: CertStore, ca: x509.Certificate, revoked_serials: set[str]) -> None:
+def crl_expiry(path: Path, crl: x509.CertificateRevocationList, now: dt.datetime) -> Finding | None:
+    """An error once the CRL's nextUpdate has passed, a warning within CRL_EXPIRY_WARNING of it."""
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return None
+    fix = "run `visionfm-server certs refresh-crl` (a running coordinator with its CA key does it itself)"
+    if next_update <= now:
+        return Finding(
+            "error", str(path), f"CRL expired on {next_update:%Y-%m-%d %H:%M} UTC: every site is refused; {fix}"
+        )
+    if next_update - now < CRL_EXPIRY_WARNING:
+        return Finding("warning", str(path), f"CRL expires on {next_update:%Y-%m-%d %H:%M} UTC: {fix}")
+    return None
+
+
+def coordinator_expiry(root: str | Path, now: dt.datetime | None = None) -> list[Finding]:
+    """What will stop the coordinator accepting sites soon: its CRL, server and CA certificates."""
+    now = now or utcnow()
+    store = CertStore(Path(root))
+    c = _Collector()
+    for path in (store.ca_cert, store.server_cert):
+        cert = c.load_cert(path)
+        if cert is not None:
+            c.check_validity(path, cert, now)
+    try:
+        crl = x509.load_pem_x509_crl(store.crl.read_bytes())
+    except FileNotFoundError:
+        c.error(store.crl, "CRL missing: run `visionfm-server certs refresh-crl`")
+        return c.findings
+    except ValueError as exc:
+        c.error(store.crl, f"not a PEM CRL ({exc})")
+        return c.findings
+    finding = crl_expiry(store.crl, crl, now)
+    if finding is not None:
+        c.findings.append(finding)
+    return c.findings
+
+
+def _check_crl(
+    c: _Collector, store: CertStore, ca: x509.Certificate, revoked_serials: set[str], now: dt.datetime
+) -> None:
     try:
         crl = x509.load_pem_x509_crl(store.crl.read_bytes())
     except FileNotFoundError:
@@ -205,6 +248,9 @@ def _check_crl(c: _Collector, store: CertStore, ca: x509.Certificate, revoked_se
     listed = {format(entry.serial_number, "x") for entry in crl}
     if revoked_serials - listed:
         c.error(store.crl, "does not list every revoked certificate: revoke again to rewrite it")
+    finding = crl_expiry(store.crl, crl, now)
+    if finding is not None:
+        c.findings.append(finding)
 
 
 def verify_bundle(

@@ -24,10 +24,17 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 DEFAULT_WORK = Path("visionfm-site")
-BUNDLE = typer.Option(..., "--bundle", "-b", help="This hospital's bundle folder from the coordinator.")
-DATA = typer.Option(..., "--data", "-d", help="The site's images: a folder, a DICOM folder or a .npz file.")
+# Every path option is made absolute here: the SuperNode and its ClientApps run in other folders.
+BUNDLE = typer.Option(
+    ..., "--bundle", "-b", help="This hospital's bundle folder from the coordinator.", resolve_path=True
+)
+DATA = typer.Option(
+    ..., "--data", "-d", help="The site's images: a folder, a DICOM folder or a .npz file.", resolve_path=True
+)
 MODALITIES = typer.Option(..., "--modalities", "-m", help="Comma-separated modalities held, e.g. fundus or oct,fundus.")
-WORK = typer.Option(DEFAULT_WORK, "--work", help="This site's working folder (logs, audit log, Flower state).")
+WORK = typer.Option(
+    DEFAULT_WORK, "--work", help="This site's working folder (logs, audit log, Flower state).", resolve_path=True
+)
 GPU = typer.Option(None, "--gpu", help="GPU index to use; -1 for CPU only (default: Flower/torch's choice).")
 COORDINATOR = typer.Option(None, "--coordinator", help="host:port of the coordinator (default: the bundle's).")
 
@@ -115,7 +122,7 @@ def join(
     cold: bool = typer.Option(
         False,
         "--cold",
-        help="Let Flower start a fresh ClientApp process per message "
+        help="Let Flower's own SuperExec start a fresh ClientApp process per message "
         "(no pre-warmed executor; slower, but what stock Flower does).",
     ),
     max_offline: float = typer.Option(
@@ -174,7 +181,8 @@ def join(
             settings,
             stop,
             on_ready=lambda node: console.print(
-                f"[green]joined[/green] as {node.bundle.hospital}; logs in {work / 'logs'}"
+                f"[green]joining[/green] as {node.bundle.hospital} (coordinator reached, SuperNode started); "
+                f"logs in {work / 'logs'}"
             ),
         )
     except (JoinRefusedError, ConfigError) as exc:

@@ -7,11 +7,18 @@ default) the pre-warmed executor. Network blips and coordinator restarts are abs
 SuperNode's own retries through the uplink (Flower retries without limit); if the SuperNode exits
 anyway, it is started again with backoff, unless the coordinator now refuses the site. By default a
 site keeps trying forever; `max_offline_s` bounds how long it may stay cut off before `join` gives up.
+A SuperNode that exits before it was ever activated while the coordinator accepts the site cannot
+start here (bad option, unreadable file): `join` stops with the SuperNode's own error.
+
+Its processes run under watchdogs (server/processes.py) and die with `join`, `kill -9` included; a
+lock on the work folder keeps a second `join` off it, and a start after a crash first stops what the
+crashed one left behind.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -32,9 +39,10 @@ from client.supernode import (
     deactivate_node,
     start_supernode,
     start_warm_executor,
+    write_superexec_secret,
 )
 from client.uplink import Uplink, UplinkThread, probe_coordinator
-from server.processes import free_port, stop_tree
+from server.processes import FolderLock, descendants, free_port, stop_stale, stop_tree
 from visionfm_core.errors import ConfigError, VisionFMError
 from visionfm_core.modalities import canonical_modality
 
@@ -145,6 +153,17 @@ def refusal_in_log(text: str) -> str | None:
     return f"the coordinator's SuperLink refused this site: {reason}{hint}"
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b[^:]*: ")
+
+
+def startup_error(text: str, lines: int = 4) -> str:
+    """The SuperNode's own words when it could not start: the exception it ended with and the errors
+    it logged, else the last lines it logged."""
+    logged = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in logged if EXCEPTION_LINE.match(line) or "ERROR" in line]
+    return "\n".join((errors or logged)[-lines:]) or "(the SuperNode logged nothing)"
+
+
 class SiteNode:
     """The running parts of a joined site: uplink thread, SuperNode, executor."""
 
@@ -153,10 +172,20 @@ class SiteNode:
             raise ConfigError("modalities", "name at least one modality this site holds")
         self.settings = settings
         self.bundle = bundle
-        self.audit = AuditLog(settings.audit_log)
         settings.work_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = FolderLock(settings.work_dir, "join.lock", "visionfm-client join").acquire()
+        stale = stop_stale(settings.work_dir)
+        if stale:
+            logger.warning("stopped %d process(es) left by a previous join on %s", len(stale), settings.work_dir)
+        self.audit = AuditLog(settings.audit_log)
         self.loopback = make_loopback_tls(settings.work_dir / "tls")
-        uplink = Uplink(bundle, server_context(self.loopback.cert, self.loopback.key), settings.coordinator)
+        self.superexec_secret = write_superexec_secret(settings.work_dir / "tls")
+        uplink = Uplink(
+            bundle,
+            server_context(self.loopback.cert, self.loopback.key),
+            settings.coordinator,
+            local_peers=lambda: [os.getpid(), *descendants(os.getpid())],
+        )
         self.uplink = UplinkThread(uplink)
         self.supernode: subprocess.Popen[bytes] | None = None
         self.executor: subprocess.Popen[bytes] | None = None
@@ -209,20 +238,28 @@ class SiteNode:
             work_dir=self.settings.work_dir,
             warm=self.settings.warm,
             gpu=self.settings.gpu,
+            superexec_secret=self.superexec_secret,
         )
         if self.node_id_file.exists():
             # A previous SuperNode of this site may have died without deactivating (crash, kill -9):
             # its activation would block ours until its heartbeat expires.
             self.cleared_stale = deactivate_node(spec, int(self.node_id_file.read_text()))
         self.supernode = start_supernode(spec)
-        if spec.warm:
-            self.executor = start_warm_executor(spec)
+        self.executor = start_warm_executor(spec)
 
     def stop_node(self) -> None:
         for process in (self.executor, self.supernode):
             if process is not None:
                 stop_tree(process)
         self.executor = self.supernode = None
+
+    @property
+    def activated(self) -> bool:
+        """Whether the current SuperNode was seen activated by the coordinator."""
+        return self._id_recorded
+
+    def startup_error(self) -> str:
+        return startup_error(self._new_log_text())
 
     def refusal(self) -> str | None:
         """Why the SuperLink refused the last SuperNode, if that is how it ended."""
@@ -261,6 +298,7 @@ class SiteNode:
         self.stop_node()
         self.log_transport()
         self.uplink.stop()
+        self.lock.release()
 
 
 def run_site(
@@ -276,7 +314,10 @@ def run_site(
     bundle = admit(settings, stop, max_backoff_s)
     if bundle is None:
         return 0
-    node = SiteNode(settings, bundle)
+    try:
+        node = SiteNode(settings, bundle)
+    except RuntimeError as exc:  # another join holds the work folder
+        raise JoinRefusedError(str(exc)) from exc
     node.start_uplink()
     node.audit.append("session", state="start", federation=bundle.federation, warm=settings.warm)
     backoff = 1.0
@@ -293,9 +334,11 @@ def run_site(
             code = node.node_exited()
             if code is None:
                 if node.remember_node_id():
+                    logger.info("joined: the coordinator activated this site's SuperNode")
                     backoff = 1.0  # activated: the next failure starts from a short wait again
                 continue
             logger.warning("SuperNode exited (code %s); checking with the coordinator", code)
+            activated = node.activated or node.remember_node_id()
             node.stop_node()
             refusal = node.refusal()
             if refusal is not None:
@@ -305,6 +348,13 @@ def run_site(
                 raise JoinRefusedError(probe.message)
             if probe.ok:
                 node.uplink.uplink.counters.last_contact = time.monotonic()
+                if not activated and code is not None and code > 0:
+                    # The coordinator accepts this site, yet the SuperNode never got as far as activating:
+                    # it cannot start here, and restarting it would fail the same way forever.
+                    raise JoinRefusedError(
+                        f"the SuperNode could not start (exit code {code}; log {node.supernode_log}):\n"
+                        + node.startup_error()
+                    )
             if stop.wait(backoff):
                 break
             backoff = min(backoff * 2, max_backoff_s)

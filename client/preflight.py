@@ -15,6 +15,7 @@ from certs.bundle import load_bundle
 from certs.errors import CertificateError
 from certs.verify import verify_bundle
 from client.uplink import probe_coordinator
+from visionfm_core.data.problems import ProblemKind
 from visionfm_core.errors import VisionFMError
 from visionfm_core.modalities import canonical_modality
 
@@ -33,9 +34,17 @@ class Check:
 
 
 def modality_folder(data_path: Path, modality: str, several: bool) -> Path:
-    """Where a modality's images are: a sub-folder named after it when the site holds several."""
+    """Where a modality's images are: a sub-folder named after it when the site holds several.
+    DataError when that sub-folder is a link out of the data folder (nothing there is read)."""
+    from visionfm_core.data.confine import OUTSIDE_REASON, escapes
+    from visionfm_core.errors import DataError
+
     folder = data_path / modality
-    return folder if several and folder.is_dir() else data_path
+    if several and folder.is_dir():
+        if escapes(data_path, modality):
+            raise DataError(str(folder), OUTSIDE_REASON)
+        return folder
+    return data_path
 
 
 def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> list[Check]:
@@ -49,8 +58,8 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
     checks = []
     canonical = [canonical_modality(m) for m in modalities]
     for modality in canonical:
-        folder = modality_folder(data_path, modality, len(canonical) > 1)
         try:
+            folder = modality_folder(data_path, modality, len(canonical) > 1)
             report = check_site_data(folder, modality, decode=decode)
         except VisionFMError as exc:
             checks.append(Check(f"data:{modality}", "fail", str(exc)))
@@ -63,8 +72,11 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
         message = f"{report.usable_images} usable image(s) ({counts})"
         if report.wrong_modality:
             message += f"; {len(report.wrong_modality)} file(s) of another modality"
-        if report.unreadable:
-            message += f"; {len(report.unreadable)} unreadable file(s)"
+        outside = [s for s in report.unreadable if s.kind is ProblemKind.OUTSIDE_DATA_FOLDER]
+        if outside:
+            message += f"; {len(outside)} link(s) to files outside the data folder refused"
+        if len(report.unreadable) > len(outside):
+            message += f"; {len(report.unreadable) - len(outside)} unreadable file(s)"
         verdict = "ok"
         if not report.ok:
             verdict = "fail"
@@ -74,23 +86,31 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
     return checks
 
 
-def check_task_manifest(spec: str, kind: str, modalities: list[str]) -> list[Check]:
-    """A fine-tuning task manifest: it parses, every image and mask file it names exists, and every
-    mask can be read and has its image's size."""
-    from client.site import read_task_manifests
+def check_task_manifest(spec: str, kind: str, modalities: list[str], data_path: Path | None = None) -> list[Check]:
+    """A fine-tuning task manifest: it parses; every image and mask file it names exists, is an image,
+    and lies inside the data folder or the manifest's own folder (links resolved); and every mask can be
+    read and has its image's size."""
+    from client.site import read_task_manifests, task_manifest_entries
+    from visionfm_core.tasks.manifests import manifest_roots, task_file_problems
     from visionfm_core.tasks.mask_check import mask_pair_problems
 
     try:
         per_modality = read_task_manifests(spec, kind, [canonical_modality(m) for m in modalities])
+        csv_of = {canonical_modality(m) if m else canonical_modality(modalities[0]): p
+                  for m, p in task_manifest_entries(spec)}
     except VisionFMError as exc:
         return [Check("task", "fail", str(exc))]
     checks = []
     for modality, samples in per_modality.items():
-        missing = [path for sample in samples for path in (sample.source, sample.mask, sample.fov)
-                   if isinstance(path, str) and not Path(path).is_file()]
-        if missing:
-            checks.append(Check(f"task:{modality}", "fail", f"{len(missing)} file(s) named in the {kind} manifest "
-                                                            "do not exist", sorted(set(missing))[:20]))
+        problems = task_file_problems(samples, manifest_roots(csv_of[modality], data_path))
+        if problems:
+            missing = sum(line.endswith(": does not exist") for line in problems)
+            outside = sum("outside the data folder" in line for line in problems)
+            parts = [f"{missing} file(s) named in the {kind} manifest do not exist" if missing else "",
+                     f"{outside} file(s) outside the data folder and the manifest's folder refused" if outside else "",
+                     f"{len(problems) - missing - outside} file(s) that are not images"
+                     if len(problems) - missing - outside else ""]
+            checks.append(Check(f"task:{modality}", "fail", "; ".join(p for p in parts if p), sorted(problems)[:20]))
         elif not samples:
             checks.append(Check(f"task:{modality}", "fail", f"the {kind} manifest lists no samples"))
         elif bad_pairs := mask_pair_problems(samples):
@@ -200,7 +220,7 @@ def run_checks(
         certificates = check_bundle(bundle_dir, coordinator, online)
     return [
         *check_data(data_path, modalities, decode),
-        *(check_task_manifest(task_manifest, task, modalities) if task_manifest else []),
+        *(check_task_manifest(task_manifest, task, modalities, data_path) if task_manifest else []),
         check_gpu(gpu),
         *check_resources(work_dir),
         *certificates,

@@ -18,18 +18,21 @@ from typing import Any
 
 from client.finetuning import task_adapter
 from simulations.scenario import load_scenario, site_data
+from visionfm_core.data.confine import OUTSIDE_REASON, escapes
 from visionfm_core.data.items import ImageItem
-from visionfm_core.errors import ConfigError
+from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.modalities import canonical_modality
 from visionfm_core.run_config import RunConfig
 from visionfm_core.splits import ModalitySplit, split_train_val
 from visionfm_core.tasks.adapters import DetectionTask, LandmarkTask, RegressionTask, TaskAdapter
 from visionfm_core.tasks.manifests import (
     Manifest,
+    manifest_roots,
     read_detection_csv,
     read_landmark_csv,
     read_regression_csv,
     read_segmentation_csv,
+    task_file_problems,
 )
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.splits import TaskSplit, split_samples
@@ -61,6 +64,8 @@ def _deployment_site(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str
         # One data path per site; with several modalities, a sub-folder per modality is expected.
         root = Path(path)
         folder = root / modality if len(modalities) > 1 and (root / modality).is_dir() else root
+        if folder != root and escapes(root, modality):
+            raise DataError(str(folder), OUTSIDE_REASON)  # a modality folder linked from elsewhere
         if open_site is not None:
             scan = open_site(str(folder), modality)
         elif folder.suffix == ".npz":
@@ -98,7 +103,8 @@ def _manifest_tasks(spec: str, node_config: Mapping[str, Any], cfg: RunConfig) -
     held = str(node_config.get("modalities", node_config.get("modality", ""))).split(",")
     modalities = [canonical_modality(m) for m in held if m.strip()] or cfg.modality_list
     # The run's own task (its point, class or target names select the manifest's columns).
-    samples = read_task_manifests(spec, cfg.finetune_task, modalities, lambda modality: task_adapter(cfg, modality))
+    samples = read_task_manifests(spec, cfg.finetune_task, modalities, lambda modality: task_adapter(cfg, modality),
+                                  data_path=str(node_config.get("data-path", "")) or None)
     result: dict[str, TaskSplit] = {}
     for modality, items in samples.items():
         train, val = split_samples(items, [cfg.val_fraction], seed=cfg.seed)
@@ -121,16 +127,24 @@ def task_manifest_entries(spec: str) -> list[tuple[str, str]]:
 
 
 def read_task_manifests(spec: str, kind: str, modalities: Sequence[str],
-                        adapter: Callable[[str], TaskAdapter] | None = None) -> dict[str, list[TaskSample]]:
+                        adapter: Callable[[str], TaskAdapter] | None = None,
+                        data_path: str | Path | None = None) -> dict[str, list[TaskSample]]:
     """Samples per modality from a `task-manifest` value (see `task_manifest_entries`; an unnamed CSV is
-    the first of `modalities`). Without `adapter`, point, class and target names come from the CSV header."""
+    the first of `modalities`). Without `adapter`, point, class and target names come from the CSV header.
+    With `data_path`, every file a manifest names must be an image inside the data folder or the manifest's
+    own folder (DataError naming the first offender otherwise): nothing else reaches training."""
     result: dict[str, list[TaskSample]] = {}
     for name, path in task_manifest_entries(spec):
         if not name and not modalities:
             raise ConfigError("task-manifest", "name the modality: '<modality>=<csv>'")
         modality = canonical_modality(name) if name else modalities[0]
         task = adapter(modality) if adapter is not None else None
-        result[modality] = _read_manifest(kind, Path(path), modality, task).samples
+        samples = _read_manifest(kind, Path(path), modality, task).samples
+        if data_path is not None:
+            problems = task_file_problems(samples, manifest_roots(path, data_path))
+            if problems:
+                raise DataError(path, f"{len(problems)} file(s) refused, e.g. {problems[0]}")
+        result[modality] = samples
     return result
 
 

@@ -1,7 +1,15 @@
-"""The site's Flower SuperNode and its pre-warmed executor, as processes with a private environment."""
+"""The site's Flower SuperNode and its executor, as processes with a private environment.
+
+The SuperNode's Runtime API listens on 127.0.0.1, where any local process could ask it for the
+site's training task. It therefore always runs with `--isolation process` and a per-start
+SuperExec secret (a 0600 file in the site's private TLS folder): only an executor that signs its
+task requests with that secret (the pre-warmed executor, or Flower's own `flower-superexec` with
+--cold) is handed tasks.
+"""
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -9,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from certs.bundle import HospitalBundle
+from certs.keys import write_private
 from certs.loopback import LoopbackTLS
 from server.processes import flower_env, flower_script, spawn
 from visionfm_core.errors import ConfigError
@@ -44,6 +53,8 @@ class SuperNodeSpec:
     work_dir: Path
     warm: bool = True
     gpu: int | None = None
+    # The per-start SuperExec secret (see `write_superexec_secret`); None for stock Flower behaviour.
+    superexec_secret: Path | None = None
 
     @property
     def home(self) -> Path:
@@ -69,14 +80,26 @@ def supernode_command(spec: SuperNodeSpec) -> list[str]:
         "--port",
         str(spec.runtime_port),
         "--isolation",
-        "process" if spec.warm else "subprocess",
+        "process" if spec.warm or spec.superexec_secret is not None else "subprocess",
         "--node-config",
         node_config_arg(spec.node_config),
+        *(["--superexec-auth-secret-file", str(spec.superexec_secret)] if spec.superexec_secret else []),
     ]
 
 
+def write_superexec_secret(folder: Path) -> Path:
+    """A fresh random SuperExec secret in `folder` (0600; the folder should be 0700)."""
+    return write_private(folder / "superexec.secret", secrets.token_bytes(32))
+
+
 def start_supernode(spec: SuperNodeSpec) -> subprocess.Popen[bytes]:
-    return spawn(supernode_command(spec), spec.env(), spec.work_dir / "logs" / "supernode.log", cwd=spec.work_dir)
+    return spawn(
+        supernode_command(spec),
+        spec.env(),
+        spec.work_dir / "logs" / "supernode.log",
+        cwd=spec.work_dir,
+        owner=spec.work_dir,
+    )
 
 
 def deactivate_node(spec: SuperNodeSpec, node_id: int) -> bool:
@@ -110,12 +133,21 @@ def deactivate_node(spec: SuperNodeSpec, node_id: int) -> bool:
     return True
 
 
+def executor_command(spec: SuperNodeSpec) -> list[str]:
+    """The pre-warmed executor (warm), or Flower's own SuperExec (cold: a fresh process per message)."""
+    address = f"127.0.0.1:{spec.runtime_port}"
+    secret = ["--superexec-auth-secret-file", str(spec.superexec_secret)] if spec.superexec_secret else []
+    if spec.warm:
+        return [sys.executable, "-m", "client.warm_executor", "--runtime-api-address", address, *secret]
+    return [flower_script("flower-superexec"), "--runtime-api-address", address, "--insecure", *secret]
+
+
 def start_warm_executor(spec: SuperNodeSpec) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "client.warm_executor",
-        "--runtime-api-address",
-        f"127.0.0.1:{spec.runtime_port}",
-    ]
-    return spawn(command, spec.env(), spec.work_dir / "logs" / "executor.log", cwd=spec.work_dir)
+    """Start the executor that runs the SuperNode's ClientApp tasks (see `executor_command`)."""
+    return spawn(
+        executor_command(spec),
+        spec.env(),
+        spec.work_dir / "logs" / "executor.log",
+        cwd=spec.work_dir,
+        owner=spec.work_dir,
+    )

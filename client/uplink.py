@@ -7,6 +7,10 @@ to the coordinator with the site's certificate, verifying the coordinator agains
 only (never the system trust store). Each accepted local connection gets its own upstream
 connection; when the network drops, the connection closes, the SuperNode's retry logic reconnects,
 and so does the uplink. It counts the bytes that leave the site, for the audit log.
+
+Its loopback port forwards with the site's identity, so it serves only the site's own processes:
+with `local_peers`, each local connection is traced through /proc to the process that opened it,
+and one from any other process (another user's, or a stray program) is closed at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import httpx
 from certs.bundle import HospitalBundle
 from certs.participants import split_address
 from certs.tls import client_context
+from server.processes import tcp_peer_owner
 
 logger = logging.getLogger(__name__)
 WHOAMI_ROUTE = "/v1/gateway/whoami"
@@ -46,6 +52,8 @@ class UplinkCounters:
     last_contact: float = field(default_factory=time.monotonic)
     # Failed connection attempts since the last successful one (0: the coordinator is reachable).
     failures_in_a_row: int = 0
+    # Local connections refused because they did not come from this site's own processes.
+    refused_local: int = 0
 
     def offline_s(self, now: float | None = None) -> float:
         """Seconds since the coordinator was last heard from."""
@@ -95,9 +103,10 @@ def probe_coordinator(
             detail = str(response.json().get("detail", response.text))
         except ValueError:
             detail = response.text[:200]
+        verdict = "cannot accept sites now" if response.status_code == 503 else "refused this site"
         return ProbeResult(
             False,
-            f"coordinator refused this site ({response.status_code}): {detail}",
+            f"coordinator {verdict} ({response.status_code}): {detail}",
             refused=response.status_code in (401, 403),
         )
     seen = response.json().get("hospital")
@@ -111,12 +120,24 @@ def probe_coordinator(
     return ProbeResult(True, f"coordinator at {address} accepts this site as {seen!r}", seen)
 
 
+# TLS alerts the gateway sends when it refuses this site's certificate, in words.
+TLS_ALERTS = {
+    "CERTIFICATE_REVOKED": "the coordinator says this site's certificate is revoked",
+    "CERTIFICATE_EXPIRED": "the coordinator says this site's certificate has expired (check both clocks)",
+    "UNKNOWN_CA": "the coordinator does not know the CA of this site's certificate",
+    "BAD_CERTIFICATE": "the coordinator refused this site's certificate",
+    "CERTIFICATE_REQUIRED": "the coordinator requires a client certificate",
+}
+
+
 def _tls_reason(exc: BaseException) -> str:
     """The most specific reason in an exception chain (an SSL error names the certificate problem)."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, ssl.SSLError):
-            return f"TLS: {seen.reason or seen}"
+            reason = str(seen.reason or seen)
+            plain = next((words for alert, words in TLS_ALERTS.items() if reason.endswith("ALERT_" + alert)), None)
+            return f"TLS: {reason}" + (f" ({plain})" if plain else "")
         seen = seen.__cause__ or seen.__context__
     return str(exc) or type(exc).__name__
 
@@ -131,6 +152,7 @@ class Uplink:
         address: str | None = None,
         listen_port: int = 0,
         connect_timeout_s: float = 15.0,
+        local_peers: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         self.bundle = bundle
         self.address = address or bundle.coordinator_address
@@ -141,6 +163,8 @@ class Uplink:
         self._tls = bundle_tls_context(bundle)
         self._local_tls = local_tls
         self._server: asyncio.Server | None = None
+        # The pids allowed to use the uplink (None: anyone on loopback, for tests of the forwarding alone).
+        self.local_peers = local_peers
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(
@@ -155,7 +179,21 @@ class Uplink:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
+    def _from_own_process(self, writer: asyncio.StreamWriter) -> bool:
+        if self.local_peers is None:
+            return True
+        peer = writer.get_extra_info("peername")
+        if not peer:
+            return False
+        return tcp_peer_owner((str(peer[0]), int(peer[1])), self.listen_port, list(self.local_peers())) is not None
+
     async def _handle(self, local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter) -> None:
+        if not self._from_own_process(local_writer):
+            self.counters.refused_local += 1
+            level = logging.WARNING if self.counters.refused_local <= 3 else logging.DEBUG
+            logger.log(level, "uplink: refused a local connection from a process that is not this site's own")
+            local_writer.close()
+            return
         try:
             remote_reader, remote_writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, ssl=self._tls, server_hostname=self.host),

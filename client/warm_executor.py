@@ -40,6 +40,8 @@ DEFAULT_PREWARM = (
     "flwr.app",
     "flwr.supernode.runtime.run_clientapp",
 )
+# Runtime API calls the SuperNode authenticates with the SuperExec secret (as Flower's own SuperExec signs).
+AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 # This distribution's top-level packages: a task must import them from its FAB, never from the parent.
 FIRST_PARTY = ("client", "server", "visionfm_core", "strategies", "certs", "simulations")
 
@@ -88,10 +90,18 @@ def _run_task(runtime_address: str, token: str) -> None:
 class WarmExecutor:
     """Poll the SuperNode for ClientApp tasks and fork a pre-warmed child for each."""
 
-    def __init__(self, runtime_address: str, poll_s: float = 0.2) -> None:
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    def __init__(self, runtime_address: str, poll_s: float = 0.2, auth_secret: bytes | None = None) -> None:
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+        from flwr.supercore.protobuf.client import ProtobufClientInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
+
+        interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if auth_secret:
+            # The SuperNode hands tasks only to a caller that signs with the per-start secret (join writes it).
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(master_secret=auth_secret, protected_methods=AUTH_METHODS)
+            )
 
         self.runtime_address = runtime_address
         self.poll_s = poll_s
@@ -102,7 +112,7 @@ class WarmExecutor:
             server_address=runtime_address,
             insecure=True,
             root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            interceptors=interceptors,
             retry_invoker=make_simple_http_retry_invoker(),
         )
 
@@ -159,12 +169,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated modules to import before the first task",
     )
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between task polls")
+    parser.add_argument(
+        "--superexec-auth-secret-file", default=None, help="the SuperNode's SuperExec secret (raw bytes)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s warm-executor: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     took = prewarm(m for m in args.prewarm.split(",") if m)
     logger.info("pre-imported %d modules in %.1fs", len(took), sum(took.values()))
-    WarmExecutor(args.runtime_api_address, args.poll).serve()
+    secret = None
+    if args.superexec_auth_secret_file:
+        with open(args.superexec_auth_secret_file, "rb") as handle:
+            secret = handle.read()
+    WarmExecutor(args.runtime_api_address, args.poll, secret).serve()
 
 
 if __name__ == "__main__":

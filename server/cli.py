@@ -30,7 +30,8 @@ app = typer.Typer(
 app.add_typer(certs_app, name="certs")
 console = Console(soft_wrap=True)  # never wrap or cut a line: paths must stay whole
 DEFAULT_STATE = Path("visionfm-coordinator")
-STATE_OPTION = typer.Option(DEFAULT_STATE, "--state", help="The coordinator's state folder.")
+# Every path option is made absolute here: the coordinator's processes run in other folders.
+STATE_OPTION = typer.Option(DEFAULT_STATE, "--state", help="The coordinator's state folder.", resolve_path=True)
 
 
 def _fail(message: object, code: int = 2) -> None:
@@ -54,7 +55,9 @@ def _configure_logging(log_file: Path | None = None) -> None:
 
 @app.command()
 def start(
-    certs: Path = typer.Option(..., "--certs", help="The provisioning folder from `certs issue`."),
+    certs: Path = typer.Option(
+        ..., "--certs", help="The provisioning folder from `certs issue`.", resolve_path=True
+    ),
     state: Path = STATE_OPTION,
     listen: str = typer.Option(
         "",
@@ -70,6 +73,13 @@ def start(
         "--dashboard",
         help="host:port of the read-only dashboard (HTTPS; operators' certificates from `certs operator` "
         "only); port 0 picks a free one, shown at start and by `status`; 'off' for none.",
+    ),
+    max_request_mb: int = typer.Option(
+        32,
+        "--max-request-mb",
+        min=1,
+        help="Largest request body a site may send, in MiB (Flower sends arrays in chunks of at most "
+        "5 MiB; larger bodies are refused with 413 before they cost memory).",
     ),
 ) -> None:
     """Run the coordinator in the foreground until Ctrl-C / SIGTERM.
@@ -94,7 +104,8 @@ def start(
     try:
         serve_dashboard = None if dashboard.lower() in ("", "off", "none") else dashboard_factory(dashboard)
         code = run_coordinator(
-            certs, state, listen or None, superlink_port or None, on_ready=ready, dashboard=serve_dashboard
+            certs, state, listen or None, superlink_port or None, on_ready=ready, dashboard=serve_dashboard,
+            max_body_bytes=max_request_mb * 1024 * 1024,
         )
     except (ConfigError, CertificateError, RuntimeError) as exc:
         _fail(exc)
@@ -119,7 +130,9 @@ def _print_round(server_round: int, rows: list[dict[str, Any]], total: int | Non
 
 @app.command()
 def run(
-    job_file: Path = typer.Argument(..., help="The job TOML (phases, modalities, rounds, strategy, ...)."),
+    job_file: Path = typer.Argument(
+        ..., help="The job TOML (phases, modalities, rounds, strategy, ...).", resolve_path=True
+    ),
     state: Path = STATE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue the job from its last complete round."),
     detach: bool = typer.Option(False, "--detach", help="Submit and return; follow with `status`/`logs`."),
@@ -173,8 +186,10 @@ def run(
 
 @app.command()
 def status(state: Path = STATE_OPTION) -> None:
-    """The coordinator, its hospitals (online or not) and its runs."""
+    """The coordinator, its hospitals (online or not) and its runs; exit code 1 when the coordinator
+    is not running or its CRL or certificates have expired (warnings 14 days ahead)."""
     from certs.store import CertStore
+    from certs.verify import coordinator_expiry
     from server.control import ControlPlane
     from server.coordinator import running_state
     from server.runs import RunRegistry, completed_rounds
@@ -189,6 +204,10 @@ def status(state: Path = STATE_OPTION) -> None:
         f"SuperLink 127.0.0.1:{info.superlink_port}"
         + (f", dashboard {info.dashboard_url}" if info.dashboard_url else "")
     )
+    expiry = coordinator_expiry(info.certs_dir)
+    for finding in expiry:
+        colour = "red" if finding.level == "error" else "yellow"
+        console.print(f"[{colour}]{finding.level.upper()}[/{colour}] {escape(finding.path)}: {escape(finding.message)}")
     jobs = {r.run_id: r for r in RunRegistry(state).records()}
     with ControlPlane(info.superlink_port, CertStore(Path(info.certs_dir))) as control:
         for node in control.nodes():
@@ -201,6 +220,8 @@ def status(state: Path = STATE_OPTION) -> None:
                 f"{':' + run_row.sub_status if run_row.sub_status else ''}"
                 + (f", rounds done {max(done)}" if done else "")
             )
+    if any(f.level == "error" for f in expiry):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -304,7 +325,7 @@ def stop(
 @app.command()
 def export(
     run_ref: str = typer.Argument(..., help="A run id or job name."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to copy the encoders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to copy the encoders.", resolve_path=True),
     state: Path = STATE_OPTION,
     server_round: int = typer.Option(
         -1, "--round", help="Export a checkpointed round instead of the final encoders."

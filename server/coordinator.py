@@ -3,12 +3,16 @@
 It starts the SuperLink on loopback (TLS, node authentication, SQLite state in the state folder),
 registers the hospitals of the provisioning folder, opens the fleet gateway on the public address and
 the operators' dashboard (loopback by default), and then watches: when the revocation register or the
-hospitals change, registrations follow within seconds. Everything is stopped together on SIGTERM/SIGINT
-or when the SuperLink dies.
+hospitals change, registrations follow within seconds; the CRL is re-signed well before it expires (the
+gateway reloads it, and any renewed certificate, by itself). Everything is stopped together on
+SIGTERM/SIGINT or when the SuperLink dies, and with the coordinator's own death (`kill -9` included: see
+server/processes.py). A lock on the state folder keeps a second coordinator off it; a start after a crash
+first stops what was left.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -21,15 +25,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from certs.errors import CertificateError
 from certs.participants import load_participants, split_address
+from certs.provision import CRL_REFRESH_BEFORE, refresh_crl
 from certs.store import CertStore
 from server.control import ControlPlane, sync_registrations
-from server.gateway import GatewayConfig, GatewayThread
-from server.processes import free_port, pid_alive, stop_tree
+from server.gateway import DEFAULT_MAX_BODY_BYTES, GatewayConfig, GatewayThread
+from server.processes import FolderLock, free_port, pid_alive, stop_stale, stop_tree
 from server.superlink import SuperLinkSpec, start_superlink
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "coordinator.json"
+LOCK_FILE = "coordinator.lock"
+# How often the running coordinator looks at its CRL's expiry.
+CRL_CHECK_S = 60.0
 
 
 @dataclass
@@ -100,15 +109,19 @@ class Coordinator:
         listen: str | None = None,
         superlink_port: int | None = None,
         dashboard: ServiceFactory | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
-        self.store = CertStore(certs_dir).require()
-        self.state_dir = state_dir
+        self.store = CertStore(certs_dir.resolve()).require()
+        self.state_dir = state_dir.resolve()
+        self.max_body_bytes = max_body_bytes
+        self.lock = FolderLock(self.state_dir, LOCK_FILE, "a coordinator")
+        self._crl_checked = 0.0
         participants = load_participants(self.store.participants)
         self.listen_host, self.listen_port = split_address(
             listen or participants.coordinator.address, "listen"
         )
         self.superlink_port = superlink_port or free_port()
-        self.spec = SuperLinkSpec(self.superlink_port, self.store, state_dir)
+        self.spec = SuperLinkSpec(self.superlink_port, self.store, self.state_dir)
         self.gateway: GatewayThread | None = None
         self.dashboard_factory = dashboard
         self.dashboard: Service | None = None
@@ -117,15 +130,18 @@ class Coordinator:
 
     def start(self) -> CoordinatorState:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        existing = CoordinatorState.load(self.state_dir)
-        if existing is not None and existing.running:
-            raise RuntimeError(f"a coordinator already runs on {self.state_dir} (pid {existing.pid})")
-        self.superlink = start_superlink(self.spec)
+        self.lock.acquire()  # RuntimeError naming the pid when a coordinator runs on this folder
+        stale = stop_stale(self.state_dir)
+        if stale:
+            logger.warning("stopped %d process(es) left by a previous coordinator on %s", len(stale), self.state_dir)
         try:
+            self.refresh_crl()
+            self.superlink = start_superlink(self.spec)
             self.sync()
             config = GatewayConfig.from_store(
                 self.store, self.listen_host, self.listen_port, self.superlink_port
             )
+            config.max_body_bytes = self.max_body_bytes
             self.gateway = GatewayThread(config)
             port = self.gateway.start()
             started_at = time.time()
@@ -148,6 +164,19 @@ class Coordinator:
         )
         state.save(self.state_dir)
         return state
+
+    def refresh_crl(self, min_left: dt.timedelta = CRL_REFRESH_BEFORE) -> bool:
+        """Re-sign the CRL when it expires within `min_left` (True when it did). Without the CA key
+        (kept offline) it logs what to do; `visionfm-server status` and `certs verify` say it too."""
+        self._crl_checked = time.monotonic()
+        try:
+            refreshed = refresh_crl(self.store.root, min_left)
+        except (CertificateError, OSError) as exc:
+            logger.error("cannot refresh the CRL %s: %s; run `visionfm-server certs refresh-crl`", self.store.crl, exc)
+            return False
+        if refreshed:
+            logger.info("CRL %s re-signed before it expires", self.store.crl)
+        return refreshed
 
     def sync(self) -> None:
         with ControlPlane(self.superlink_port, self.store) as control:
@@ -173,6 +202,8 @@ class Coordinator:
                     self.sync()
                 except Exception as exc:  # keep serving; the next change retries
                     logger.error("could not update registrations: %s", exc)
+            if time.monotonic() - self._crl_checked > CRL_CHECK_S:
+                self.refresh_crl()
             if on_tick is not None:
                 on_tick()
         return 0
@@ -193,6 +224,7 @@ class Coordinator:
         state_file = self.state_dir / STATE_FILE
         if state_file.exists():
             state_file.unlink()
+        self.lock.release()
 
 
 def run_coordinator(
@@ -202,10 +234,11 @@ def run_coordinator(
     superlink_port: int | None = None,
     on_ready: Callable[[CoordinatorState], None] | None = None,
     dashboard: ServiceFactory | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> int:
     """Start, serve until SIGTERM/SIGINT, stop everything; the exit code for the CLI. `dashboard` builds
     the operators' dashboard once the gateway runs (None: no dashboard)."""
-    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port, dashboard)
+    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port, dashboard, max_body_bytes)
     signal.signal(signal.SIGTERM, coordinator.request_stop)
     signal.signal(signal.SIGINT, coordinator.request_stop)
     state = coordinator.start()

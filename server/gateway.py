@@ -11,6 +11,19 @@ authentication. So the SuperLink listens on loopback only, and this gateway face
 * the node key a request is signed with (Flower's `flwr-public-key` header) must be the one the
   hospital's certificate is bound to, so a stolen node key is useless without that site's certificate.
 
+It is also the coordinator's first line against a site (or anyone) trying to wear it down:
+
+* certificates, key, CA and CRL are re-read when their files change (a `certs renew`, `issue` or
+  `revoke` takes effect without a restart); an expired CRL is not handed to OpenSSL (which would
+  refuse every site with a misleading "certificate expired"): every request is answered 503 naming
+  the expired CRL instead, until the coordinator (or its operator) refreshes it;
+* a TLS handshake must finish within `handshake_timeout_s`; connections still in their handshake are
+  capped per address and in total, the oldest dropped first, so idle TCP connections cannot crowd out
+  a site whose handshake takes milliseconds;
+* request bodies are bounded (`max_body_bytes`: Flower sends arrays in chunks of at most 5 MiB) and
+  spooled to disk beyond a small buffer, so concurrent oversized uploads cost neither memory nor
+  more than the bound each.
+
 The Fleet transport is protobuf over HTTP/1.1 (httpx in the SuperNode, uvicorn in the SuperLink), so
 a small threaded proxy (h11 for parsing, httpx upstream) is enough; no HTTP/2 or gRPC is involved.
 """
@@ -20,15 +33,18 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import datetime as dt
 import json
 import logging
 import socket
 import ssl
+import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import h11
 import httpx
@@ -79,6 +95,11 @@ HOP_BY_HOP = frozenset(
 )
 MAX_HEAD_BYTES = 64 * 1024
 DISCARD_LIMIT_BYTES = 16 * 1024 * 1024
+# Flower splits arrays into chunks of at most 5 MiB (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE), one object per
+# push-object request: no request of a well-behaved SuperNode comes near this bound.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# Bodies are kept in memory up to this size, spooled to a temporary file beyond it.
+SPOOL_IN_MEMORY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -192,9 +213,19 @@ class GatewayConfig:
     crl: Path | None = None
     revoked_register: Path | None = None
     upstream_host: str = "127.0.0.1"
-    max_body_bytes: int = 1 << 30
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     idle_timeout_s: float = 300.0
     upstream_timeout_s: float = 300.0
+    # The whole TLS handshake must finish within this time (a slow sender cannot stretch it).
+    handshake_timeout_s: float = 5.0
+    # Connections still in their handshake: per client address and in total (oldest dropped first).
+    max_pending_per_address: int = 32
+    max_pending: int = 128
+    # Authenticated connections: in total and per hospital certificate.
+    max_connections: int = 256
+    max_connections_per_hospital: int = 64
+    # How often certificate, key, CA and CRL files are checked for changes.
+    reload_check_s: float = 1.0
 
     @classmethod
     def from_store(
@@ -212,6 +243,139 @@ class GatewayConfig:
         )
 
 
+class TLSMaterial:
+    """The gateway's TLS server context, rebuilt whenever its certificate, key, CA or CRL file changes.
+
+    An expired (or unreadable) CRL is left out of the context, and `crl_problem` says why: the
+    gateway then refuses every request with that reason instead of letting OpenSSL fail handshakes
+    with an alert the sites would read as "certificate expired"."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.crl_problem: str | None = None
+        self.crl_next_update: dt.datetime | None = None
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self._stamp = self._file_stamp()
+        self._context = self._build()
+
+    def _files(self) -> list[Path]:
+        files = [self.config.server_cert, self.config.server_key, self.config.ca_cert]
+        return files + ([self.config.crl] if self.config.crl is not None else [])
+
+    def _file_stamp(self) -> tuple[tuple[int, int], ...]:
+        stamp = []
+        for path in self._files():
+            try:
+                info = path.stat()
+                stamp.append((info.st_mtime_ns, info.st_size))
+            except OSError:
+                stamp.append((0, 0))
+        return tuple(stamp)
+
+    def _usable_crl(self) -> Path | None:
+        crl_path = self.config.crl
+        self.crl_problem = None
+        self.crl_next_update = None
+        if crl_path is None or not crl_path.exists():
+            return None
+        try:
+            crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+        except (OSError, ValueError):
+            self.crl_problem = f"the coordinator's certificate revocation list ({crl_display(crl_path)}) is unreadable"
+            return None
+        self.crl_next_update = crl.next_update_utc
+        if crl.next_update_utc is not None and crl.next_update_utc <= dt.datetime.now(dt.timezone.utc):
+            self.crl_problem = (
+                f"the coordinator's certificate revocation list ({crl_display(crl_path)}) expired on "
+                f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC; the coordinator must refresh it "
+                "(`visionfm-server certs refresh-crl`)"
+            )
+            return None
+        return crl_path
+
+    def _build(self) -> ssl.SSLContext:
+        crl = self._usable_crl()
+        return server_context(self.config.server_cert, self.config.server_key, self.config.ca_cert, crl)
+
+    def context(self) -> ssl.SSLContext:
+        """The current context, rebuilt first when a file changed or the CRL has just expired."""
+        now = time.monotonic()
+        if now - self._checked < self.config.reload_check_s:
+            return self._context
+        with self._lock:
+            self._checked = now
+            stamp = self._file_stamp()
+            expired_now = (
+                self.crl_problem is None
+                and self.crl_next_update is not None
+                and self.crl_next_update <= dt.datetime.now(dt.timezone.utc)
+            )
+            if stamp != self._stamp or expired_now:
+                try:
+                    context = self._build()
+                except (OSError, ssl.SSLError) as exc:  # a half-written file: keep serving, retry later
+                    logger.error("could not reload the gateway's certificates (%s); keeping the previous ones", exc)
+                    return self._context
+                self._stamp = stamp
+                self._context = context
+                self.reloads += 1
+                logger.info("gateway certificates reloaded%s", f" ({self.crl_problem})" if self.crl_problem else "")
+            return self._context
+
+
+def crl_display(path: Path) -> str:
+    """A CRL's path as operators know it (relative to the provisioning folder: ca/crl.pem)."""
+    return f"{path.parent.name}/{path.name}"
+
+
+class PendingHandshakes:
+    """Connections that have not finished their TLS handshake: deadlines, per-address and total caps.
+
+    When a cap is reached the oldest pending connection (of that address, or overall) is dropped:
+    a real site finishes its handshake within milliseconds, so it is never the oldest for long,
+    while idle or slow connections are pushed out."""
+
+    def __init__(self, per_address: int, total: int, timeout_s: float) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.timeout_s = timeout_s
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._pending: dict[ssl.SSLSocket, tuple[str, float]] = {}
+
+    def add(self, conn: ssl.SSLSocket, address: str) -> None:
+        with self._lock:
+            same = [(t, c) for c, (a, t) in self._pending.items() if a == address]
+            if len(same) >= self.per_address:
+                self._drop(min(same, key=lambda item: item[0])[1])
+            if len(self._pending) >= self.total:
+                self._drop(min(self._pending, key=lambda c: self._pending[c][1]))
+            self._pending[conn] = (address, time.monotonic())
+
+    def done(self, conn: ssl.SSLSocket) -> None:
+        with self._lock:
+            self._pending.pop(conn, None)
+
+    def expire(self) -> None:
+        """Drop the connections whose handshake has taken longer than the timeout."""
+        deadline = time.monotonic() - self.timeout_s
+        with self._lock:
+            for conn in [c for c, (_, t) in self._pending.items() if t < deadline]:
+                self._drop(conn)
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def _drop(self, conn: ssl.SSLSocket) -> None:
+        self._pending.pop(conn, None)
+        self.dropped += 1
+        # The plain socket's shutdown (not the TLS one) wakes the thread blocked in its handshake.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(conn, socket.SHUT_RDWR)
+
+
 class _RejectedError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -226,6 +390,8 @@ class GatewayStats:
     forwarded: int = 0
     rejected: int = 0
     by_hospital: dict[str, int] = field(default_factory=dict)
+    handshakes_refused: int = 0
+    connections_refused: int = 0
 
 
 class FleetGateway:
@@ -233,17 +399,24 @@ class FleetGateway:
 
     One thread per connection with blocking sockets: the TLS handshake then sends its alerts, so a
     refused site learns why ("certificate expired", "unknown ca") instead of seeing a closed socket
-    (asyncio's TLS layer drops the alert when a handshake fails). SuperNodes keep few connections, so
-    `max_connections` threads are plenty; beyond that new connections are closed at once.
+    (asyncio's TLS layer drops the alert when a handshake fails). Handshakes in progress are bounded
+    by `PendingHandshakes`; SuperNodes keep few connections, so `max_connections` authenticated
+    connections are plenty; beyond that (or a hospital's share) new connections are closed.
     """
 
-    def __init__(self, config: GatewayConfig, max_connections: int = 256) -> None:
+    def __init__(self, config: GatewayConfig, max_connections: int | None = None) -> None:
         self.config = config
         self.policy = AccessPolicy(RevocationRegister(config.revoked_register))
         self.stats = GatewayStats()
         self.port: int | None = None
-        self._tls = server_context(config.server_cert, config.server_key, config.ca_cert, config.crl)
+        self.tls = TLSMaterial(config)
+        self.pending = PendingHandshakes(
+            config.max_pending_per_address, config.max_pending, config.handshake_timeout_s
+        )
+        max_connections = max_connections or config.max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._per_hospital: dict[str, int] = {}
+        self._count_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._closing = threading.Event()
@@ -260,7 +433,7 @@ class FleetGateway:
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.config.listen_host, self.config.listen_port))
-        listener.listen(128)
+        listener.listen(1024)
         listener.settimeout(0.2)  # lets the accept loop notice `close`
         self._listener = listener
         self.port = int(listener.getsockname()[1])
@@ -285,40 +458,69 @@ class FleetGateway:
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while not self._closing.is_set():
+            self.pending.expire()
             try:
-                conn, _ = self._listener.accept()
+                conn, address = self._listener.accept()
             except TimeoutError:
                 continue
             except OSError:
                 if self._closing.is_set():
                     return
                 continue
-            if not self._slots.acquire(blocking=False):
+            try:
+                conn.settimeout(self.config.handshake_timeout_s)
+                # wrap_socket takes over the file descriptor: from here on only `tls` may close it.
+                tls = self.tls.context().wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+            except (OSError, ssl.SSLError):
                 conn.close()
                 continue
-            threading.Thread(target=self._connection, args=(conn,), name="gateway-conn", daemon=True).start()
+            self.pending.add(tls, str(address[0]))
+            threading.Thread(target=self._connection, args=(tls,), name="gateway-conn", daemon=True).start()
 
-    def _connection(self, conn: socket.socket) -> None:
+    def _connection(self, tls: ssl.SSLSocket) -> None:
         try:
-            conn.settimeout(30.0)
-            # wrap_socket takes over the file descriptor: from here on only `tls` may close it.
-            tls = self._tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-            try:
-                tls.do_handshake()  # blocking: a refusal sends its alert to the peer
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
-                # A bare connect-and-close (port check, load balancer probe) is not worth a warning.
-                level = logging.DEBUG if "EOF" in str(reason) else logging.WARNING
-                logger.log(level, "TLS handshake refused: %s", reason)
-                _close_gently(tls)
+            tls.do_handshake()  # blocking: a refusal sends its alert to the peer
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            self.pending.done(tls)
+            self.stats.handshakes_refused += 1
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+            # A bare connect-and-close (port check, probe) or a dropped idle connection is not worth a warning.
+            quiet = "EOF" in str(reason) or not isinstance(exc, ssl.SSLError)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "TLS handshake refused: %s", reason)
+            _close_gently(tls)
+            return
+        self.pending.done(tls)
+        with tls:
+            der = tls.getpeercert(binary_form=True)
+            if not der:  # cannot happen with CERT_REQUIRED; refuse rather than assume
                 return
-            with tls:
-                der = tls.getpeercert(binary_form=True)
-                if not der:  # cannot happen with CERT_REQUIRED; refuse rather than assume
-                    return
+            peer = PeerIdentity.from_der(der)
+            if not self._take_slot(peer):
+                self.stats.connections_refused += 1
+                logger.warning("too many connections from %s; refusing one", peer.hospital)
+                return
+            try:
                 tls.settimeout(self.config.idle_timeout_s)
-                self._serve(tls, PeerIdentity.from_der(der))
-        finally:
+                self._serve(tls, peer)
+            finally:
+                self._free_slot(peer)
+
+    def _take_slot(self, peer: PeerIdentity) -> bool:
+        with self._count_lock:
+            if self._per_hospital.get(peer.serial, 0) >= self.config.max_connections_per_hospital:
+                return False
+            if not self._slots.acquire(blocking=False):
+                return False
+            self._per_hospital[peer.serial] = self._per_hospital.get(peer.serial, 0) + 1
+            return True
+
+    def _free_slot(self, peer: PeerIdentity) -> None:
+        with self._count_lock:
+            left = self._per_hospital.get(peer.serial, 1) - 1
+            if left:
+                self._per_hospital[peer.serial] = left
+            else:
+                self._per_hospital.pop(peer.serial, None)
             self._slots.release()
 
     def _serve(self, tls: ssl.SSLSocket, peer: PeerIdentity) -> None:
@@ -352,9 +554,11 @@ class FleetGateway:
         method = event.method.decode("ascii", "replace")
         target = event.target.decode("ascii", "replace")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
-        decision = self.policy.decide(peer, method, target, headers)
+        self.tls.context()  # notices an expired or replaced CRL on long-lived connections too
+        crl_problem = self.tls.crl_problem
+        decision = Decision(503, crl_problem) if crl_problem else self.policy.decide(peer, method, target, headers)
         if decision.status == 200:
-            body = _json(
+            answer = _json(
                 {
                     "hospital": peer.hospital,
                     "serial": peer.serial,
@@ -362,10 +566,10 @@ class FleetGateway:
                 }
             )
             try:
-                self._read_body(conn, tls, headers)
+                self._read_body(conn, tls, headers).close()
             except _RejectedError:
                 return False
-            self._reply(conn, tls, 200, body)
+            self._reply(conn, tls, 200, answer)
             return True
         if not decision.forward:
             self.stats.rejected += 1
@@ -378,35 +582,41 @@ class FleetGateway:
             self.stats.rejected += 1
             self._reply_error(conn, tls, exc.status, exc.reason)
             return False
-        status, response_headers, content = self._forward(target, event.headers, body)
+        with body:
+            status, response_headers, content = self._forward(target, event.headers, body)
         self.stats.forwarded += 1
         self.stats.by_hospital[peer.hospital] = self.stats.by_hospital.get(peer.hospital, 0) + 1
         self._reply(conn, tls, status, content, response_headers)
         return True
 
-    def _read_body(self, conn: h11.Connection, tls: ssl.SSLSocket, headers: dict[str, str]) -> bytes:
+    def _read_body(self, conn: h11.Connection, tls: ssl.SSLSocket, headers: dict[str, str]) -> _Body:
+        """The request body, at most `max_body_bytes`, in memory up to a small size and on disk beyond."""
+        limit = self.config.max_body_bytes
+        too_large = f"request body larger than {limit // (1024 * 1024)} MiB"
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.config.max_body_bytes:
-            raise _RejectedError(413, "request body too large")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                event = self._next_event(conn, tls)
-            except h11.RemoteProtocolError as exc:
-                raise _RejectedError(400, "malformed HTTP body") from exc
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.config.max_body_bytes:
-                    raise _RejectedError(413, "request body too large")
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(chunks)
-            else:
-                raise _RejectedError(400, "connection closed mid-request")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _RejectedError(413, too_large)
+        body = _Body()
+        try:
+            while True:
+                try:
+                    event = self._next_event(conn, tls)
+                except h11.RemoteProtocolError as exc:
+                    raise _RejectedError(400, "malformed HTTP body") from exc
+                if isinstance(event, h11.Data):
+                    if body.size + len(event.data) > limit:
+                        raise _RejectedError(413, too_large)
+                    body.write(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return body
+                else:
+                    raise _RejectedError(400, "connection closed mid-request")
+        except BaseException:
+            body.close()
+            raise
 
     def _forward(
-        self, target: str, raw_headers: Iterable[tuple[bytes, bytes]], body: bytes
+        self, target: str, raw_headers: Iterable[tuple[bytes, bytes]], body: _Body
     ) -> tuple[int, list[tuple[str, str]], bytes]:
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
@@ -414,8 +624,9 @@ class FleetGateway:
             if k.decode("latin-1").lower() not in HOP_BY_HOP
         ]
         headers.append(("accept-encoding", "identity"))
+        headers.append(("content-length", str(body.size)))
         try:
-            response = self._upstream.post(target, content=body, headers=headers)
+            response = self._upstream.post(target, content=body.chunks(), headers=headers)
         except httpx.HTTPError as exc:
             logger.warning("SuperLink unreachable for %s: %s", target, type(exc).__name__)
             return (
@@ -456,6 +667,33 @@ class FleetGateway:
             budget = DISCARD_LIMIT_BYTES
             while budget > 0 and (chunk := tls.recv(65536)):
                 budget -= len(chunk)
+
+
+class _Body:
+    """A request body being received: in memory up to SPOOL_IN_MEMORY_BYTES, then in a temporary file
+    (deleted on close), so large bodies never sit in the coordinator's memory."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self.size += len(data)
+
+    def chunks(self, size: int = 256 * 1024) -> Iterator[bytes]:
+        self._file.seek(0)
+        while chunk := self._file.read(size):
+            yield chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _Body:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def _close_gently(conn: socket.socket, drain_s: float = 1.0) -> None:

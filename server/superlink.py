@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from certs.store import CertStore
-from server.processes import flower_env, flower_script, spawn, wait_for_port
+from server.processes import flower_env, flower_script, spawn, stop_tree, wait_for_port
 
 LOOPBACK = "127.0.0.1"
 
@@ -63,10 +63,12 @@ def start_superlink(spec: SuperLinkSpec, timeout_s: float = 60.0) -> subprocess.
     """Start the SuperLink and wait until its port accepts connections; RuntimeError (with the log's
     tail) when it exits or does not come up."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
-    process = spawn(superlink_command(spec), flower_env(spec.home), spec.log, cwd=spec.state_dir)
+    process = spawn(
+        superlink_command(spec), flower_env(spec.home), spec.log, cwd=spec.state_dir, owner=spec.state_dir
+    )
     if not wait_for_port(LOOPBACK, spec.port, timeout_s, process):
         tail = spec.log.read_text(errors="replace")[-2000:] if spec.log.exists() else ""
         if process.poll() is None:
-            process.kill()
+            stop_tree(process)
         raise RuntimeError(f"SuperLink did not start on {spec.address}; see {spec.log}\n{tail}")
     return process

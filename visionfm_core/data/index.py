@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from visionfm_core.data.confine import OUTSIDE_REASON, escapes, is_inside, real_path
 from visionfm_core.data.dicom_header import read_dicom_header
 from visionfm_core.data.problems import DataFileError, ProblemKind
 from visionfm_core.data.readers import MAX_PIXELS
@@ -88,7 +89,10 @@ class SiteIndex:
 
 def iter_site_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """(relative POSIX path, stat) of every candidate file below `root`: hidden files and folders,
-    sidecar files (CSV, text, ...) and symlinked folders (loops) are left out."""
+    sidecar files (CSV, text, ...) and symlinked folders (loops) are left out. A link to a file
+    outside `root` is listed with the link's own stat (its target is never touched) and becomes a
+    problem entry in `index_file`."""
+    real_root = real_path(root)
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -103,6 +107,9 @@ def iter_site_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
+                elif entry.is_symlink() and not is_inside(entry.path, [real_root]):
+                    if Path(entry.name).suffix.lower() not in SIDECAR_SUFFIXES:
+                        yield Path(entry.path).relative_to(root).as_posix(), entry.stat(follow_symlinks=False)
                 elif entry.is_file():
                     if Path(entry.name).suffix.lower() in SIDECAR_SUFFIXES:
                         continue
@@ -165,6 +172,8 @@ def index_file(root: Path, rel: str, stat: os.stat_result, salt: bytes | None) -
     """Classify and describe one file from its header; a bad file becomes a "problem" entry."""
     path = root / rel
     try:
+        if escapes(root, rel):  # checked before anything is opened
+            raise DataFileError(str(path), ProblemKind.OUTSIDE_DATA_FOLDER, OUTSIDE_REASON)
         if stat.st_size == 0:
             raise DataFileError(str(path), ProblemKind.EMPTY, "empty file (0 bytes)")
         kind = sniff_file(path)

@@ -26,6 +26,7 @@ class ProblemKind(str, Enum):
     WRONG_MODALITY = "wrong_modality"
     NO_LABEL_ROW = "no_label_row"
     FILE_NOT_FOUND = "file_not_found"
+    OUTSIDE_DATA_FOLDER = "outside_data_folder"
     OTHER = "other"
 
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from visionfm_core.data.confine import OUTSIDE_REASON, escapes
 from visionfm_core.data.dicom_header import read_dicom_header
 from visionfm_core.data.index import IndexEntry, SiteIndex, index_site, vendor_entry
 from visionfm_core.data.items import ImageItem
@@ -246,6 +247,8 @@ def scan_site(
         return _single_file(path, salt, options), None
     index = index_site(path, state, salt)
     csv_path = Path(labels_csv) if labels_csv is not None else path / LABELS_FILE
+    if labels_csv is None and csv_path.is_symlink() and escapes(path, LABELS_FILE):
+        raise DataError(str(csv_path), OUTSIDE_REASON)
     labels = read_label_rows(csv_path) if labels_csv is not None or csv_path.is_file() else None
     return items_from_index(index, labels, salt, options), index
 

@@ -9,6 +9,10 @@ Manifest CSVs (paths relative to the CSV's folder; one image per row unless note
 - regression:     ``image,<target>,...`` (empty cell = unknown)
 
 Errors name the CSV, the row and the column at fault.
+
+A manifest is input like any other: the files it names are checked (`task_file_problems`) before
+anything is decoded: each must lie inside the site's data folder or the manifest's own folder
+(symbolic links and `..` resolved) and be an image (DICOM allowed for the image column).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionfm_core.data.confine import is_inside
 from visionfm_core.data.items import ImageItem
+from visionfm_core.data.sniff import FileType, sniff_file
 from visionfm_core.data.sources import load_npz_split, scan_image_folder
 from visionfm_core.errors import DataError
 from visionfm_core.tasks.samples import TaskSample, relative_to
@@ -241,3 +247,42 @@ def classification_source(
             skipped,
         )
     return Manifest([TaskSample(i, label=i.label) for i in scan.items], names, skipped)
+
+
+def _file_problem(path: str, roots: Sequence[str | Path], allowed: tuple[FileType, ...]) -> str | None:
+    if not is_inside(path, roots):
+        return "outside the data folder and the manifest's folder (symbolic links and '..' resolved): refused"
+    if not Path(path).is_file():
+        return "does not exist"
+    try:
+        kind = sniff_file(path)
+    except OSError as exc:
+        return f"cannot be read ({type(exc).__name__})"
+    if kind not in allowed:
+        return "is not an image" if FileType.DICOM not in allowed else "is neither an image nor DICOM"
+    return None
+
+
+def task_file_problems(samples: Sequence[TaskSample], roots: Sequence[str | Path]) -> list[str]:
+    """'<path>: <what is wrong>' for every image, mask or field-of-view file of `samples` that lies
+    outside `roots`, is missing, or is not an image (a DICOM file is fine as the image, not as a
+    mask). Files outside `roots` are never opened. The lines name files: they stay on the site."""
+    problems: dict[str, str] = {}
+    for sample in samples:
+        files = ((sample.source, (FileType.IMAGE, FileType.DICOM)), (sample.mask, (FileType.IMAGE,)),
+                 (sample.fov, (FileType.IMAGE,)))
+        for path, allowed in files:
+            if isinstance(path, str) and path not in problems:
+                problem = _file_problem(path, roots, allowed)
+                if problem is not None:
+                    problems[path] = problem
+    return [f"{path}: {reason}" for path, reason in problems.items()]
+
+
+def manifest_roots(manifest: str | Path, data_path: str | Path | None) -> list[Path]:
+    """The folders a manifest's files may come from: the site's data folder and the manifest's own."""
+    roots = [Path(manifest).parent]
+    if data_path is not None:
+        data = Path(data_path)
+        roots.append(data if data.is_dir() else data.parent)
+    return roots
