@@ -19,11 +19,13 @@ from client.audit import audit_mod
 from client.error_mod import safe_error_mod
 from client.finetuning import finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
+from client.privacy.ledger import LedgerBook
+from client.privacy.site import ledger_folder, site_budget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data, load_site_tasks
 from client.site_state import SiteStateStore
-from client.training import evaluate_round, train_round
+from client.training import LedgerScope, evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
 from visionfm_core.run_config import RunConfig
@@ -62,6 +64,15 @@ def _site_seed(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % 100_003)) + 1
 
 
+def site_privacy(context: Context, cfg: RunConfig) -> tuple[PrivacyBudget | None, LedgerScope | None]:
+    """Under DP: the site's own lifetime budget and its ledger (both from the node config, never the run's)."""
+    if not cfg.dp:
+        return None, None
+    book = LedgerBook(ledger_folder(context.node_config, cfg))
+    book.verify_all()  # a damaged ledger stops the site before anything trains
+    return site_budget(context.node_config, cfg), LedgerScope(book, int(context.run_id))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local SSL round: global encoders in, updated shared weights and numbers out."""
@@ -74,9 +85,10 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStateStore(context)
     local_states = store.load_all(LOCAL_STATE_PREFIX)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
+    budget, ledger = site_privacy(context, cfg)
     with torch_threads(cfg.client_threads):
         result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
-                             budget=PrivacyBudget.from_node_config(context.node_config) if cfg.dp else None)
+                             budget=budget, ledger=ledger)
     for modality, state in result.local_state.items():
         store.save(LOCAL_STATE_PREFIX + modality, state)
     metrics = dict(result.metrics)
