@@ -12,7 +12,10 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import simulations
+from typer.testing import CliRunner
+
 from client.app import app as client_app
+from client.cli import app as cli_app
 from client.privacy.accountant import epsilon_of
 from client.privacy.ledger import summarise_ledgers
 from client.records import arrays_to_record, record_to_numpy
@@ -80,6 +83,13 @@ def test_a_run_its_resume_and_a_new_job_spend_one_lifetime_budget(work: Path) ->
     assert [r.run for r in spending.runs] == [101, 202]
     assert spending.epsilon_spent == pytest.approx(_epsilon_after(work, 2), rel=1e-6)
     assert spending.remaining == pytest.approx(budget - spending.epsilon_spent)
+    # Hospital IT reads it with `visionfm-client audit --privacy`.
+    shown = CliRunner().invoke(cli_app, ["audit", "--privacy", "--work", str(work / "site")])
+    assert shown.exit_code == 0, shown.output
+    text = " ".join(shown.output.split())
+    assert f"epsilon spent {spending.epsilon_spent:.4g} of {budget:g}" in text
+    assert f"remaining {budget - spending.epsilon_spent:.4g}" in text
+    assert "run 101: pretrain, 1 round(s)" in text and "run 202: pretrain" in text and "run 303" not in text
 
 
 def test_a_damaged_ledger_stops_the_site_with_a_clear_message(work: Path) -> None:
@@ -90,3 +100,5 @@ def test_a_damaged_ledger_stops_the_site_with_a_clear_message(work: Path) -> Non
     assert reply.has_error()
     assert "PrivacyLedgerDamaged" in reply.error.reason and "restores it" in reply.error.reason
     assert str(work) not in reply.error.reason
+    shown = CliRunner().invoke(cli_app, ["audit", "--privacy", "--work", str(work / "site")])
+    assert shown.exit_code == 1 and "DAMAGED" in shown.output and "Restore the ledger" in " ".join(shown.output.split())
