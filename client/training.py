@@ -16,15 +16,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from client.privacy.accountant import HISTORY_KEY, PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.charging import LedgerScope, charge_round, require_ledger
 from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
-from client.privacy.ledger import Charge, LedgerBook, image_digests
+from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
 from client.privacy.sampling import PoissonLoader
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
-from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
 from visionfm_core.run_config import RunConfig
@@ -33,37 +33,6 @@ from visionfm_core.splits import ModalitySplit
 from visionfm_core.ssl.trainer import SSLTrainer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LedgerScope:
-    """Where a DP round is charged: the site's ledger book, and the run (for the audit's per-run view)."""
-
-    book: LedgerBook
-    run: int = 0
-
-
-def require_ledger(cfg: RunConfig, budget: PrivacyBudget | None, ledger: LedgerScope | None) -> None:
-    """A DP round needs the site's own budget and its lifetime ledger; errors name the node-config key."""
-    if not cfg.dp:
-        return
-    if budget is None:
-        raise ConfigError("privacy-epsilon", "the run uses DP-SGD: set this site's privacy budget in its node config")
-    if ledger is None:
-        raise ConfigError("privacy-ledger-dir", "the run uses DP-SGD: the site needs its privacy ledger folder "
-                                                "(visionfm-client join sets <work>/privacy)")
-
-
-def charge_round(ledger: LedgerScope, budget: PrivacyBudget, dp: DPConfig, modality: str, members: list[str],
-                 phase: str, server_round: int, noise_multiplier: float, loader: PoissonLoader[Any],
-                 steps: int) -> SiteAccountant:
-    """Record the round in the ledger before it trains (PrivacyBudgetExceeded when it would overshoot the
-    site's lifetime budget); returns the accountant the trainer spends through."""
-    if budget.delta >= 1.0 / loader.dataset_size:  # checked before charging: a refused setting costs nothing
-        raise ConfigError("privacy.delta", f"{budget.delta:g} is not below 1/{loader.dataset_size} "
-                                           "(one over the number of training samples)")
-    charge = Charge(ledger.run, phase, server_round, noise_multiplier, loader.sample_rate, steps, modality)
-    return ledger.book.charge(members, modality, charge, budget, dp.accountant, label=f"{modality} data")
 
 
 @dataclass

@@ -56,7 +56,11 @@ def _run_finetune_phase(grid: Grid, cfg: RunConfig, pretrained: dict[str, Any], 
     evaluator = None
     if cfg.scenario and cfg.server_eval == "scenario":
         evaluator = task_test_evaluator(resolve_finetune_task(cfg))
-    return FineTunePhase(grid, cfg, pretrained, evaluator, site_names, round_offset=rounds_done).run()
+    phase = FineTunePhase(grid, cfg, pretrained, evaluator, site_names, round_offset=rounds_done)
+    if cfg.central_dp_noise > 0 and rounds_done:
+        # Site-level DP composes over both phases: fine-tuning's releases add to pretraining's.
+        phase.central_accountant.step(rounds_done)
+    return phase.run()
 
 
 def resolve_run_config(flat: Mapping[str, Any]) -> RunConfig:

@@ -134,6 +134,7 @@ class Federation:
         self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
         self.destinations: dict[str, int] = {}  # message id -> the node it was sent to
         self.last_nodes: set[int] = set()  # the nodes the previous exchange went to
+        self._said_dp_evaluation = False
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -300,7 +301,7 @@ class Federation:
         self.central_accountant.step()
         epsilon = self.central_accountant.epsilon(self.cfg.central_dp_delta)
         spent = {"epsilon": epsilon, "delta": self.cfg.central_dp_delta, "noise_multiplier": self.cfg.central_dp_noise}
-        self.metrics.add(server_round, "server", "all", "central-dp", spent)
+        self.metrics.add(self._row_round(server_round), "server", "all", "central-dp", spent)
         logger.info("round %d: site-level DP noise added, epsilon %.3f", server_round, epsilon)
 
     def _bounded(self, update: SiteReply) -> SiteReply:
@@ -314,6 +315,8 @@ class Federation:
         """Train, then SecAgg+ per modality: the server learns each modality's mean delta, no site's."""
         holders: dict[str, list[int]] = {}
         weights: list[int] = []
+        reference = self._aggregated()
+        shared_modalities = set(split_by_modality(reference))
 
         def record(reply: Message) -> None:
             site = _site_label(reply, self.node_names, self.site_names, self.destinations)
@@ -323,9 +326,9 @@ class Federation:
             metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
             self._note_compute(site, metrics)
             for modality, values in _modality_metrics(metrics).items():
-                self.metrics.add(server_round, site, modality, "train", values)
+                self._record_train(server_round, site, modality, values)
                 count = int(values.get("num-examples", 0))
-                if count > 0 and modality in self.cfg.modality_list:
+                if count > 0 and modality in shared_modalities:
                     holders.setdefault(modality, []).append(reply.metadata.src_node_id)
                     weights.append(count)
             self.progress.site_done(site, float(metrics.get(f"{self.cfg.modality_list[0]}/loss", np.nan)))
@@ -337,7 +340,7 @@ class Federation:
             return False
         params = SecAggParams(threshold=self.cfg.secagg_threshold, clip_range=self.cfg.secagg_clip_range,
                               max_weight=1 if self.cfg.central_dp_clip > 0 else max(weights))
-        protocol = ModalitySecAggServer(holders, self.arrays, params)
+        protocol = ModalitySecAggServer(holders, reference, params)
         replies = self._query_stage(server_round, "setup", protocol.setup())
         replies = self._query_stage(server_round, "share-keys", protocol.broadcast_keys(replies))
         self._query_stage(server_round, "masked-input", protocol.relay_shares(replies), protocol.receive_masked)
@@ -352,6 +355,17 @@ class Federation:
         logger.info("round %d securely aggregated: %s", server_round,
                     ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
         return bool(outcome.results)
+
+    def _row_round(self, server_round: int) -> int:
+        """The metrics row's round number (the fine-tuning phase counts on after pretraining)."""
+        return server_round
+
+    def _aggregated(self) -> dict[str, np.ndarray]:
+        """The part of the global model that sites train and send back (all of it when pretraining)."""
+        return self.arrays
+
+    def _record_train(self, server_round: int, site: str, modality: str, values: dict[str, float]) -> None:
+        self.metrics.add(server_round, site, modality, "train", values)
 
     def _query_stage(self, server_round: int, stage: str, node_messages: dict[int, dict[str, Any]],
                      on_reply: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
@@ -382,6 +396,15 @@ class Federation:
         logger.warning(line)
         self.rejected.append(line)
 
+    def _federated_evaluation(self) -> bool:
+        """Whether sites are asked to score the model: never under DP, where their scores would be
+        un-noised statistics of their images; the coordinator's held-out data scores the run instead."""
+        if self.cfg.dp and not self._said_dp_evaluation:
+            logger.info("dp = true: sites score nothing; the model is evaluated on the coordinator's "
+                        "held-out data only%s", "" if self.central_evaluator else " (none is configured)")
+            self._said_dp_evaluation = True
+        return not self.cfg.dp
+
     def evaluate(self, server_round: int) -> None:
         """Federated evaluation on each site's validation split, plus the server's central evaluation."""
 
@@ -393,7 +416,8 @@ class Federation:
             for modality, values in _modality_metrics(dict(reply.content.metric_records["metrics"])).items():
                 self.metrics.add(server_round, site, modality, "evaluate", values)
 
-        self._exchange(MessageType.EVALUATE, server_round, record)
+        if self._federated_evaluation():
+            self._exchange(MessageType.EVALUATE, server_round, record)
         if self.central_evaluator is not None:
             for modality, values in self.central_evaluator(self.arrays).items():
                 self.metrics.add(server_round, "global-test", modality, "evaluate", values)
@@ -427,6 +451,8 @@ class Federation:
             self.arrays.update(load_round(self.out_dir, resumed))
             self.metrics.drop_after(resumed)
             start = resumed + 1
+            if self.cfg.central_dp_noise > 0:  # the rounds before the crash released noised means too
+                self.central_accountant.step(resumed)
             logger.info("resuming after round %d from %s", resumed, self.out_dir)
         else:
             self.metrics.rows = []

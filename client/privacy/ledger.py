@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from client.privacy.accountant import HistoryEntry, Mechanism, PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.accountant import HistoryEntry, Mechanism, PrivacyBudget, SiteAccountant
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import VisionFMError
 from visionfm_core.models.checkpoint import atomic_write_bytes
@@ -202,7 +202,8 @@ class PrivacyLedger:
                 raise PrivacyLedgerDamaged(self.name, f"line {number} is not JSON") from exc
             if not isinstance(entry, dict):
                 raise PrivacyLedgerDamaged(self.name, f"line {number} is not an entry")
-            if entry.get("seq") != number - 1 or entry.get("prev") != previous or entry.get("hash") != _entry_hash(entry):
+            chained = entry.get("seq") == number - 1 and entry.get("prev") == previous
+            if not chained or entry.get("hash") != _entry_hash(entry):
                 raise PrivacyLedgerDamaged(self.name, f"line {number} does not match the hash chain "
                                                       "(edited, removed or reordered entries)")
             previous = str(entry["hash"])
@@ -449,7 +450,8 @@ def summarise_ledgers(folder: str | Path) -> list[DatasetSpending]:
         runs: dict[int, list[dict[str, Any]]] = {}
         for entry in charges:
             runs.setdefault(int(entry["run"]), []).append(entry)
-        run_rows = [RunSpending(run, sorted({str(e["phase"]) for e in rows}), len({(e["phase"], e["round"]) for e in rows}),
+        run_rows = [RunSpending(run, sorted({str(e["phase"]) for e in rows}),
+                                len({(e["phase"], e["round"]) for e in rows}),
                                 sum(int(e["steps"]) for e in rows),
                                 _epsilon(ledger.history(rows), delta, mechanism) if delta else 0.0,
                                 float(rows[-1]["epsilon_after"]))

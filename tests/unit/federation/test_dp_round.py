@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from client.privacy.accountant import PrivacyBudget
+from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
-from client.training import LedgerScope, train_round
+from client.training import train_round
 from simulations.scenario import load_scenario, site_data
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import initial_global_arrays

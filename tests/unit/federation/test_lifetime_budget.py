@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-import simulations
 from typer.testing import CliRunner
 
+import simulations
 from client.app import app as client_app
 from client.cli import app as cli_app
 from client.privacy.accountant import epsilon_of

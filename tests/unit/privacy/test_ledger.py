@@ -163,7 +163,7 @@ def test_a_damaged_ledger_refuses_to_train_and_says_what_to_do(tmp_path: Path, d
     path = _ledger_with_entries(tmp_path)
     damage(path)  # type: ignore[operator]
     book = LedgerBook(tmp_path)
-    with pytest.raises(PrivacyLedgerDamaged, match="refuses to train.*Restore the ledger folder") as raised:
+    with pytest.raises(PrivacyLedgerDamaged, match=r"refuses to train.*Restore the ledger folder") as raised:
         book.charge(_members(), "fundus", _charge(2, 1), BUDGET)
     assert str(tmp_path) not in str(raised.value)
     with pytest.raises(PrivacyLedgerDamaged):
