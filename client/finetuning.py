@@ -189,7 +189,8 @@ def finetune_round(
         tuner.config.seed = seed  # a different shuffle each round and site
         if cfg.dp and budget is not None and ledger is not None:
             try:
-                stats = _dp_finetune(tuner, model, cfg, server_round, train, val, preprocess, budget, ledger, modality)
+                stats = dp_finetune_round(tuner, model, cfg, server_round, train, val, preprocess, budget, ledger,
+                                          modality)
             except PrivacyBudgetExceeded as refused:
                 logger.warning("%s", refused)
                 metrics[f"{modality}/budget-exhausted"] = 1.0
@@ -226,10 +227,11 @@ def dp_finetune_steps(cfg: RunConfig, dp: DPConfig, train_samples: int) -> int:
     return max(1, round(cfg.finetune_epochs * train_samples / dp.expected_batch_size))
 
 
-def _dp_finetune(tuner: FineTuner, model: TaskModel, cfg: RunConfig, server_round: int, train: list[TaskSample],
+def dp_finetune_round(tuner: FineTuner, model: TaskModel, cfg: RunConfig, server_round: int, train: list[TaskSample],
                  val: list[TaskSample], preprocess: Preprocess, budget: PrivacyBudget, ledger: LedgerScope,
                  modality: str) -> dict[str, float]:
-    """One round of DP-SGD fine-tuning, charged to the ledger before its first step."""
+    """One round of DP-SGD fine-tuning of `model`, charged to the ledger before its first step (a fresh
+    optimiser each round, as a federated site has); returns the trainer's statistics (site-only)."""
     dp = DPConfig.from_dict(cfg.privacy)
     trainer = DPFineTuner(tuner, dp, SiteAccountant(budget, dp.accountant, f"{modality} data"))
     loader = trainer.loader(train, preprocess, num_workers=cfg.num_workers)

@@ -256,10 +256,22 @@ class Federation:
         counts = {m: int(v.get("num-examples", 0)) for m, v in per_modality.items()}
         return ReplyParts(metrics, per_modality, counts, record_to_numpy(reply.content.array_records["arrays"]))
 
+    def _budget_refusal(self, server_round: int, site: str, parts: ReplyParts) -> bool:
+        """A site that refused the whole round because its privacy budget would be exceeded (DP-SGD) sends
+        no arrays on purpose: its rows are recorded (`budget_exhausted`), it is not counted as rejected."""
+        if parts.arrays or not parts.per_modality:
+            return False
+        if not all(values.get("budget-exhausted") for values in parts.per_modality.values()):
+            return False
+        for modality, values in parts.per_modality.items():
+            self._record_train(server_round, site, modality, values)
+        logger.info("round %d: %s trained nothing: its privacy budget is spent", server_round, site)
+        return True
+
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
         parts = self._read_reply(server_round, site, reply)
-        if parts is None:
+        if parts is None or self._budget_refusal(server_round, site, parts):
             return None
         metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
         if self.cfg.compression != "none":
@@ -336,6 +348,8 @@ class Federation:
         self.progress.start_round(server_round)
         self._exchange(MessageType.TRAIN, server_round, record)
         if not holders:
+            if not reference:  # nothing is shared (frozen encoder, personal heads): nothing to aggregate
+                return True
             logger.error("round %d failed: no site trained", server_round)
             return False
         params = SecAggParams(threshold=self.cfg.secagg_threshold, clip_range=self.cfg.secagg_clip_range,

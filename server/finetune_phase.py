@@ -222,7 +222,7 @@ class FineTunePhase(Federation):
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Record a site's fine-tuning numbers and check its arrays against the shared part of the model."""
         parts = self._read_reply(server_round, site, reply)
-        if parts is None:
+        if parts is None or self._budget_refusal(server_round, site, parts):
             return None
         metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
         if self.cfg.central_dp_clip > 0:

@@ -99,7 +99,12 @@ def load_scenario(name_or_path: str, overrides: Mapping[str, Any] | None = None)
         raise ConfigError("scenario", f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError("scenario", f"{path}: expected a table of scenario keys")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "privacy" and isinstance(value, Mapping) and isinstance(raw.get("privacy"), Mapping):
+            value = {**raw["privacy"], **value}  # --privacy-delta alone keeps the scenario's epsilon
+        raw[key] = value
     return scenario_from_dict(raw, default_name=path.stem)
 
 

@@ -247,7 +247,14 @@ class PrivacyLedger:
     def history(self, entries: Sequence[Mapping[str, Any]] | None = None) -> list[HistoryEntry]:
         """The charges in Opacus' (noise multiplier, sample rate, steps) form."""
         rows = self.charges() if entries is None else [e for e in entries if e.get("kind") == "charge"]
-        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in rows]
+        merged: list[HistoryEntry] = []
+        for e in rows:  # consecutive charges of one mechanism compose as one (as Opacus keeps its history)
+            sigma, rate, steps = float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
+            if merged and merged[-1][:2] == (sigma, rate):
+                merged[-1] = (sigma, rate, merged[-1][2] + steps)
+            else:
+                merged.append((sigma, rate, steps))
+        return merged
 
     # -- writing -----------------------------------------------------------------------------------
     def create(self, modality: str, members: Sequence[str], clock: Callable[[], float]) -> None:
