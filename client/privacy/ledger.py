@@ -21,6 +21,10 @@ bounds the spending of every image in it. `<fingerprint>.members` lists the per-
 path, no name) that decide overlaps; it is checked against the fingerprint when read.
 
 Entries are never dated out: spending from years ago counts as much as today's.
+
+The chain makes damage and edits evident; it is not a signature: whoever administers the site could
+rewrite the whole chain, or delete the whole folder (back it up with the site's other records; the
+audit log keeps the epsilon of every reply too).
 """
 
 from __future__ import annotations
@@ -186,8 +190,9 @@ class PrivacyLedger:
     def entries(self) -> list[dict[str, Any]]:
         """Every line (header first), verified; raises PrivacyLedgerDamaged when anything is off."""
         if not self.path.exists():
-            if self.head_path.exists():
-                raise PrivacyLedgerDamaged(self.name, "the ledger file is missing but its head is there")
+            if self.head_path.exists() or self.members_path.exists():
+                raise PrivacyLedgerDamaged(self.name, "the ledger file is missing (deleted?) but its head or "
+                                                      "member list is there")
             return []
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
@@ -258,13 +263,15 @@ class PrivacyLedger:
 
     # -- writing -----------------------------------------------------------------------------------
     def create(self, modality: str, members: Sequence[str], clock: Callable[[], float]) -> None:
+        """Header first, then the member list: a crash in between leaves a ledger that reports itself
+        damaged rather than one that silently starts again."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        listing = ("\n".join(sorted(members)) + "\n").encode()
-        atomic_write_bytes(self.members_path, lambda tmp: Path(tmp).write_bytes(listing))
-        os.chmod(self.members_path, 0o600)
         header = {"kind": "open", "format": FORMAT, "fingerprint": self.fingerprint, "modality": modality,
                   "images": len(members), "time": _now_iso(clock)}
         self._append([], header)
+        listing = ("\n".join(sorted(members)) + "\n").encode()
+        atomic_write_bytes(self.members_path, lambda tmp: Path(tmp).write_bytes(listing))
+        os.chmod(self.members_path, 0o600)
 
     def append_charge(self, entries: list[dict[str, Any]], fields: Mapping[str, Any]) -> dict[str, Any]:
         return self._append(entries, {"kind": "charge", **fields})

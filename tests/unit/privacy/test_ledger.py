@@ -158,7 +158,12 @@ def _delete(path: Path) -> None:
     path.unlink()
 
 
-@pytest.mark.parametrize("damage", [_edit_epsilon, _drop_middle, _truncate, _garbage, _delete])
+def _delete_with_head(path: Path) -> None:
+    path.unlink()
+    path.with_suffix(".head").unlink()
+
+
+@pytest.mark.parametrize("damage", [_edit_epsilon, _drop_middle, _truncate, _garbage, _delete, _delete_with_head])
 def test_a_damaged_ledger_refuses_to_train_and_says_what_to_do(tmp_path: Path, damage: object) -> None:
     path = _ledger_with_entries(tmp_path)
     damage(path)  # type: ignore[operator]
