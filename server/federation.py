@@ -289,6 +289,7 @@ class Federation:
         if problem is not None:
             self._reject(server_round, site, str(problem))
             return None
+        update = self._central_dp_clipped(update)
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
         self._note_compute(site, metrics)
@@ -315,6 +316,14 @@ class Federation:
         spent = {"epsilon": epsilon, "delta": self.cfg.central_dp_delta, "noise_multiplier": self.cfg.central_dp_noise}
         self.metrics.add(self._row_round(server_round), "server", "all", "central-dp", spent)
         logger.info("round %d: site-level DP noise added, epsilon %.3f", server_round, epsilon)
+
+    def _central_dp_clipped(self, update: SiteReply) -> SiteReply:
+        """Central DP: the whole update clipped to `central-dp-clip` again here, so the epsilon holds even
+        for a site that did not clip (under secure aggregation the sites' own clipping is all there is)."""
+        if self.cfg.central_dp_clip <= 0 or not update.arrays:
+            return update
+        ((clipped, _),) = bound_update_norms([(update.arrays, 1.0)], self.arrays, self.cfg.central_dp_clip)
+        return SiteReply(update.site, clipped, update.num_examples)
 
     def _bounded(self, update: SiteReply) -> SiteReply:
         bounded: dict[str, np.ndarray] = {}

@@ -234,6 +234,7 @@ class FineTunePhase(Federation):
             if problem is not None:
                 self._reject(server_round, site, str(problem))
                 return None
+            update = self._central_dp_clipped(update)
         for modality, values in per_modality.items():
             self.metrics.add(self._row_round(server_round), site, modality, "finetune",
                              {**values, "finetune-round": server_round})

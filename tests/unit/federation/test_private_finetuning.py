@@ -126,3 +126,17 @@ def test_evaluation_under_dp_sends_nothing_about_the_site(tmp_path: Path, phase:
     assert record_to_numpy(reply.content.array_records["arrays"]) == {} if reply.content.array_records else True
     plain = _call(cfg.replace(dp=False), arrays, _context(tmp_path), MessageType.EVALUATE)
     assert len(dict(plain.content.metric_records["metrics"])) > 2  # without DP the site does score
+
+
+def test_the_server_clips_again_under_central_dp_so_an_unclipped_site_cannot_break_epsilon(tmp_path: Path) -> None:
+    from server.federation import Federation
+    from strategies.fedavg import SiteReply
+
+    cfg = RunConfig(central_dp_clip=0.5, central_dp_noise=1.0, out_dir=str(tmp_path))
+    reference = {"fundus/backbone.w": np.zeros(16, np.float32), "fundus/backbone.b": np.ones(4, np.float32)}
+    federation = Federation(None, cfg, reference)  # type: ignore[arg-type]  # no messaging needed here
+    greedy = SiteReply("site", {"fundus/backbone.w": np.full(16, 3.0, np.float32),
+                                "fundus/backbone.b": np.full(4, 2.0, np.float32)}, {"fundus": 1})
+    clipped = federation._central_dp_clipped(greedy)
+    norm = np.sqrt(sum(float(np.sum((clipped.arrays[k] - reference[k]) ** 2)) for k in reference))
+    assert norm == pytest.approx(0.5, rel=1e-5)
