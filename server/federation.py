@@ -323,7 +323,7 @@ class Federation:
         if self.cfg.central_dp_clip <= 0 or not update.arrays:
             return update
         ((clipped, _),) = bound_update_norms([(update.arrays, 1.0)], self.arrays, self.cfg.central_dp_clip)
-        return SiteReply(update.site, clipped, update.num_examples)
+        return SiteReply(update.site, dict(clipped), update.num_examples)
 
     def _bounded(self, update: SiteReply) -> SiteReply:
         bounded: dict[str, np.ndarray] = {}
