@@ -90,7 +90,7 @@ def test_federated_sites_spend_within_their_own_budgets_every_phase(run_root: Pa
     assert (out / "plots" / "privacy-budget.png").is_file()
     line = next(x for x in report.splitlines() if x.startswith("| hospital-b | fundus |"))
     assert f"| {SMALL:.3f} |" in line and line.rstrip().endswith("| 2 |")  # 1 pretraining + 1 fine-tuning refused
-    ledgers = {p.parent.parent.name: summarise_ledgers(p) for p in (out / "sites").glob("site-*/privacy")}
+    ledgers = {p.parent.name: summarise_ledgers(p) for p in (out / "sites").glob("site-*/privacy")}
     assert set(ledgers) == {"site-0", "site-1", "site-2"}
     assert [s.entries for s in ledgers["site-1"]] == [1]
     fundus_a = max(s.epsilon_spent for s in ledgers["site-0"])
