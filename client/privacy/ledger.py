@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,9 @@ GENESIS = "0" * 64
 MECHANISM = "poisson-subsampled-gaussian"
 FORMAT = "visionfm-privacy-ledger/1"
 _CACHE = "content-hashes.json"
+# Ledger bytes this process has verified (path -> SHA-256 of the bytes, entries): a round re-reads and
+# re-hashes the file, but parses and re-chains it only when its bytes differ from what was verified.
+_VERIFIED: dict[str, tuple[bytes, tuple[dict[str, Any], ...]]] = {}
 _LOCK = ".lock"
 WHAT_TO_DO = (
     "the site refuses to train on this dataset. Restore the ledger folder from the site's backup; do not "
@@ -111,9 +115,13 @@ class ContentHashes:
         if array is not None:
             return self._array_digest(array) + frame
         path = Path(item.source)
-        if path.is_file():
-            stat = path.stat()
-            key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+        try:
+            stat = os.stat(path)
+        except (OSError, ValueError):
+            stat = None
+        if stat is not None and S_ISREG(stat.st_mode):
+            # abspath, not resolve(): a cache key needs no symlink walk (one stat per image per round).
+            key = hashlib.sha256(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
             cached = self._cache.get(key)
             if cached is None:
                 hasher = hashlib.sha256()
@@ -195,9 +203,26 @@ class PrivacyLedger:
                                                       "member list is there")
             return []
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            raw = self.path.read_bytes()
+        except OSError as exc:
             raise PrivacyLedgerDamaged(self.name, f"unreadable: {type(exc).__name__}") from exc
+        digest = hashlib.sha256(raw).digest()
+        known = _VERIFIED.get(str(self.path))
+        if known is not None and known[0] == digest:
+            # These very bytes verified already in this process: only the head can have changed.
+            entries = list(known[1])
+        else:
+            entries = self._verify(raw)
+            _VERIFIED[str(self.path)] = (digest, tuple(entries))
+        self._check_head(entries)
+        return entries
+
+    def _verify(self, raw: bytes) -> list[dict[str, Any]]:
+        """The entries of the ledger's bytes, after checking the whole chain, header and every charge."""
+        try:
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise PrivacyLedgerDamaged(self.name, "unreadable: not UTF-8") from exc
         entries: list[dict[str, Any]] = []
         previous = GENESIS
         for number, line in enumerate(lines, start=1):
@@ -217,7 +242,6 @@ class PrivacyLedger:
             raise PrivacyLedgerDamaged(self.name, "its header does not name this dataset")
         for entry in entries[1:]:
             _check_charge_fields(self.name, entry)
-        self._check_head(entries)
         return entries
 
     def _check_head(self, entries: list[dict[str, Any]]) -> None:
@@ -288,6 +312,7 @@ class PrivacyLedger:
             os.close(fd)
         entries.append(entry)
         self._write_head(entries)
+        _VERIFIED[str(self.path)] = (hashlib.sha256(self.path.read_bytes()).digest(), tuple(entries))
         return entry
 
     def _write_head(self, entries: Sequence[Mapping[str, Any]]) -> None:
