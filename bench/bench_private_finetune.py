@@ -132,7 +132,7 @@ def fill_ledger(book: LedgerBook, members: list[str], entries: int) -> None:
 def ledger_ratio(args: argparse.Namespace, train: list[TaskSample], val: list[TaskSample],
                  work: Path) -> tuple[float, float, float]:
     """Median seconds of a DP round (ledger included), of the ledger's work alone, and their ratio."""
-    cfg = run_config(args, "frozen")
+    cfg = run_config(args, args.round_encoder)
     arrays = {k: torch.from_numpy(v) for k, v in
               finetune_arrays({k: v.numpy() for k, v in initial_global_arrays(cfg).items()}, cfg).items()}
     site = {"fundus": TaskSplit("fundus", train, val)}
@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--history", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--round-encoder", default="trained", choices=("trained", "frozen"),
+                        help="part 2's round: the run-config default (trained encoder) or a frozen one")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args()
     if args.smoke:
@@ -188,7 +190,8 @@ def main() -> None:
             print(f"fine-tuning step, encoder {encoder}: non-private {plain_s * 1e3:.1f} ms, "
                   f"DP-SGD {dp_s * 1e3:.1f} ms; ratio {ratio:.2f}x (target <= 2x)")
         round_s, ledger_s, share = ledger_ratio(args, train, val, work / "ledgers")
-        print(f"DP fine-tuning round {round_s:.2f} s, ledger work in it {ledger_s * 1e3:.1f} ms "
+        print(f"DP fine-tuning round (encoder {args.round_encoder}) {round_s:.2f} s, "
+              f"ledger work in it {ledger_s * 1e3:.1f} ms "
               f"({args.history} earlier entries); ledger ratio {share:.4f} = {share:.2%} of the round (target < 1%)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
