@@ -140,3 +140,17 @@ def test_the_server_clips_again_under_central_dp_so_an_unclipped_site_cannot_bre
     clipped = federation._central_dp_clipped(greedy)
     norm = np.sqrt(sum(float(np.sum((clipped.arrays[k] - reference[k]) ** 2)) for k in reference))
     assert norm == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"strategy": "median"}, "strategy = median"), ({"strategy": "trimmed-mean"}, "strategy = trimmed-mean"),
+    ({"strategy": "krum"}, "strategy = krum"), ({"compression": "int8"}, "compression = int8")])
+def test_secure_aggregation_refuses_what_needs_individual_updates_naming_both_keys(
+        changes: dict[str, str], named: str) -> None:
+    from visionfm_core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_flat({**BASE, "secure-aggregation": True, **changes})
+    assert "secure-aggregation = true" in str(raised.value) and named in str(raised.value)
+    # Bounding each update works on masked sums: it is done at the site, and allowed.
+    RunConfig.from_flat({**BASE, "secure-aggregation": True, "max-update-norm": 5.0, "finetune-rounds": 2})
