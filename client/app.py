@@ -7,6 +7,7 @@ Flower's `context.state` in simulation, files under the node's `state-dir` in de
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,9 @@ from client.audit import audit_mod
 from client.error_mod import safe_error_mod
 from client.finetuning import finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
+from client.privacy.charging import LedgerScope
+from client.privacy.ledger import LedgerBook
+from client.privacy.site import ledger_folder, site_budget
 from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data, load_site_tasks
@@ -26,11 +30,13 @@ from client.site_state import SiteStateStore
 from client.training import evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
+from strategies.fedavg import split_by_modality
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
 from visionfm_core.splits import ModalitySplit
 from visionfm_core.tasks.splits import TaskSplit
 
+logger = logging.getLogger(__name__)
 LOCAL_STATE_PREFIX = "local-ssl-state/"
 MODEL_DIGEST_KEY = "model-digest"
 REPLY_INFO = "reply"
@@ -72,6 +78,15 @@ def _site_seed(context: Context) -> int:
     return int(context.node_config.get("partition-id", context.node_id % 100_003)) + 1
 
 
+def site_privacy(context: Context, cfg: RunConfig) -> tuple[PrivacyBudget | None, LedgerScope | None]:
+    """Under DP: the site's own lifetime budget and its ledger (both from the node config, never the run's)."""
+    if not cfg.dp:
+        return None, None
+    book = LedgerBook(ledger_folder(context.node_config, cfg))
+    book.verify_all()  # a damaged ledger stops the site before anything trains
+    return site_budget(context.node_config, cfg), LedgerScope(book, int(context.run_id))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One local SSL round: global encoders in, updated shared weights and numbers out."""
@@ -84,9 +99,10 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStateStore(context)
     local_states = store.load_all(LOCAL_STATE_PREFIX)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
+    budget, ledger = site_privacy(context, cfg)
     with torch_threads(cfg.client_threads):
         result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
-                             budget=PrivacyBudget.from_node_config(context.node_config) if cfg.dp else None)
+                             budget=budget, ledger=ledger)
     for modality, state in result.local_state.items():
         store.save(LOCAL_STATE_PREFIX + modality, state)
     metrics = dict(result.metrics)
@@ -110,6 +126,11 @@ def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, t
     delta = {k: v.numpy() - reference[k] for k, v in trained.items()}
     if cfg.central_dp_clip > 0:
         delta = clip_site_update(delta, cfg.central_dp_clip).arrays
+    if cfg.secure_aggregation and cfg.max_update_norm > 0:
+        # The server cannot bound an update it never sees: under secure aggregation each site bounds its
+        # own, per modality, before masking (a malicious site can skip this; only the sum is protected).
+        delta = {k: v for arrays in split_by_modality(delta).values()
+                 for k, v in clip_site_update(arrays, cfg.max_update_norm).arrays.items()}
     if cfg.secure_aggregation:
         # Central DP weighs sites equally (example counts would make the sensitivity data-dependent).
         weights = {k.split("/", 1)[0]: 1 if cfg.central_dp_clip > 0 else int(v)
@@ -126,19 +147,28 @@ def _personal_heads(context: Context) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round: int) -> Message:
-    """One fine-tuning round; a personal head is kept in the node's state and never put in the reply."""
+    """One fine-tuning round; a personal head is kept in the node's state and never put in the reply. The
+    update leaves as pretraining's does (`outgoing_arrays`): clipped at the site under central DP, and
+    only through the masked sum under secure aggregation."""
+    started = time.perf_counter()
     site = load_site_tasks(context.node_config, cfg)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
+    budget, ledger = site_privacy(context, cfg)
     with torch_threads(cfg.client_threads):
         result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
-                                site_seed=_site_seed(context))
+                                site_seed=_site_seed(context), budget=budget, ledger=ledger)
     for modality, head in result.local_heads.items():
         SiteStateStore(context).save(PERSONAL_HEAD_PREFIX + modality, head)
+    for modality, stats in result.local_stats.items():  # the site's own log only
+        logger.info("fine-tune round %d, %s: %s", server_round, modality,
+                    ", ".join(f"{k} {v:.4g}" for k, v in sorted(stats.items())))
     metrics = dict(result.metrics)
     metrics["num-examples"] = float(sum(v for k, v in metrics.items() if k.endswith("/num-examples")))
     metrics.update(_site_numbers(context))
-    metrics["bytes-sent"] = float(payload_bytes({k: v.numpy() for k, v in result.arrays.items()}))
-    content = RecordDict({"arrays": arrays_to_record(result.arrays), "metrics": MetricRecord(dict[str, Any](metrics)),
+    outgoing = outgoing_arrays(cfg, context, global_arrays, result.arrays, metrics)
+    metrics["bytes-sent"] = float(payload_bytes(outgoing))
+    metrics["compute-seconds"] = time.perf_counter() - started
+    content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics)),
                           REPLY_INFO: reply_info(msg)})
     return Message(content=content, reply_to=msg)
 
@@ -153,8 +183,14 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Score the global encoders on this site's own labelled validation split."""
+    """Score the global encoders on this site's own labelled validation split.
+
+    Under DP (`dp = true`) the site scores nothing and sends nothing about its data: scores fitted or
+    measured on its images are un-noised statistics outside the budget. The run is then scored only on
+    the coordinator's own held-out data (`server-eval`, the bundled test split in simulation)."""
     cfg = _run_config(msg, context)
+    if cfg.dp:
+        return Message(content=RecordDict({"metrics": MetricRecord({"dp-withheld": 1.0})}), reply_to=msg)
     site: dict[str, TaskSplit] | dict[str, ModalitySplit]
     with torch_threads(cfg.client_threads):
         global_arrays = record_to_tensors(msg.content.array_records["arrays"])
@@ -167,4 +203,3 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = float(sum(len(s.val) for s in site.values()))
     metrics.update(_site_numbers(context))
     return Message(content=RecordDict({"metrics": MetricRecord(dict[str, Any](metrics))}), reply_to=msg)
-

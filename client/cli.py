@@ -196,9 +196,15 @@ def audit(
     work: Path = WORK,
     run: int = typer.Option(0, "--run", help="Only this run id."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw entries (JSON lines)."),
+    privacy: bool = typer.Option(False, "--privacy", help="The privacy budget instead: epsilon spent and "
+                                 "remaining per dataset and per run, from the site's ledger (WORK/privacy)."),
 ) -> None:
     """Everything that left this site: per reply the run, round, keys, shapes, bytes, epsilon, hash."""
     from client.audit import AuditLog, summarise
+
+    if privacy:
+        _privacy_audit(work, run, as_json)
+        return
 
     log = AuditLog(work / "audit.jsonl")
     entries = [e for e in log.entries() if not run or e.get("run") in (None, run)]
@@ -236,6 +242,42 @@ def audit(
         f"{summary.transport_bytes_out:,} bytes through the uplink"
         + (f", max epsilon {summary.max_epsilon}" if summary.max_epsilon is not None else "")
     )
+
+
+def _privacy_audit(work: Path, run: int, as_json: bool) -> None:
+    """`audit --privacy`: per dataset (modality, fingerprint) spent / budget / remaining, then per run.
+    Exit code 1 when a ledger is damaged (the site refuses to train on that dataset)."""
+    import dataclasses
+
+    from client.privacy.ledger import WHAT_TO_DO, summarise_ledgers
+
+    folder = work / "privacy"
+    summaries = summarise_ledgers(folder)
+    if as_json:
+        for item in summaries:
+            print(json.dumps({**dataclasses.asdict(item), "remaining": item.remaining}, sort_keys=True, default=str))
+        raise typer.Exit(1 if any(s.problem for s in summaries) else 0)
+    if not summaries:
+        console.print(f"no privacy ledger in {folder}: no DP training has touched this site's data")
+        return
+    for item in summaries:
+        name = f"{item.modality} dataset {item.fingerprint[:12]}"
+        if item.problem:
+            console.print(f"[red]DAMAGED[/red] {name}: {escape(item.problem)}; {WHAT_TO_DO}")
+            continue
+        budget = "none" if item.epsilon_budget is None else f"{item.epsilon_budget:g}"
+        remaining = "-" if item.remaining is None else f"{item.remaining:.4g}"
+        console.print(f"[bold]{name}[/bold] ({item.images} images): epsilon spent {item.epsilon_spent:.4g} of "
+                      f"{budget} (delta {item.delta:g}), remaining {remaining}; {item.entries} charge(s) "
+                      f"from {item.first} to {item.last}" if item.entries else f"[bold]{name}[/bold]: nothing spent")
+        for row in item.runs:
+            if run and row.run != run:
+                continue
+            console.print(f"    run {row.run}: {', '.join(row.phases)}, {row.rounds} round(s), {row.steps} step(s), "
+                          f"epsilon {row.epsilon_alone:.4g} alone, lifetime epsilon {row.epsilon_after:.4g} after it",
+                          markup=False)
+    if any(s.problem for s in summaries):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
 from client.privacy.accountant import PrivacyBudgetExceeded
+from client.privacy.ledger import PrivacyLedgerDamaged
 from visionfm_core.errors import ConfigError
 from visionfm_core.ssl.trainer import TrainingDivergedError
 
@@ -27,6 +28,9 @@ def public_reason(exc: BaseException) -> str:
     kind = type(exc).__name__
     if isinstance(exc, (PrivacyBudgetExceeded, TrainingDivergedError)):
         return f"{kind}: {exc}"  # built from numbers only (epsilon, loss, step)
+    if isinstance(exc, PrivacyLedgerDamaged):
+        # Its text names the ledger by a hash of the dataset: that stays on the site.
+        return f"{kind}: this site's privacy ledger does not verify; it trains nothing until its IT restores it"
     if isinstance(exc, ConfigError):
         return f"{kind} in config key {exc.key!r} (details in the site's log)"
     return f"{kind} at the site (details in the site's log)"

@@ -14,13 +14,20 @@ the site's labelled validation split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 from torch import Tensor
 
+from client.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.charging import LedgerScope, charge_round, require_ledger
+from client.privacy.config import DPConfig
+from client.privacy.dp_finetune import DPFineTuner
+from client.privacy.ledger import image_digests
+from client.privacy.reporting import releasable_metrics
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, modality_arrays
@@ -29,9 +36,11 @@ from visionfm_core.runtime import resolve_device, seed_everything
 from visionfm_core.tasks.adapters import ClassificationTask, TaskAdapter, task_from_config
 from visionfm_core.tasks.adapters.classification import Mode
 from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.splits import TaskSplit
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
 
+logger = logging.getLogger(__name__)
 CLASSIFIER_PREFIX = "classifier."
 # What a task's evaluation reports every round; per-class entries (`dice_vessel`, `mre_fovea`) are named
 # after the task settings' class or point names, never after the site's data.
@@ -47,6 +56,8 @@ class FineTuneResult:
     arrays: dict[str, Tensor]                    # sent: trained encoder and/or shared head, per modality
     metrics: dict[str, float]                    # numbers only
     local_heads: dict[str, dict[str, Tensor]]    # personal heads per modality; stay on the site
+    # Per modality, what the site sees of its own training and never sends (under DP: loss, clipping).
+    local_stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def finetune_config(cfg: RunConfig) -> FineTuneConfig:
@@ -148,12 +159,21 @@ def finetune_round(
     server_round: int,
     personal_heads: Mapping[str, Mapping[str, Tensor]],
     site_seed: int = 0,
+    budget: PrivacyBudget | None = None,
+    ledger: LedgerScope | None = None,
 ) -> FineTuneResult:
-    """Fine-tune every modality this site holds task samples for (and the global model has)."""
+    """Fine-tune every modality this site holds task samples for (and the global model has).
+
+    With `cfg.dp`, the head (and the encoder when trained) is trained with DP-SGD (`DPFineTuner`) for
+    `finetune-epochs` expected passes over the train split, charged to the site's lifetime ledger before
+    it runs; a modality whose budget would be exceeded is not trained and sends nothing. Only privacy
+    numbers are reported for it: its loss and validation scores are un-noised and stay on the site."""
+    require_ledger(cfg, budget, ledger)
     device = resolve_device(cfg.device)
     arrays: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     local_heads: dict[str, dict[str, Tensor]] = {}
+    local_stats: dict[str, dict[str, float]] = {}
     for modality, split in site.items():
         shared = modality_arrays(global_arrays, modality)
         train, val = split.train, split.val
@@ -167,18 +187,30 @@ def finetune_round(
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
         tuner.config.seed = seed  # a different shuffle each round and site
-        loader = tuner.loader(train, preprocess, train=True)
-        per_epoch = len(loader)
-        epochs = cfg.finetune_epochs
-        state = tuner.init_state(model, cfg.finetune_rounds * epochs * per_epoch,
-                                 start_step=(server_round - 1) * epochs * per_epoch, steps_per_epoch=per_epoch)
-        stats = tuner.train_epochs(state, loader, epochs)
-        metrics[f"{modality}/num-examples"] = float(len(train))
-        metrics[f"{modality}/finetune-loss"] = stats["loss"]
-        metrics[f"{modality}/steps"] = stats["steps"]
-        if val:
-            scores = tuner.evaluate(model, tuner.loader(val, preprocess, train=False))
-            metrics.update(_reported(cfg.finetune_task, scores, modality, "val-"))
+        if cfg.dp and budget is not None and ledger is not None:
+            try:
+                stats = dp_finetune_round(tuner, model, cfg, server_round, train, val, preprocess, budget, ledger,
+                                          modality)
+            except PrivacyBudgetExceeded as refused:
+                logger.warning("%s", refused)
+                metrics[f"{modality}/budget-exhausted"] = 1.0
+                continue
+            local_stats[modality] = stats
+            metrics[f"{modality}/num-examples"] = float(len(train))
+            metrics.update({f"{modality}/{k}": v for k, v in releasable_metrics(stats).items()})
+        else:
+            loader = tuner.loader(train, preprocess, train=True)
+            per_epoch = len(loader)
+            epochs = cfg.finetune_epochs
+            state = tuner.init_state(model, cfg.finetune_rounds * epochs * per_epoch,
+                                     start_step=(server_round - 1) * epochs * per_epoch, steps_per_epoch=per_epoch)
+            stats = tuner.train_epochs(state, loader, epochs)
+            metrics[f"{modality}/num-examples"] = float(len(train))
+            metrics[f"{modality}/finetune-loss"] = stats["loss"]
+            metrics[f"{modality}/steps"] = stats["steps"]
+            if val:
+                scores = tuner.evaluate(model, tuner.loader(val, preprocess, train=False))
+                metrics.update(_reported(cfg.finetune_task, scores, modality, "val-"))
         if cfg.finetune_encoder == "trained":
             arrays.update({f"{modality}/{BACKBONE_PREFIX}{k}": v
                            for k, v in shareable(get_weights(model, "encoder")).items()})
@@ -187,7 +219,29 @@ def finetune_round(
             arrays.update({f"{modality}/{CLASSIFIER_PREFIX}{k}": v for k, v in head_weights.items()})
         else:
             local_heads[modality] = head_weights
-    return FineTuneResult(arrays, metrics, local_heads)
+    return FineTuneResult(arrays, metrics, local_heads, local_stats)
+
+
+def dp_finetune_steps(cfg: RunConfig, dp: DPConfig, train_samples: int) -> int:
+    """DP steps of one round: `finetune-epochs` expected passes over the train split."""
+    return max(1, round(cfg.finetune_epochs * train_samples / dp.expected_batch_size))
+
+
+def dp_finetune_round(tuner: FineTuner, model: TaskModel, cfg: RunConfig, server_round: int, train: list[TaskSample],
+                 val: list[TaskSample], preprocess: Preprocess, budget: PrivacyBudget, ledger: LedgerScope,
+                 modality: str) -> dict[str, float]:
+    """One round of DP-SGD fine-tuning of `model`, charged to the ledger before its first step (a fresh
+    optimiser each round, as a federated site has); returns the trainer's statistics (site-only)."""
+    dp = DPConfig.from_dict(cfg.privacy)
+    trainer = DPFineTuner(tuner, dp, SiteAccountant(budget, dp.accountant, f"{modality} data"))
+    loader = trainer.loader(train, preprocess, num_workers=cfg.num_workers)
+    steps = dp_finetune_steps(cfg, dp, len(train))
+    state = tuner.init_state(model, cfg.finetune_rounds * steps, start_step=(server_round - 1) * steps,
+                             steps_per_epoch=max(1, steps // max(1, cfg.finetune_epochs)))
+    members = image_digests([s.item for s in [*train, *val]], ledger.book.folder)
+    trainer.accountant = charge_round(ledger, budget, dp, modality, members, "finetune", server_round,
+                                      dp.noise_multiplier, loader, steps)
+    return trainer.train_steps(state, loader, steps)
 
 
 def finetune_evaluate(

@@ -32,6 +32,7 @@ from certs.loopback import make_loopback_tls
 from certs.tls import server_context
 from certs.verify import has_errors, verify_bundle
 from client.audit import AUDIT_LOG_KEY, AuditLog
+from client.privacy.ledger import LEDGER_DIR_KEY
 from client.site_state import STATE_DIR_KEY
 from client.supernode import (
     NodeValue,
@@ -83,6 +84,8 @@ class SiteSettings:
             AUDIT_LOG_KEY: str(self.audit_log.resolve()),
             # Between-round SSL state on the site's disk, not in Flower's context (see client/site_state.py).
             STATE_DIR_KEY: str((self.work_dir / "state").resolve()),
+            # The lifetime privacy ledger: in the work folder, never in a run's state (client/privacy/ledger.py).
+            LEDGER_DIR_KEY: str((self.work_dir / "privacy").resolve()),
         }
         if self.gpu is not None:
             values["gpu"] = self.gpu

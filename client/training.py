@@ -15,13 +15,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from client.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.accountant import HISTORY_KEY, PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.charging import LedgerScope, charge_round, require_ledger
 from client.privacy.config import DPConfig
+from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
+from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
+from client.privacy.sampling import PoissonLoader
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
-from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
 from visionfm_core.run_config import RunConfig
@@ -30,11 +33,6 @@ from visionfm_core.splits import ModalitySplit
 from visionfm_core.ssl.trainer import SSLTrainer
 
 logger = logging.getLogger(__name__)
-
-
-
-
-
 
 
 @dataclass
@@ -65,14 +63,14 @@ def train_round(
     local_states: Mapping[str, Mapping[str, torch.Tensor]],
     site_seed: int = 0,
     budget: PrivacyBudget | None = None,
+    ledger: LedgerScope | None = None,
 ) -> RoundResult:
     """Train every modality this site holds (and the global model has) for `cfg.local_steps` steps.
 
-    With `cfg.dp`, training is DP-SGD within the site's `budget` (one accountant per modality: the image
-    sets are disjoint). A modality whose budget would be exceeded is not trained and sends nothing; only
-    privacy accounting numbers, never un-noised statistics of the images, are reported for it."""
-    if cfg.dp and budget is None:
-        raise ConfigError("privacy-epsilon", "the run uses DP-SGD: set this site's privacy budget in its node config")
+    With `cfg.dp`, training is DP-SGD within the site's lifetime `budget`, charged to its `ledger` before
+    it runs (one dataset per modality). A modality whose budget would be exceeded is not trained and sends
+    nothing; only privacy accounting numbers, never un-noised statistics of the images, are reported."""
+    require_ledger(cfg, budget, ledger)
     device = resolve_device(cfg.device)
     arrays: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
@@ -92,12 +90,18 @@ def train_round(
             trainer = new_trainer(cfg, modality, device, seed_offset=site_seed)
             loader = ssl_loader(split, cfg, seed)
         if modality in local_states:
-            trainer.load_local_state(local_states[modality])
+            # Under DP the ledger, not the run's state, holds what was spent.
+            trainer.load_local_state({k: v for k, v in local_states[modality].items() if k != HISTORY_KEY}
+                                     if cfg.dp else local_states[modality])
             trainer.load_shared_state(shared, teacher_sync=cfg.teacher_sync, teacher_ema=cfg.teacher_ema)
         else:
             # First round on this site: the teacher starts as the global student.
             trainer.load_shared_state(shared, teacher_sync="reset")
         try:
+            if isinstance(trainer, DPSSLTrainer) and isinstance(loader, PoissonLoader) and budget and ledger:
+                members = image_digests(list(split.train) + list(split.val), ledger.book.folder)
+                trainer.accountant = charge_round(ledger, budget, dp, modality, members, "pretrain", server_round,
+                                                  trainer.effective_noise_multiplier(), loader, cfg.local_steps)
             stats = trainer.train_steps(loader, cfg.local_steps, start_step=(server_round - 1) * cfg.local_steps)
         except PrivacyBudgetExceeded as refused:
             logger.warning("%s", refused)

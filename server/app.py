@@ -86,6 +86,9 @@ def _run_finetune_phase(grid: Grid, cfg: RunConfig, pretrained: dict[str, Any], 
     phase = FineTunePhase(grid, cfg, pretrained, evaluator, site_names, round_offset=rounds_done)
     if tracking is not None:
         phase.metrics.on_save.append(tracking.rows_saved)
+    if cfg.central_dp_noise > 0 and rounds_done:
+        # Site-level DP composes over both phases: fine-tuning's releases add to pretraining's.
+        phase.central_accountant.step(rounds_done)
     return phase.run()
 
 

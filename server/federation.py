@@ -157,6 +157,7 @@ class Federation:
         self.global_digest = ""  # digest of the global model the current exchange sent
         self.replays = ReplayGuard()
         self.failed_rounds = 0  # rounds in a row without an accepted update
+        self._said_dp_evaluation = False
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -359,10 +360,22 @@ class Federation:
                 raise ReplyProblemError(f"metric {key} is not a finite number >= 0")
         return metrics, per_modality, counts
 
+    def _budget_refusal(self, server_round: int, site: str, parts: ReplyParts) -> bool:
+        """A site that refused the whole round because its privacy budget would be exceeded (DP-SGD) sends
+        no arrays on purpose: its rows are recorded (`budget_exhausted`), it is not counted as rejected."""
+        if parts.arrays or not parts.per_modality:
+            return False
+        if not all(values.get("budget-exhausted") for values in parts.per_modality.values()):
+            return False
+        for modality, values in parts.per_modality.items():
+            self._record_train(server_round, site, modality, values)
+        logger.info("round %d: %s trained nothing: its privacy budget is spent", server_round, site)
+        return True
+
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Decode, validate and record one site's training reply; None (logged) when it is rejected."""
         parts = self._read_reply(server_round, site, reply)
-        if parts is None:
+        if parts is None or self._budget_refusal(server_round, site, parts):
             return None
         metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
         if self.cfg.compression != "none":
@@ -382,6 +395,7 @@ class Federation:
             return None
         if not self._fresh_update(server_round, site, parts.arrays):
             return None
+        update = self._central_dp_clipped(update)
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
         self._note_compute(site, metrics)
@@ -420,8 +434,16 @@ class Federation:
         self.central_accountant.step()
         epsilon = self.central_accountant.epsilon(self.cfg.central_dp_delta)
         spent = {"epsilon": epsilon, "delta": self.cfg.central_dp_delta, "noise_multiplier": self.cfg.central_dp_noise}
-        self.metrics.add(server_round, "server", "all", "central-dp", spent)
+        self.metrics.add(self._row_round(server_round), "server", "all", "central-dp", spent)
         logger.info("round %d: site-level DP noise added, epsilon %.3f", server_round, epsilon)
+
+    def _central_dp_clipped(self, update: SiteReply) -> SiteReply:
+        """Central DP: the whole update clipped to `central-dp-clip` again here, so the epsilon holds even
+        for a site that did not clip (under secure aggregation the sites' own clipping is all there is)."""
+        if self.cfg.central_dp_clip <= 0 or not update.arrays:
+            return update
+        ((clipped, _),) = bound_update_norms([(update.arrays, 1.0)], self.arrays, self.cfg.central_dp_clip)
+        return SiteReply(update.site, dict(clipped), update.num_examples)
 
     def _bounded(self, update: SiteReply) -> SiteReply:
         bounded: dict[str, np.ndarray] = {}
@@ -434,6 +456,8 @@ class Federation:
         """Train, then SecAgg+ per modality: the server learns each modality's mean delta, no site's."""
         holders: dict[str, list[int]] = {}
         weights: list[int] = []
+        reference = self._aggregated()
+        shared_modalities = set(split_by_modality(reference))
 
         def record(reply: Message) -> None:
             site = _site_label(reply, self.node_names, self.site_names, self.destinations)
@@ -450,9 +474,9 @@ class Federation:
                 return
             self._note_compute(site, metrics)
             for modality, values in per_modality.items():
-                self.metrics.add(server_round, site, modality, "train", values)
+                self._record_train(server_round, site, modality, values)
                 count = counts[modality]
-                if count > 0 and modality in self.cfg.modality_list:
+                if count > 0 and modality in shared_modalities:
                     holders.setdefault(modality, []).append(reply.metadata.src_node_id)
                     weights.append(count)
             self.progress.site_done(site, float(metrics.get(f"{self.cfg.modality_list[0]}/loss", np.nan)))
@@ -460,11 +484,13 @@ class Federation:
         self.progress.start_round(server_round)
         self._exchange(MessageType.TRAIN, server_round, record)
         if not holders:
+            if not reference:  # nothing is shared (frozen encoder, personal heads): nothing to aggregate
+                return True
             logger.error("round %d failed: no site trained", server_round)
             return False
         params = SecAggParams(threshold=self.cfg.secagg_threshold, clip_range=self.cfg.secagg_clip_range,
                               max_weight=1 if self.cfg.central_dp_clip > 0 else max(weights))
-        protocol = ModalitySecAggServer(holders, self.arrays, params)
+        protocol = ModalitySecAggServer(holders, reference, params)
         replies = self._query_stage(server_round, "setup", protocol.setup())
         replies = self._query_stage(server_round, "share-keys", protocol.broadcast_keys(replies))
         self._query_stage(server_round, "masked-input", protocol.relay_shares(replies), protocol.receive_masked)
@@ -480,6 +506,13 @@ class Federation:
         logger.info("round %d securely aggregated: %s", server_round,
                     ", ".join(f"{m} over {len(r.survivors)} sites" for m, r in outcome.results.items()))
         return bool(outcome.results)
+
+    def _aggregated(self) -> dict[str, np.ndarray]:
+        """The part of the global model that sites train and send back (all of it when pretraining)."""
+        return self.arrays
+
+    def _record_train(self, server_round: int, site: str, modality: str, values: dict[str, float]) -> None:
+        self.metrics.add(server_round, site, modality, "train", values)
 
     def _query_stage(self, server_round: int, stage: str, node_messages: dict[int, dict[str, Any]],
                      on_reply: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
@@ -510,6 +543,15 @@ class Federation:
         logger.warning(line)
         self.rejected.append(line)
 
+    def _federated_evaluation(self) -> bool:
+        """Whether sites are asked to score the model: never under DP, where their scores would be
+        un-noised statistics of their images; the coordinator's held-out data scores the run instead."""
+        if self.cfg.dp and not self._said_dp_evaluation:
+            logger.info("dp = true: sites score nothing; the model is evaluated on the coordinator's "
+                        "held-out data only%s", "" if self.central_evaluator else " (none is configured)")
+            self._said_dp_evaluation = True
+        return not self.cfg.dp
+
     def evaluate(self, server_round: int) -> None:
         """Federated evaluation on each site's validation split, plus the server's central evaluation."""
 
@@ -521,7 +563,8 @@ class Federation:
             for modality, values in _modality_metrics(dict(reply.content.metric_records["metrics"])).items():
                 self.metrics.add(server_round, site, modality, "evaluate", values)
 
-        self._exchange(MessageType.EVALUATE, server_round, record)
+        if self._federated_evaluation():
+            self._exchange(MessageType.EVALUATE, server_round, record)
         if self.central_evaluator is not None:
             for modality, values in self.central_evaluator(self.arrays).items():
                 self.metrics.add(server_round, "global-test", modality, "evaluate", values)
@@ -555,6 +598,8 @@ class Federation:
             self.arrays.update(load_round(self.out_dir, resumed))
             self.metrics.drop_after(resumed)
             start = resumed + 1
+            if self.cfg.central_dp_noise > 0:  # the rounds before the crash released noised means too
+                self.central_accountant.step(resumed)
             logger.info("resuming after round %d from %s", resumed, self.out_dir)
         else:
             self.metrics.rows = []

@@ -219,13 +219,22 @@ class FineTunePhase(Federation):
                 if (self.cfg.finetune_encoder == "trained" and f"/{BACKBONE_PREFIX}" in k)
                 or f"/{CLASSIFIER_PREFIX}" in k}
 
+    def _aggregated(self) -> dict[str, np.ndarray]:
+        return self._expected()
+
+    def _record_train(self, server_round: int, site: str, modality: str, values: dict[str, float]) -> None:
+        self.metrics.add(self._row_round(server_round), site, modality, "finetune",
+                         {**values, "finetune-round": server_round})
+
     # -- one round ---------------------------------------------------------------------------------
     def _site_update(self, server_round: int, site: str, reply: Message) -> SiteReply | None:
         """Record a site's fine-tuning numbers and check its arrays against the shared part of the model."""
         parts = self._read_reply(server_round, site, reply)
-        if parts is None:
+        if parts is None or self._budget_refusal(server_round, site, parts):
             return None
         metrics, per_modality, counts, arrays = parts.metrics, parts.per_modality, parts.counts, parts.arrays
+        if self.cfg.central_dp_clip > 0:
+            counts = {m: min(c, 1) for m, c in counts.items()}  # central DP: every site counts once
         update = SiteReply(site, arrays, counts)
         expected = self._expected()
         if expected or arrays:  # frozen encoder + personal head: nothing is shared, nothing to check
@@ -233,6 +242,7 @@ class FineTunePhase(Federation):
             if problem is not None:
                 self._reject(server_round, site, str(problem))
                 return None
+            update = self._central_dp_clipped(update)
         if not self._fresh_update(server_round, site, arrays):
             return None
         for modality, values in per_modality.items():
@@ -259,7 +269,8 @@ class FineTunePhase(Federation):
                 self.metrics.add(row_round, site, modality, "finetune-evaluate",
                                  {**values, "finetune-round": server_round})
 
-        self._exchange(MessageType.EVALUATE, server_round, record)
+        if self._federated_evaluation():
+            self._exchange(MessageType.EVALUATE, server_round, record)
         if self.central_evaluator is not None and self.cfg.finetune_head == "shared":
             for modality, values in self.central_evaluator(self.arrays).items():
                 self.metrics.add(row_round, "global-test", modality, "finetune-evaluate",
@@ -329,6 +340,8 @@ class FineTunePhase(Federation):
             self.metrics.rows = [r for r in self.metrics.rows
                                  if not (r["phase"] in PHASES or "finetune_round" in r) or int(r["round"]) <= last_kept]
             logger.info("resuming fine-tuning after fine-tune round %d", resumed)
+            if self.cfg.central_dp_noise > 0:
+                self.central_accountant.step(resumed)
         else:
             for folder in (self.out_dir / "checkpoints").glob("finetune-round-*"):
                 shutil.rmtree(folder)

@@ -96,6 +96,60 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: Path, metrics: Iterabl
     return written
 
 
+PRIVATE_PHASES = ("train", "finetune")
+
+
+def privacy_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training rows (pretraining and fine-tuning) that report DP-SGD spending or a refused round."""
+    return [r for r in rows if r["phase"] in PRIVATE_PHASES and ("epsilon" in r or "budget_exhausted" in r)]
+
+
+def budget_summary(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (site, modality): the epsilon spent by the end (the largest reported), budget, remaining,
+    and how many rounds were refused."""
+    summary: dict[tuple[str, str], dict[str, float]] = {}
+    for row in privacy_rows(rows):
+        item = summary.setdefault((str(row["site"]), str(row["modality"])),
+                                  {"spent": 0.0, "budget": math.nan, "remaining": math.nan, "refused": 0.0})
+        if row.get("budget_exhausted"):
+            item["refused"] += 1
+        if "epsilon" in row:
+            item["spent"] = max(item["spent"], float(row["epsilon"]))
+        if "epsilon_budget" in row:
+            item["budget"] = float(row["epsilon_budget"])
+    for item in summary.values():
+        item["remaining"] = max(0.0, item["budget"] - item["spent"]) if math.isfinite(item["budget"]) else math.nan
+    return dict(sorted(summary.items()))
+
+
+def plot_privacy_budget(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path | None:
+    """`privacy-budget.png`: per site and modality, epsilon spent (bar) against its budget (marker)."""
+    summary = budget_summary(rows)
+    if not summary:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [f"{site} · {modality}" for site, modality in summary]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels)), 3.6), dpi=110)
+    positions = list(range(len(labels)))
+    ax.bar(positions, [v["spent"] for v in summary.values()], color="tab:blue", label="epsilon spent")
+    ax.scatter(positions, [v["budget"] for v in summary.values()], color="tab:red", marker="_", s=900,
+               linewidths=3, label="budget", zorder=3)
+    ax.set_xticks(positions, labels, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("epsilon")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "privacy-budget.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
@@ -122,14 +176,25 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
         for r in sorted(trains, key=lambda r: (r["round"], r["site"], r["modality"])):
             lines.append("| " + " | ".join(_fmt(r.get(k, "")) for k in (
                 "round", "site", "modality", "loss", "images_per_s")) + " |")
-    private = [r for r in trains if "epsilon" in r or "budget_exhausted" in r]
+    private = privacy_rows(rows)
     if private:
         lines += ["", "## Privacy spent per site (DP-SGD)", "",
-                  "| round | site | modality | epsilon | delta | budget |", "|---|---|---|---|---|---|"]
+                  "| round | phase | site | modality | epsilon | delta | budget |", "|---|---|---|---|---|---|---|"]
         for r in sorted(private, key=lambda r: (r["round"], r["site"], r["modality"])):
             budget = "exhausted: round refused" if r.get("budget_exhausted") else _fmt(r.get("epsilon_budget", ""))
-            cells = [_fmt(r.get(k, "")) for k in ("round", "site", "modality", "epsilon", "delta")]
+            cells = [_fmt(r.get(k, "")) for k in ("round", "phase", "site", "modality", "epsilon", "delta")]
             lines.append("| " + " | ".join(cells) + f" | {budget} |")
+        lines += ["", "## Privacy budget per site: spent against budget", "",
+                  "Each site's lifetime epsilon after the run (its ledger composes every phase), its budget, and "
+                  "the rounds it refused because they would have exceeded it.", "",
+                  "| site | modality | epsilon spent | budget | remaining | rounds refused |",
+                  "|---|---|---|---|---|---|"]
+        for (site, modality), item in budget_summary(rows).items():
+            lines.append(f"| {site} | {modality} | {_fmt(item['spent'])} | {_fmt(item['budget'])} | "
+                         f"{_fmt(item['remaining'])} | {int(item['refused'])} |")
+        budget_plot = plot_privacy_budget(rows, out_dir / "plots")
+        if budget_plot is not None and budget_plot not in plots:
+            plots = [*plots, budget_plot]
     transport = [r for r in rows if r["phase"] == "transport"]
     if transport:
         lines += ["", "## Bytes sent per site and round", "", "| round | site | bytes |", "|---|---|---|"]

@@ -20,13 +20,17 @@ from torch.utils.data import DataLoader
 from client.finetuning import (
     CLASSIFIER_PREFIX,
     build_task_model,
+    dp_finetune_round,
     new_tuner,
     reported_scores,
     shareable,
 )
+from client.privacy.accountant import PrivacyBudgetExceeded
+from client.privacy.reporting import releasable_metrics
 from client.site import load_site_tasks
 from server.finetune_phase import resolve_finetune_task, task_test_evaluator
 from server.report import MetricsLog
+from simulations.arm_privacy import ArmPrivacy
 from simulations.scenario import Scenario
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
@@ -66,8 +70,11 @@ def pooled_tasks(scenario: Scenario, cfg: RunConfig) -> dict[str, TaskSplit]:
 
 
 def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, pretrained: Mapping[str, np.ndarray],
-                   log: MetricsLog, round_offset: int, seed_offset: int) -> dict[str, np.ndarray]:
-    """Fine-tune each modality's encoder on `tasks` as one site; returns encoder and head arrays."""
+                   log: MetricsLog, round_offset: int, seed_offset: int,
+                   privacy: ArmPrivacy | None = None) -> dict[str, np.ndarray]:
+    """Fine-tune each modality's encoder on `tasks` as one site; returns encoder and head arrays. Under DP
+    (`privacy`) each round is DP-SGD charged to the arm's ledger, as a federated site's is, and only the
+    held-out test split is scored."""
     cfg = resolve_finetune_task(cfg)
     device = resolve_device(cfg.device)
     evaluator: TestEvaluator | None = task_test_evaluator(cfg) if cfg.server_eval == "scenario" else None
@@ -92,14 +99,28 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
     for finetune_round in range(1, cfg.finetune_rounds + 1):
         row_round = round_offset + finetune_round
         for modality, run in runs.items():
-            stats = run.tuner.train_epochs(run.state, run.loader, cfg.finetune_epochs)
-            log.add(row_round, label, modality, "finetune", {"finetune-loss": stats["loss"], "steps": stats["steps"],
-                                                              "num-examples": float(len(run.split.train)),
-                                                              "finetune-round": finetune_round})
+            if privacy is not None:
+                try:
+                    budget = privacy.budget_for(modality)
+                    stats = dp_finetune_round(run.tuner, run.model, cfg, finetune_round, run.split.train,
+                                              run.split.val, run.preprocess, budget, privacy.ledger, modality)
+                except PrivacyBudgetExceeded:
+                    log.add(row_round, label, modality, "finetune", {"budget-exhausted": 1.0,
+                                                                      "finetune-round": finetune_round})
+                    continue
+                log.add(row_round, label, modality, "finetune", {**releasable_metrics(stats),
+                                                                  "num-examples": float(len(run.split.train)),
+                                                                  "finetune-round": finetune_round})
+            else:
+                stats = run.tuner.train_epochs(run.state, run.loader, cfg.finetune_epochs)
+                log.add(row_round, label, modality, "finetune", {"finetune-loss": stats["loss"],
+                                                                  "steps": stats["steps"],
+                                                                  "num-examples": float(len(run.split.train)),
+                                                                  "finetune-round": finetune_round})
             arrays.update(_model_arrays(modality, run.model))
         if finetune_round % cfg.eval_every == 0 or finetune_round == cfg.finetune_rounds:
             for modality, run in runs.items():
-                if run.split.val:
+                if run.split.val and privacy is None:
                     scores = run.tuner.evaluate(run.model, run.tuner.loader(run.split.val, run.preprocess, train=False))
                     log.add(row_round, label, modality, "finetune-evaluate",
                             {**reported_scores(cfg.finetune_task, scores), "finetune-round": finetune_round})

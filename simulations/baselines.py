@@ -14,40 +14,77 @@ import numpy as np
 import torch
 
 from client.finetuning import HEADLINE
+from client.privacy.accountant import PrivacyBudgetExceeded, SiteAccountant
+from client.privacy.charging import charge_round
+from client.privacy.config import DPConfig
+from client.privacy.dp_ssl import DPSSLTrainer
+from client.privacy.entry import dp_ssl_loader, new_dp_trainer
+from client.privacy.ledger import image_digests
+from client.privacy.reporting import releasable_metrics
 from client.training import ssl_loader
 from server.checkpoints import save_encoders
 from server.finetune_phase import PHASES as FINETUNE_PHASES
 from server.finetune_phase import PLOTTED as FINETUNE_PLOTTED
 from server.finetune_phase import resolve_finetune_task
 from server.report import MetricsLog, plot_metrics, write_report
+from simulations.arm_privacy import ArmPrivacy, local_privacy, pooled_privacy
 from simulations.baseline_finetune import finetune_alone, pooled_tasks, site_tasks
 from simulations.scenario import Scenario, pooled_data, site_data
 from visionfm_core.pretraining import encoder_spec, evaluate_encoder_arrays, new_trainer
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device, seed_everything
 from visionfm_core.splits import ModalitySplit
+from visionfm_core.ssl.trainer import SSLTrainer
 
 logger = logging.getLogger(__name__)
 
 Evaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]]
 
 
+def _new_trainer(run_cfg: RunConfig, modality: str, device: torch.device, seed_offset: int,
+                 privacy: ArmPrivacy | None) -> SSLTrainer:
+    if privacy is None:
+        return new_trainer(run_cfg, modality, device, seed_offset)
+    dp = DPConfig.from_dict(run_cfg.privacy)
+    accountant = SiteAccountant(privacy.budget_for(modality), dp.accountant, f"{modality} data")
+    return new_dp_trainer(run_cfg, modality, device, dp, accountant, seed_offset)
+
+
+def _train_steps(trainer: SSLTrainer, split: ModalitySplit, run_cfg: RunConfig, server_round: int, seed: int,
+                 privacy: ArmPrivacy | None) -> dict[str, float]:
+    """One round of the arm's training; under DP charged to its ledger first, and only privacy numbers kept."""
+    start = (server_round - 1) * run_cfg.local_steps
+    if privacy is None or not isinstance(trainer, DPSSLTrainer):
+        return trainer.train_steps(ssl_loader(split, run_cfg, seed), run_cfg.local_steps, start_step=start)
+    dp = DPConfig.from_dict(run_cfg.privacy)
+    loader = dp_ssl_loader(split, run_cfg, dp)
+    members = image_digests([*split.train, *split.val], privacy.ledger.book.folder)
+    budget = privacy.budget_for(split.modality)
+    trainer.accountant = charge_round(privacy.ledger, budget, dp, split.modality, members, "pretrain", server_round,
+                                      trainer.effective_noise_multiplier(), loader, run_cfg.local_steps)
+    return releasable_metrics(trainer.train_steps(loader, run_cfg.local_steps, start_step=start))
+
+
 def _train_alone(
     label: str, data: dict[str, ModalitySplit], cfg: RunConfig, steps_per_round: dict[str, int],
-    log: MetricsLog, central_evaluator: Evaluator | None, seed_offset: int,
+    log: MetricsLog, central_evaluator: Evaluator | None, seed_offset: int, privacy: ArmPrivacy | None = None,
 ) -> dict[str, np.ndarray]:
-    """Train one trainer per modality continuously, evaluating at the same round marks as a federation."""
+    """Train one trainer per modality continuously, evaluating at the same round marks as a federation.
+    Under DP (`privacy`), every round is DP-SGD charged to the arm's ledger, and scores come only from
+    the held-out test split, as in the federated arm."""
     device = resolve_device(cfg.device)
     arrays: dict[str, np.ndarray] = {}
     trainers = {}
     for modality in data:
         seed_everything(cfg.seed)
         run_cfg = cfg.replace(local_steps=steps_per_round[modality])
-        trainers[modality] = (new_trainer(run_cfg, modality, device, seed_offset), run_cfg)
+        trainers[modality] = (_new_trainer(run_cfg, modality, device, seed_offset, privacy), run_cfg)
         arrays.update({f"{modality}/{k}": v.numpy() for k, v in trainers[modality][0].shared_state().items()})
 
     def evaluate(server_round: int) -> None:
         for modality, split in data.items():
+            if privacy is not None:
+                break
             labelled_train = [i for i in split.train if i.label is not None]
             labelled_val = [i for i in split.val if i.label is not None]
             if labelled_train and labelled_val:
@@ -65,8 +102,12 @@ def _train_alone(
         for modality, split in data.items():
             trainer, run_cfg = trainers[modality]
             seed = cfg.seed + 1000 * server_round + seed_offset
-            stats = trainer.train_steps(ssl_loader(split, run_cfg, seed), run_cfg.local_steps,
-                                        start_step=(server_round - 1) * run_cfg.local_steps)
+            try:
+                stats = _train_steps(trainer, split, run_cfg, server_round, seed, privacy)
+            except PrivacyBudgetExceeded as refused:
+                logger.warning("%s: %s", label, refused)
+                log.add(server_round, label, modality, "train", {"budget-exhausted": 1.0})
+                continue
             stats["num-examples"] = float(len(split.train))
             log.add(server_round, label, modality, "train", stats)
             arrays.update({f"{modality}/{k}": v.numpy() for k, v in trainer.shared_state().items()})
@@ -84,11 +125,13 @@ def run_centralized(scenario: Scenario, cfg: RunConfig, central_evaluator: Evalu
     data = pooled_data(scenario, cfg.val_fraction)
     holders = {m: sum(m in s.modalities for s in scenario.sites) for m in data}
     steps = {m: cfg.local_steps * holders[m] for m in data}
+    privacy = pooled_privacy(scenario, cfg, out)
     arrays, rounds_done = _pretrained(cfg) or (
-        _train_alone("centralized", data, cfg, steps, log, central_evaluator, seed_offset=0), cfg.num_rounds)
+        _train_alone("centralized", data, cfg, steps, log, central_evaluator, seed_offset=0, privacy=privacy),
+        cfg.num_rounds)
     if cfg.finetune_rounds > 0:
         finetune_alone("centralized", pooled_tasks(scenario, resolve_finetune_task(cfg)), cfg, arrays, log,
-                       round_offset=rounds_done, seed_offset=0)
+                       round_offset=rounds_done, seed_offset=0, privacy=privacy)
     _finish(out, cfg, log, arrays, "centralized pretraining (all sites' data pooled)")
     return log
 
@@ -102,15 +145,16 @@ def run_local(scenario: Scenario, cfg: RunConfig, central_evaluator: Evaluator |
         data = site_data(scenario, index, cfg.val_fraction)
         site_cfg = cfg.replace(out_dir=str(out / site.name))
         given = _pretrained(cfg)
+        privacy = local_privacy(scenario, cfg, out, index)
         if given is None:
             arrays = _train_alone(site.name, data, site_cfg, {m: cfg.local_steps for m in data}, log,
-                                  central_evaluator, seed_offset=index + 1)
+                                  central_evaluator, seed_offset=index + 1, privacy=privacy)
             save_encoders(out / site.name / "encoders", arrays, list(data), encoder_spec(cfg),
                           round=cfg.num_rounds, objective=cfg.objective)
         arrays, rounds_done = given or (arrays, cfg.num_rounds)
         if cfg.finetune_rounds > 0:
             finetune_alone(site.name, site_tasks(resolve_finetune_task(cfg), index), cfg, arrays, log,
-                           round_offset=rounds_done, seed_offset=index + 1)
+                           round_offset=rounds_done, seed_offset=index + 1, privacy=privacy)
     _finish(out, cfg, log, {}, "local-only pretraining (each site alone)")
     return log
 

@@ -61,6 +61,12 @@ def simulate_command(
         "--secure-aggregation/--no-secure-aggregation", help="SecAgg+: the server sees only sums")] = None,
     central_dp_clip: Annotated[float | None, typer.Option(help="site-level DP: clip each site's update")] = None,
     central_dp_noise: Annotated[float | None, typer.Option(help="site-level DP: server noise multiplier")] = None,
+    dp: Annotated[bool, typer.Option("--dp", help="DP-SGD at every simulated site, in every phase (each site "
+                                                  "within its own lifetime budget and ledger)")] = False,
+    privacy_epsilon: Annotated[float | None, typer.Option(help="--dp: every simulated site's lifetime epsilon "
+                                                                "(a scenario's per-site privacy-epsilon wins)")] = None,
+    privacy_delta: Annotated[float | None, typer.Option(help="--dp: every simulated site's delta "
+                                                              "(default 1e-5)")] = None,
     finetune_rounds: Annotated[int | None, typer.Option(help="federated fine-tuning rounds after pretraining")]
     = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="local fine-tuning epochs per round")] = None,
@@ -95,7 +101,12 @@ def simulate_command(
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
         "tracking": tracking, "tracking-uri": tracking_uri,
     }
+    if dp:
+        overrides["dp"] = True
     scenario_overrides: dict[str, Any] = {"sites": sites}
+    if privacy_epsilon is not None or privacy_delta is not None:
+        scenario_overrides["privacy"] = {k: v for k, v in (("epsilon", privacy_epsilon), ("delta", privacy_delta))
+                                         if v is not None}
     if partition is not None or alpha is not None:
         from simulations.scenario import load_scenario
 

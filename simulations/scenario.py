@@ -28,6 +28,9 @@ class SiteSpec:
 
     name: str
     modalities: tuple[str, ...]
+    # The site's own lifetime DP budget (a simulated site sets it, as a real one does in its node config).
+    privacy_epsilon: float | None = None
+    privacy_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,26 @@ class Scenario:
         held = {m for s in self.sites for m in s.modalities}
         return [m for m in self.datasets if m in held]
 
+
+
+def _site_budget(site: Mapping[str, Any], default: Mapping[str, Any], index: int) -> tuple[float | None, float | None]:
+    """A site's (epsilon, delta): its own keys, else the scenario's `[privacy]` table; validated."""
+    values: list[float | None] = []
+    for name in ("epsilon", "delta"):
+        raw = site.get(f"privacy-{name}", site.get(f"privacy_{name}", default.get(name)))
+        if raw is None:
+            values.append(None)
+            continue
+        try:
+            values.append(float(raw))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"sites[{index}].privacy-{name}", f"expected a number, got {raw!r}") from exc
+    epsilon, delta = values
+    if epsilon is not None and not epsilon > 0:
+        raise ConfigError(f"sites[{index}].privacy-epsilon", f"must be > 0, got {epsilon}")
+    if delta is not None and not 0 < delta < 1:
+        raise ConfigError(f"sites[{index}].privacy-delta", f"must lie in (0, 1), got {delta}")
+    return epsilon, delta
 
 
 def scenario_path(name_or_path: str) -> Path:
@@ -76,7 +99,12 @@ def load_scenario(name_or_path: str, overrides: Mapping[str, Any] | None = None)
         raise ConfigError("scenario", f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({exc})") from exc
     if not isinstance(raw, dict):
         raise ConfigError("scenario", f"{path}: expected a table of scenario keys")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "privacy" and isinstance(value, Mapping) and isinstance(raw.get("privacy"), Mapping):
+            value = {**raw["privacy"], **value}  # --privacy-delta alone keeps the scenario's epsilon
+        raw[key] = value
     return scenario_from_dict(raw, default_name=path.stem)
 
 
@@ -85,7 +113,10 @@ def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
     site and the server load the very scenario the run resolved (command-line overrides included)."""
     return {
         "name": scenario.name, "description": scenario.description,
-        "sites": [{"name": s.name, "modalities": list(s.modalities)} for s in scenario.sites],
+        "sites": [{"name": s.name, "modalities": list(s.modalities),
+                   **({"privacy-epsilon": s.privacy_epsilon} if s.privacy_epsilon is not None else {}),
+                   **({"privacy-delta": s.privacy_delta} if s.privacy_delta is not None else {})}
+                  for s in scenario.sites],
         "datasets": dict(scenario.datasets),
         "partition": {"kind": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed},
         "run": dict(scenario.run),
@@ -93,8 +124,9 @@ def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
 
 
 def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> Scenario:
-    """Validate a scenario mapping (the parsed TOML)."""
-    known = {"name", "description", "sites", "datasets", "partition", "run"}
+    """Validate a scenario mapping (the parsed TOML). A `[privacy]` table (epsilon, delta) gives every site
+    that budget; a site's own `privacy-epsilon` / `privacy-delta` wins over it."""
+    known = {"name", "description", "sites", "datasets", "partition", "run", "privacy"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown scenario key")
@@ -114,7 +146,8 @@ def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> 
         missing = [m for m in modalities if m not in datasets]
         if missing:
             raise ConfigError(f"sites[{index}].modalities", f"no dataset for modality {missing[0]!r}")
-        sites.append(SiteSpec(str(site.get("name", f"site-{index + 1}")), modalities))
+        epsilon, delta = _site_budget(site, dict(raw.get("privacy", {}) or {}), index)
+        sites.append(SiteSpec(str(site.get("name", f"site-{index + 1}")), modalities, epsilon, delta))
     if not sites:
         raise ConfigError("sites", "the scenario has no site")
     return Scenario(

@@ -114,6 +114,13 @@ def simulate(
     resolved = out.resolve() / "scenario.json"
     resolved.write_text(json.dumps(scenario_to_dict(scenario), indent=2))
     cfg = resolve_config(scenario, str(resolved), {**(overrides or {}), "out-dir": str(out)})
+    if cfg.dp:
+        from simulations.arm_privacy import require_site_budgets
+
+        require_site_budgets(scenario)  # before Ray starts: a site without a budget could never train
+    if not cfg.resume:
+        # Simulated sites' ledgers start empty with each fresh simulation; --resume goes on spending.
+        shutil.rmtree(out / "sites", ignore_errors=True)
     started = time.perf_counter()
     if mode == "federated":
         metrics = run_federated(scenario, cfg)

@@ -161,9 +161,12 @@ class RunConfig:
         if self.compression not in CODECS:
             raise ConfigError("compression", f"must be one of {', '.join(CODECS)}, got {self.compression!r}")
         if self.secure_aggregation and self.strategy != "fedavg":
-            raise ConfigError("strategy", "secure aggregation reveals only sums: it works with 'fedavg' only")
+            raise ConfigError("strategy", f"'secure-aggregation = true' reveals only sums, and 'strategy = "
+                                          f"{self.strategy}' needs every site's own update: use 'fedavg' (with "
+                                          "'max-update-norm' to bound each update at its site before masking)")
         if self.secure_aggregation and self.compression != "none":
-            raise ConfigError("compression", "secure aggregation quantises updates itself: use 'none'")
+            raise ConfigError("compression", f"'secure-aggregation = true' quantises updates itself: "
+                                             f"'compression = {self.compression}' must be 'none'")
         if not self.update_norm_factor == 0 and not self.update_norm_factor >= 1:
             raise ConfigError("update-norm-factor", f"must be 0 (off) or >= 1, got {self.update_norm_factor}")
         if not 1 <= self.max_site_examples <= 2**53:
@@ -199,8 +202,6 @@ class RunConfig:
         self.finetune_task_settings()  # parses, or names the key
         if self.init_encoders and self.finetune_rounds == 0:
             raise ConfigError("init-encoders", "only the fine-tuning phase uses it: set finetune-rounds > 0")
-        if self.finetune_rounds > 0 and self.secure_aggregation:
-            raise ConfigError("secure-aggregation", "the fine-tuning phase does not support secure aggregation")
         if self.finetune_rounds > 0 and self.compression != "none":
             raise ConfigError("compression", "the fine-tuning phase sends uncompressed updates: use 'none'")
 

@@ -11,6 +11,7 @@ JSON, and is mechanism-agnostic, so a site may switch between RDP and PRV betwee
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -176,11 +177,7 @@ class SiteAccountant:
     def _rdp_one_step(self, sigma: float, rate: float) -> np.ndarray:
         key = (sigma, rate)
         if key not in self._rdp_per_step:
-            self._rdp_per_step[key] = np.asarray(
-                rdp_analysis.compute_rdp(
-                    q=rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-                )
-            )
+            self._rdp_per_step[key] = _rdp_one_step(sigma, rate)
         return self._rdp_per_step[key]
 
     def can_train(
@@ -337,6 +334,17 @@ class SiteAccountant:
             history.append((sigma, rate, int(steps)))
         self._history = history
         self._cached = None
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_one_step(sigma: float, rate: float) -> np.ndarray:
+    """Opacus' RDP of one subsampled Gaussian step at every default order. Cached for the process: a
+    site's lifetime ledger holds only a few distinct mechanisms, each costly to evaluate (fractional
+    orders), and every accountant built from the ledger needs them again."""
+    value = np.asarray(rdp_analysis.compute_rdp(q=rate, noise_multiplier=sigma, steps=1,
+                                                orders=RDPAccountant.DEFAULT_ALPHAS))
+    value.setflags(write=False)  # shared between accountants
+    return value
 
 
 def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int) -> None:

@@ -20,6 +20,8 @@ import torch
 import simulations
 from client.finetuning import finetune_round, initial_head
 from client.privacy.accountant import PrivacyBudget
+from client.privacy.charging import LedgerScope
+from client.privacy.ledger import LedgerBook
 from client.site import task_samples
 from client.training import evaluate_round, train_round
 from simulations.scenario import load_scenario, site_data
@@ -124,11 +126,12 @@ def test_a_cuda_forward_pass_agrees_with_the_cpu() -> None:
     assert float(on_gpu.loss.cpu()) == pytest.approx(float(on_cpu.loss), rel=1e-2)
 
 
-def test_a_sites_dp_sgd_round_runs_on_the_gpu(site: dict[str, ModalitySplit]) -> None:
+def test_a_sites_dp_sgd_round_runs_on_the_gpu(site: dict[str, ModalitySplit], tmp_path: Path) -> None:
     cfg = run_config(dp=True, local_steps=2,
                      privacy={"noise_multiplier": 1.0, "max_grad_norm": 1.0, "expected_batch_size": 8})
     start = initial_global_arrays(cfg)
-    result = train_round(site, start, cfg, 1, {}, budget=PrivacyBudget(8.0, 1e-5))
+    result = train_round(site, start, cfg, 1, {}, budget=PrivacyBudget(8.0, 1e-5),
+                         ledger=LedgerScope(LedgerBook(tmp_path)))
     _all_sendable(result.arrays)
     assert 0 < result.metrics["fundus/epsilon"] <= 8.0
     assert "fundus/loss" not in result.metrics  # un-noised statistics never leave a DP site, GPU or not

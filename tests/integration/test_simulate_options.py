@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from server.checkpoints import load_round
+from server.finetune_phase import finetune_arrays, resolve_finetune_task
 from simulations.simulate import simulate
+from visionfm_core.models.checkpoint import load_encoder
+from visionfm_core.run_config import RunConfig
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +64,23 @@ def test_sites_from_the_command_line_reach_every_simulated_site(tmp_path: Path) 
     assert {r["site"] for r in rows if r["phase"] == "train"} == {f"site-{i}" for i in range(1, 6)}
     assert "rejected" not in (outcome.out_dir / "report.md").read_text()
     assert _changed(outcome.out_dir)
+
+
+def test_secure_aggregation_carries_the_finetuning_phase(tmp_path: Path) -> None:
+    # Sites keep their fine-tuning updates and send only masked vectors; the server unmasks each
+    # modality's sum over enough sites. The fundus head moves; OCT (one holder) aborts and stays.
+    outcome = simulate("quick", "federated", tmp_path / "secagg-ft", {
+        **ONE_ROUND, "secure-aggregation": True, "finetune-rounds": 1, "finetune-encoder": "frozen",
+        "finetune-mode": "ordinal", "max-update-norm": 5.0})
+    folder = outcome.out_dir / "checkpoints" / "finetune-round-0001"
+    initial = finetune_arrays({k: v for k, v in load_round(outcome.out_dir, 1).items()},
+                              resolve_finetune_task(RunConfig.from_flat(
+                                  json.loads((outcome.out_dir / "config.json").read_text()))))
+    head, _ = load_encoder(folder / "fundus.classifier.safetensors")
+    assert any(not np.allclose(v.numpy(), initial[f"fundus/classifier.{k}"]) for k, v in head.items())
+    oct_head, _ = load_encoder(folder / "oct.classifier.safetensors")
+    assert all(np.allclose(v.numpy(), initial[f"oct/classifier.{k}"]) for k, v in oct_head.items())
+    rows = json.loads((outcome.out_dir / "metrics.json").read_text())
+    assert {r["site"] for r in rows if r["phase"] == "finetune"} == {"hospital-a", "hospital-b", "hospital-c"}
+    report = (outcome.out_dir / "report.md").read_text()
+    assert "oct group" in report and "hospital" not in " ".join(x for x in report.splitlines() if "rejected" in x)

@@ -3,9 +3,13 @@ and a round that would exceed the site's budget is refused and sends nothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from client.privacy.accountant import PrivacyBudget
+from client.privacy.charging import LedgerScope
+from client.privacy.ledger import LedgerBook
 from client.training import train_round
 from simulations.scenario import load_scenario, site_data
 from visionfm_core.errors import ConfigError
@@ -25,8 +29,9 @@ def site() -> dict:
     return {"fundus": data["fundus"]}
 
 
-def test_dp_round_reports_epsilon_and_no_unnoised_statistics(site: dict) -> None:
-    result = train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=PrivacyBudget(8.0, 1e-5))
+def test_dp_round_reports_epsilon_and_no_unnoised_statistics(site: dict, tmp_path: Path) -> None:
+    result = train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=PrivacyBudget(8.0, 1e-5),
+                         ledger=LedgerScope(LedgerBook(tmp_path)))
     assert 0 < result.metrics["fundus/epsilon"] <= 8.0
     assert "fundus/loss" not in result.metrics and "fundus/images_per_s" not in result.metrics
     assert any(k.startswith("fundus/backbone.") for k in result.arrays)
@@ -34,12 +39,19 @@ def test_dp_round_reports_epsilon_and_no_unnoised_statistics(site: dict) -> None
     assert any("privacy" in k for k in result.local_state["fundus"])
 
 
-def test_round_past_the_budget_is_refused_and_sends_nothing(site: dict) -> None:
-    result = train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=PrivacyBudget(0.01, 1e-5))
+def test_round_past_the_budget_is_refused_and_sends_nothing(site: dict, tmp_path: Path) -> None:
+    result = train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=PrivacyBudget(0.01, 1e-5),
+                         ledger=LedgerScope(LedgerBook(tmp_path)))
     assert result.metrics["fundus/budget-exhausted"] == 1.0
     assert result.arrays == {}
+    assert not list(tmp_path.glob("*.jsonl"))  # refused before anything was charged
 
 
 def test_dp_run_without_a_site_budget_is_a_named_config_error(site: dict) -> None:
     with pytest.raises(ConfigError, match="privacy-epsilon"):
         train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=None)
+
+
+def test_dp_run_without_a_ledger_is_a_named_config_error(site: dict) -> None:
+    with pytest.raises(ConfigError, match="privacy-ledger-dir"):
+        train_round(site, initial_global_arrays(CFG), CFG, 1, {}, budget=PrivacyBudget(8.0, 1e-5))
