@@ -31,7 +31,7 @@ from certs.provision import CRL_REFRESH_BEFORE, refresh_crl
 from certs.store import CertStore
 from server.control import ControlPlane, sync_registrations
 from server.gateway import DEFAULT_MAX_BODY_BYTES, GatewayConfig, GatewayThread
-from server.processes import FolderLock, free_port, pid_alive, stop_stale, stop_tree
+from server.processes import FolderLock, command_pid, free_port, pid_alive, stop_stale, stop_tree
 from server.superlink import SuperLinkSpec, start_superlink
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Coordinator:
             raise
         state = CoordinatorState(
             os.getpid(),
-            self.superlink.pid,
+            command_pid(self.superlink),  # the SuperLink itself, not its watchdog
             self.superlink_port,
             self.listen_host,
             port,

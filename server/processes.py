@@ -252,6 +252,16 @@ def _decode_address(address_hex: str) -> str:
     return socket.inet_ntop(socket.AF_INET6, words)
 
 
+def command_pid(process: subprocess.Popen[Any], timeout_s: float = 5.0) -> int:
+    """The pid of the command a `spawn`ed watchdog runs (the watchdog's own pid if it has none yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        children = _children_map().get(process.pid, [])
+        if children or time.monotonic() > deadline or process.poll() is not None:
+            return min(children) if children else process.pid
+        time.sleep(0.05)
+
+
 def process_environment(pid: int) -> dict[str, str]:
     """The environment `pid` started with (empty when it cannot be read: another user's, or gone)."""
     try:

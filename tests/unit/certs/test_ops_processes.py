@@ -149,7 +149,7 @@ def test_a_local_connection_is_traced_to_its_process(tmp_path: Path) -> None:
 
 
 def test_owner_marker_is_in_the_environment(tmp_path: Path) -> None:
-    from server.processes import process_environment, spawn
+    from server.processes import command_pid, process_environment, spawn
 
     process = spawn([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), tmp_path / "log",
                     owner=tmp_path)
@@ -158,6 +158,7 @@ def test_owner_marker_is_in_the_environment(tmp_path: Path) -> None:
         while not descendants(process.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         (command,) = descendants(process.pid)
+        assert command_pid(process) == command  # what CoordinatorState records as the SuperLink's pid
         assert process_environment(command)[OWNER_ENV] == str(tmp_path.resolve())
     finally:
         stop_tree(process, grace_s=2)
