@@ -26,6 +26,7 @@ from client.site_state import SiteStateStore
 from client.training import evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
+from visionfm_core.memory import process_memory_mb
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
 from visionfm_core.splits import ModalitySplit
@@ -84,6 +85,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(_site_numbers(context))
     outgoing = outgoing_arrays(cfg, context, global_arrays, result.arrays, metrics)
     metrics["bytes-sent"] = float(payload_bytes(outgoing))
+    # The process's memory (a number, nothing about the data): the coordinator reports it per site.
+    metrics.update({f"memory-{k.replace('_', '-')}": v for k, v in process_memory_mb().items()})
     # The site's own work this round (data, training, packing), so the server can tell it from overhead.
     metrics["compute-seconds"] = time.perf_counter() - started
     content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics))})

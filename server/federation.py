@@ -27,6 +27,7 @@ from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
 from server.report import MetricsLog, plot_metrics, write_report
+from server.sampling import ExchangeOutcome, StragglerLedger, exchange_deadline, sample_sites
 from server.timing import round_timing
 from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
@@ -43,6 +44,7 @@ from strategies.secagg import ModalitySecAggServer, SecAggParams
 from strategies.secure_noise import SecureGaussian
 from strategies.validation import validate_reply
 from visionfm_core.errors import ConfigError
+from visionfm_core.memory import process_memory_mb
 from visionfm_core.pretraining import encoder_spec
 from visionfm_core.run_config import RunConfig
 
@@ -134,6 +136,7 @@ class Federation:
         self.site_seconds: dict[str, float] = {}  # this round: site -> its reported local compute time
         self.destinations: dict[str, int] = {}  # message id -> the node it was sent to
         self.last_nodes: set[int] = set()  # the nodes the previous exchange went to
+        self.stragglers = StragglerLedger()  # messages whose late replies are dropped unread
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -161,9 +164,15 @@ class Federation:
             time.sleep(1.0)
 
     def _exchange(self, message_type: str, server_round: int, on_reply: Callable[[Message], None]) -> int:
-        """Send the global model to every connected site; call `on_reply` for each reply as it arrives
-        (streaming: replies are folded in and dropped, never all held at once). Returns replies seen."""
-        nodes = self._wait_for_nodes()
+        """Send the global model to this round's sample of the connected sites (`fraction-train` /
+        `fraction-evaluate`, at least `min-sites`); call `on_reply` for each reply as it arrives (streaming:
+        replies are folded in and dropped, never all held at once). Returns replies seen; the sample and
+        its stragglers go to the metrics as a `sampling-<phase>` row."""
+        connected = self._wait_for_nodes()
+        phase = "evaluate" if message_type == MessageType.EVALUATE else "train"
+        fraction = self.cfg.fraction_evaluate if phase == "evaluate" else self.cfg.fraction_train
+        nodes = sample_sites(connected, fraction, self.cfg.min_sites, self.cfg.seed, server_round, phase)
+        outcome = ExchangeOutcome(connected=len(connected), sampled=len(nodes))
         config = ConfigRecord({**self.cfg.to_flat(), "server-round": server_round})
         record = arrays_to_record(self.arrays)
         messages = [
@@ -171,26 +180,39 @@ class Federation:
                     message_type=message_type, group_id=str(server_round))
             for node in nodes
         ]
-        return self._send(messages, server_round, message_type, on_reply)
+        seen = self._send(messages, server_round, message_type, on_reply, outcome)
+        self.metrics.add(server_round, "server", "all", f"sampling-{phase}",
+                         {**outcome.as_metrics(), "fraction": fraction, "seed": self.cfg.seed})
+        return seen
 
     def _send(self, messages: list[Message], server_round: int, label: str,
-              on_reply: Callable[[Message], None]) -> int:
-        """Push messages and hand each reply to `on_reply` as it arrives, until all answered or timeout."""
+              on_reply: Callable[[Message], None], outcome: ExchangeOutcome | None = None) -> int:
+        """Push messages and hand each reply to `on_reply` as it arrives, until all answered or the round
+        deadline (`round-deadline`, else `round-timeout`) passes; the silent ones become stragglers whose
+        late replies are dropped unread when they come."""
+        outcome = outcome if outcome is not None else ExchangeOutcome(sampled=len(messages))
         ids = list(self.grid.push_messages(messages))
         self.destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages), strict=False))
         pending = set(ids)
-        deadline = time.monotonic() + self.cfg.round_timeout
-        seen = 0
+        deadline = exchange_deadline(time.monotonic(), self.cfg.round_timeout, self.cfg.round_deadline)
         while pending and time.monotonic() < deadline:
-            for reply in self._pull(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                seen += 1
+            for reply in self._pull(pending | self.stragglers.outstanding):
+                reply_to = reply.metadata.reply_to_message_id
+                if self.stragglers.forget([reply_to]):
+                    outcome.late_dropped += 1  # an earlier exchange's straggler: too late to count
+                    continue
+                pending.discard(reply_to)
+                outcome.replied += 1
                 on_reply(reply)
             if pending:
                 time.sleep(self.poll_interval)
+        seen = outcome.replied
         if pending:
-            logger.warning("round %d %s: %d site(s) did not answer within %.0fs", server_round, label,
-                           len(pending), self.cfg.round_timeout)
+            outcome.stragglers += len(pending)
+            self.stragglers.give_up(pending)
+            waited = exchange_deadline(0.0, self.cfg.round_timeout, self.cfg.round_deadline)
+            logger.warning("round %d %s: %d site(s) did not answer within %.0fs; going on with %d repl(ies)",
+                           server_round, label, len(pending), waited, seen)
         for message_id in ids:  # replies of this exchange are all handled: their labels are not needed again
             self.destinations.pop(message_id, None)
         return seen
@@ -279,6 +301,7 @@ class Federation:
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
         self._note_compute(site, metrics)
+        self._note_memory(server_round, site, metrics)
         sent_bytes = int(metrics.get("bytes-sent", 0))
         self.traffic.record(server_round, site, sent_bytes)
         self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
@@ -288,6 +311,13 @@ class Federation:
     def _note_compute(self, site: str, metrics: dict[str, Any]) -> None:
         if "compute-seconds" in metrics:
             self.site_seconds[site] = float(metrics["compute-seconds"])
+
+    def _note_memory(self, server_round: int, site: str, metrics: dict[str, Any]) -> None:
+        """A site's reported process memory (a simulated site: the Ray worker that ran it), as numbers only."""
+        values = {k: float(metrics[f"memory-{k}"]) for k in ("rss-mb", "peak-rss-mb")
+                  if isinstance(metrics.get(f"memory-{k}"), (int, float))}
+        if values:
+            self.metrics.add(server_round, site, "all", "memory", values)
 
     def _add_central_noise(self, server_round: int, previous: dict[str, np.ndarray], sites: dict[str, int]) -> None:
         """Site-level DP: Gaussian noise (std z*C/n) on each modality's mean update; epsilon is accounted."""
@@ -322,6 +352,7 @@ class Federation:
                 return
             metrics: dict[str, Any] = dict(reply.content.metric_records["metrics"])
             self._note_compute(site, metrics)
+            self._note_memory(server_round, site, metrics)
             for modality, values in _modality_metrics(metrics).items():
                 self.metrics.add(server_round, site, modality, "train", values)
                 count = int(values.get("num-examples", 0))
@@ -440,6 +471,7 @@ class Federation:
                 self.train_round(server_round)
                 self.metrics.add(server_round, "server", "all", "timing",
                                  round_timing(time.perf_counter() - started, self.site_seconds))
+                self.metrics.add(server_round, "coordinator", "all", "memory", process_memory_mb())
                 if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
                     self.evaluate(server_round)
                 # Metrics first, then the checkpoint marker: a crash in between re-runs this round on
