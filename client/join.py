@@ -209,6 +209,7 @@ class SiteNode:
             work_dir=self.settings.work_dir,
             warm=self.settings.warm,
             gpu=self.settings.gpu,
+            devices=int(str(self.settings.extra_node_config.get("devices", 1))),
         )
         if self.node_id_file.exists():
             # A previous SuperNode of this site may have died without deactivating (crash, kill -9):

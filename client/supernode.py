@@ -44,6 +44,7 @@ class SuperNodeSpec:
     work_dir: Path
     warm: bool = True
     gpu: int | None = None
+    devices: int = 1  # a multi-device site sees GPUs gpu .. gpu + devices - 1
 
     @property
     def home(self) -> Path:
@@ -53,7 +54,8 @@ class SuperNodeSpec:
         extra = {}
         if self.gpu is not None:
             # Only the chosen GPU is visible to the SuperNode and its ClientApps; -1 hides all (CPU).
-            extra["CUDA_VISIBLE_DEVICES"] = "" if self.gpu < 0 else str(self.gpu)
+            visible = ",".join(str(self.gpu + i) for i in range(max(self.devices, 1)))
+            extra["CUDA_VISIBLE_DEVICES"] = "" if self.gpu < 0 else visible
         return flower_env(self.home, extra)
 
 

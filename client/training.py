@@ -21,6 +21,7 @@ from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.reporting import releasable_metrics
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
+from visionfm_core.distributed import DistContext, worker_device
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
@@ -46,11 +47,14 @@ class RoundResult:
     local_state: dict[str, dict[str, torch.Tensor]]  # per modality; stays on the site
 
 
-def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int) -> DataLoader:
-    """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers)."""
+def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int, dist: DistContext | None = None) -> DataLoader:
+    """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers); with
+    `dist`, this worker's shard, in batches of the same size on every worker."""
     transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(split.train, transform.crop), batch_size=min(cfg.batch_size, len(split.train)),
+    items = dist.shard(split.train) if dist is not None else split.train
+    batch = min(cfg.batch_size, len(split.train) // (dist.world_size if dist is not None else 1))
+    return DataLoader(ImageDataset(items, transform.crop), batch_size=max(batch, 1),
                       shuffle=True, drop_last=True, collate_fn=BatchedMultiCrop(transform), num_workers=cfg.num_workers,
                       generator=generator, persistent_workers=False,
                       # Page-locked batches let the trainer's non_blocking copies overlap the GPU step.
@@ -65,15 +69,21 @@ def train_round(
     local_states: Mapping[str, Mapping[str, torch.Tensor]],
     site_seed: int = 0,
     budget: PrivacyBudget | None = None,
+    dist: DistContext | None = None,
 ) -> RoundResult:
     """Train every modality this site holds (and the global model has) for `cfg.local_steps` steps.
 
     With `cfg.dp`, training is DP-SGD within the site's `budget` (one accountant per modality: the image
     sets are disjoint). A modality whose budget would be exceeded is not trained and sends nothing; only
-    privacy accounting numbers, never un-noised statistics of the images, are reported for it."""
+    privacy accounting numbers, never un-noised statistics of the images, are reported for it.
+
+    `dist`: this process is one worker of a multi-device site; it trains on its shard of the images and
+    every worker ends with the same weights (see SSLTrainer)."""
+    if dist is not None and cfg.dp:
+        raise ConfigError("devices", "DP-SGD runs on one device per site: set devices = 1")
     if cfg.dp and budget is None:
         raise ConfigError("privacy-epsilon", "the run uses DP-SGD: set this site's privacy budget in its node config")
-    device = resolve_device(cfg.device)
+    device = worker_device(cfg.device, dist.rank) if dist is not None else resolve_device(cfg.device)
     arrays: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
     new_states: dict[str, dict[str, torch.Tensor]] = {}
@@ -89,8 +99,9 @@ def train_round(
             trainer: SSLTrainer = new_dp_trainer(cfg, modality, device, dp, accountant, seed_offset=site_seed)
             loader: Iterable[Any] = dp_ssl_loader(split, cfg, dp)
         else:
-            trainer = new_trainer(cfg, modality, device, seed_offset=site_seed)
-            loader = ssl_loader(split, cfg, seed)
+            trainer = new_trainer(cfg, modality, device, seed_offset=site_seed, dist=dist)
+            # Each worker shuffles and augments its own shard with its own seed.
+            loader = ssl_loader(split, cfg, seed + (dist.rank if dist is not None else 0), dist)
         if modality in local_states:
             trainer.load_local_state(local_states[modality])
             trainer.load_shared_state(shared, teacher_sync=cfg.teacher_sync, teacher_ema=cfg.teacher_ema)
@@ -110,6 +121,11 @@ def train_round(
         metrics[f"{modality}/num-examples"] = float(len(split.train))
         for name, value in stats.items():
             metrics[f"{modality}/{name}"] = float(value)
+        if dist is not None:  # the site's throughput and images: all workers'
+            for name in ("images", "images_per_s"):
+                if f"{modality}/{name}" in metrics:
+                    metrics[f"{modality}/{name}"] *= dist.world_size
+            metrics[f"{modality}/devices"] = float(dist.world_size)
     return RoundResult(arrays=arrays, metrics=metrics, local_state=new_states)
 
 

@@ -20,7 +20,8 @@ _PHASE_STREAM = {"train": 1, "evaluate": 2}
 def sample_size(connected: int, fraction: float, min_sites: int) -> int:
     """How many of `connected` sites a round asks: `fraction` of them rounded up, at least `min_sites`,
     at most all."""
-    return min(connected, max(min_sites, math.ceil(fraction * connected)))
+    # Rounded first: 0.6 * 5 is 3.0000000000000004 in floating point, which must ask 3 sites, not 4.
+    return min(connected, max(min_sites, math.ceil(round(fraction * connected, 9))))
 
 
 def sample_sites(nodes: Collection[int], fraction: float, min_sites: int, seed: int, server_round: int,

@@ -14,6 +14,7 @@ def test_the_sample_is_the_fraction_rounded_up_and_at_least_min_sites() -> None:
     assert sample_size(1000, 0.0501, 1) == 51
     assert sample_size(10, 0.05, 3) == 3
     assert sample_size(2, 0.5, 3) == 2  # never more than are connected
+    assert sample_size(5, 0.6, 1) == 3 and sample_size(3, 0.67, 1) == 3  # 0.6 * 5 = 3.0000000000000004
     nodes = list(range(100, 1100))
     picked = sample_sites(nodes, 0.05, 1, seed=7, server_round=1)
     assert len(picked) == 50 == len(set(picked)) and set(picked) <= set(nodes) and picked == sorted(picked)
