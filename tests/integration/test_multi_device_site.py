@@ -40,7 +40,7 @@ def test_two_workers_write_one_encoder_and_report_world_size(tmp_path: Path) -> 
     assert summary["images"] == 1080 and summary["final_loss"] > 0
     state, meta = load_encoder(out)
     assert meta["steps"] == 2 and state
-    assert done.stdout.count("pretraining nano") == 1  # one voice: rank 0 prints, the other worker does not
+    assert done.stderr.count("pretraining nano") == 1  # one voice: rank 0 reports progress, the other does not
 
 
 def _workers(parent: int) -> list[int]:
