@@ -314,8 +314,10 @@ class Federation:
 
     def _note_memory(self, server_round: int, site: str, metrics: dict[str, Any]) -> None:
         """A site's reported process memory (a simulated site: the Ray worker that ran it), as numbers only."""
-        values = {k: float(metrics[f"memory-{k}"]) for k in ("rss-mb", "peak-rss-mb")
-                  if isinstance(metrics.get(f"memory-{k}"), (int, float))}
+        # A site's numbers are untrusted: only finite, non-negative values below 1 PB reach the report.
+        values = {k: float(v) for k in ("rss-mb", "peak-rss-mb")
+                  if isinstance(v := metrics.get(f"memory-{k}"), (int, float)) and not isinstance(v, bool)
+                  and 0.0 <= float(v) < 1e9}
         if values:
             self.metrics.add(server_round, site, "all", "memory", values)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.sampling import StragglerLedger, exchange_deadline, sample_sites, sample_size
@@ -63,3 +65,15 @@ def test_bad_sampling_settings_name_the_key(key: str, value: float) -> None:
     with pytest.raises(ConfigError) as raised:
         RunConfig.from_flat({key: value})
     assert key in str(raised.value)
+
+
+def test_a_sites_memory_numbers_reach_the_metrics_only_when_plausible(tmp_path: Path) -> None:
+    from server.federation import Federation
+
+    federation = Federation(None, RunConfig(out_dir=str(tmp_path)), {})  # type: ignore[arg-type]
+    federation._note_memory(1, "site-1", {"memory-rss-mb": 512.0, "memory-peak-rss-mb": 640})
+    federation._note_memory(1, "site-2", {"memory-rss-mb": float("nan"), "memory-peak-rss-mb": -1.0})
+    federation._note_memory(1, "site-3", {"memory-rss-mb": float("inf"), "memory-peak-rss-mb": True})
+    rows = [r for r in federation.metrics.rows if r["phase"] == "memory"]
+    assert rows == [{"round": 1, "site": "site-1", "modality": "all", "phase": "memory", "rss_mb": 512.0,
+                     "peak_rss_mb": 640.0}]
