@@ -7,7 +7,8 @@ the ratio N workers / 1 process. On CPU the N workers share the machine's cores 
 threads), so the ratio shows the cost of the all-reduce and of the split, not N times the compute; on a
 machine with N GPUs each worker has its own device.
 
-Usage: python bench/bench_multi_device.py [--workers 2] [--batch 32] [--steps 5] [--arch tiny] [--smoke]
+Usage: python bench/bench_multi_device.py [--workers 2] [--batch 32] [--steps 5] [--arch tiny] [--threads 1]
+                                         [--smoke]
 """
 
 from __future__ import annotations
@@ -64,16 +65,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--arch", default="tiny")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the single process (0: all CPUs; the workers get CPUs / N each). "
+                             "On a shared container 2 threads can be far slower than 1: measure both")
     parser.add_argument("--smoke", action="store_true", help="nano ViT, 32 px, batch 4, 1 step")
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.size, args.batch, args.steps = "nano", 32, 4, 1
-    threads = os.cpu_count() or 1
-    print(f"CPU: {cpu_model()}; {threads} CPUs, load {os.getloadavg()[0]:.1f}; ViT-{args.arch}/8 at {args.size} px, "
+    threads = args.threads or os.cpu_count() or 1
+    print(f"CPU: {cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ViT-{args.arch}/8 at {args.size} px, "
           f"2 global + 4 local crops, total batch {args.batch}, {args.steps} steps")
     single = run(None, args.arch, args.size, args.batch, args.steps, threads)
     multi = launch(run, (args.arch, args.size, args.batch, args.steps, threads), args.workers, "cpu")
-    print(f"1 process:    {single['images_per_s']:.2f} images/s, losses {[round(v, 4) for v in single['losses']]}")
+    print(f"1 process ({threads} thread(s)): {single['images_per_s']:.2f} images/s, losses "
+          f"{[round(v, 4) for v in single['losses']]}")
     print(f"{args.workers} processes: {multi['images_per_s']:.2f} images/s, losses "
           f"{[round(v, 4) for v in multi['losses']]}")
     print(f"ratio {args.workers} processes / 1 process: {multi['images_per_s'] / single['images_per_s']:.2f}x "
