@@ -73,8 +73,8 @@ def main() -> None:
     if args.smoke:
         args.arch, args.size, args.batch, args.steps = "nano", 32, 4, 1
     threads = args.threads or os.cpu_count() or 1
-    print(f"CPU: {cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ViT-{args.arch}/8 at {args.size} px, "
-          f"2 global + 4 local crops, total batch {args.batch}, {args.steps} steps")
+    print(f"CPU: {cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ViT-{args.arch}/8 at "
+          f"{args.size} px, 2 global + 4 local crops, total batch {args.batch}, {args.steps} steps")
     single = run(None, args.arch, args.size, args.batch, args.steps, threads)
     multi = launch(run, (args.arch, args.size, args.batch, args.steps, threads), args.workers, "cpu")
     print(f"1 process ({threads} thread(s)): {single['images_per_s']:.2f} images/s, losses "
