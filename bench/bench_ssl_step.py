@@ -24,6 +24,12 @@ Usage: python bench/bench_ssl_step.py [--configs vit_ti8_64 vit_s16_224] [--step
                                       [--device cuda]   (on a GPU: the images/s figure for issue #7)
                                       [--batch-size 64] (every config at this batch size)
 Quick check: --configs vit_ti8_64 --steps 1 --trajectory-steps 0 --no-fp32-breakdown
+Smoke (a tiny nano config, a few seconds): --smoke
+
+Matmul peak: the same run times square matmuls in bf16 and fp32 with the same threads (the best of
+several), and counts our step's FLOPs (torch's FlopCounterMode: matmuls, attention, convolutions,
+forward and backward); the step's GFLOP/s over each peak is printed as a fraction (issue #16's target:
+>= 75% of the bf16 peak for vit_ti8_64 on CPU). The CPU model comes from lscpu.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -62,6 +69,7 @@ CONFIGS = {
     "vit_ti8_64": BenchConfig("tiny", 8, 64, 32, 4, 32, 4096),
     "vit_s16_224": BenchConfig("small", 16, 224, 96, 6, 8, 65536),
     "vit_ti16_64": BenchConfig("tiny", 16, 64, 32, 4, 32, 4096),
+    "smoke": BenchConfig("nano", 8, 32, 16, 2, 4, 256),
 }
 # DINO's head sizes (hidden 2048, bottleneck 256, 3 layers); teacher temperature warm-up 0.04 -> 0.07.
 HEAD_HIDDEN, HEAD_BOTTLENECK = 2048, 256
@@ -229,6 +237,38 @@ def measure(bench: BenchConfig, steps: int, warmup: int, fp32_breakdown: bool,
     }
 
 
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int, repeats: int = 5) -> float:
+    """The best GFLOP/s of `size` x `size` matmuls in `dtype` (what the machine's kernels reach here)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm: kernel selection, caches
+    best = float("inf")
+    for _ in range(repeats):
+        seconds, _ = timed(lambda: torch.matmul(a, b), device)
+        best = min(best, seconds)
+    return 2 * size**3 / best / 1e9
+
+
+def step_gflop(bench: BenchConfig, device: torch.device) -> float:
+    """FLOPs of one of our training steps (forward and backward), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
+    trainer = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True), 2, device=device)
+    crops = [c.to(device) for c in random_crops(bench)]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.train_step(crops, 0)
+    return counter.get_total_flops() / 1e9
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def trajectory(bench: BenchConfig, steps: int) -> tuple[list[float], list[float]]:
     spec = EncoderSpec(bench.arch, bench.global_size, bench.patch)
     losses = []
@@ -250,14 +290,25 @@ def main() -> None:
     parser.add_argument("--ibot", action="store_true", help="also time our iBOT step (no baseline for it)")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="images per step for every config (0: each config's own; a GPU wants 64+)")
+    parser.add_argument("--matmul-size", type=int, default=0, help="peak matmul size (0: 2048 CPU, 8192 GPU)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny config, one step, small matmuls")
     args = parser.parse_args()
+    if args.smoke:
+        args.configs, args.steps, args.warmup, args.trajectory_steps = ["smoke"], 1, 1, 0
+        args.no_fp32_breakdown, args.matmul_size = True, 256
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")
+    print(f"CPU: {cpu_model()}")
     print(f"torch {torch.__version__}, {args.threads} threads, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, load average at start {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
+    size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    peaks = {name: matmul_peak(dtype, device, size) for name, dtype in (("bf16", torch.bfloat16),
+                                                                         ("fp32", torch.float32))}
+    print(f"matmul peak ({size}x{size}, best of 5): bf16 {peaks['bf16']:.1f} GFLOP/s, fp32 {peaks['fp32']:.1f} "
+          f"GFLOP/s")
     print("images/s by wall clock, and per CPU-second of this process (less sensitive to other load)")
     ours_rates: dict[str, float] = {}
     for name in args.configs:
@@ -271,6 +322,10 @@ def main() -> None:
         base_wall, base_cpu = result["baseline fp32"]
         ours_wall, ours_cpu = result["ours"]
         ours_rates[name] = ours_wall
+        gflop = step_gflop(bench, device)
+        achieved = gflop * ours_wall / bench.batch
+        print(f"  our step: {gflop:.1f} GFLOP, {achieved:.1f} GFLOP/s by wall clock; ratio to the matmul peak: "
+              f"{achieved / peaks['bf16']:.1%} of bf16, {achieved / peaks['fp32']:.1%} of fp32 (target >= 75% of bf16)")
         print(f"  ratio ours / baseline: {ours_wall / base_wall:.2f}x wall, {ours_cpu / base_cpu:.2f}x CPU time"
               " (target >= 2.5x)")
         if "ours fp32" in result:

@@ -27,10 +27,13 @@ from client.records import arrays_to_record, record_to_tensors
 from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data, load_site_tasks
 from client.site_state import SiteStateStore
-from client.training import evaluate_round, train_round
+from client.training import RoundResult, evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
 from strategies.fedavg import split_by_modality
+from visionfm_core.distributed import DistContext, launch
+from visionfm_core.errors import ConfigError
+from visionfm_core.memory import process_memory_mb
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import torch_threads
 from visionfm_core.splits import ModalitySplit
@@ -100,9 +103,15 @@ def train(msg: Message, context: Context) -> Message:
     local_states = store.load_all(LOCAL_STATE_PREFIX)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     budget, ledger = site_privacy(context, cfg)
-    with torch_threads(cfg.client_threads):
-        result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
-                             budget=budget, ledger=ledger)
+    devices = site_devices(context)
+    if devices > 1:
+        # N worker processes train together; rank 0's result (identical weights on every worker) is sent.
+        result = launch(_train_worker, (site, global_arrays, cfg, server_round, local_states, _site_seed(context)),
+                        devices, cfg.device)
+    else:
+        with torch_threads(cfg.client_threads):
+            result = train_round(site, global_arrays, cfg, server_round, local_states, site_seed=_site_seed(context),
+                                 budget=budget, ledger=ledger)
     for modality, state in result.local_state.items():
         store.save(LOCAL_STATE_PREFIX + modality, state)
     metrics = dict(result.metrics)
@@ -110,11 +119,31 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(_site_numbers(context))
     outgoing = outgoing_arrays(cfg, context, global_arrays, result.arrays, metrics)
     metrics["bytes-sent"] = float(payload_bytes(outgoing))
+    # The process's memory (a number, nothing about the data): the coordinator reports it per site.
+    metrics.update({f"memory-{k.replace('_', '-')}": v for k, v in process_memory_mb().items()})
     # The site's own work this round (data, training, packing), so the server can tell it from overhead.
     metrics["compute-seconds"] = time.perf_counter() - started
     content = RecordDict({"arrays": arrays_to_record(outgoing), "metrics": MetricRecord(dict[str, Any](metrics)),
                           REPLY_INFO: reply_info(msg)})
     return Message(content=content, reply_to=msg)
+
+
+def site_devices(context: Context) -> int:
+    """The node-config key `devices` (default 1): worker processes, one per device, that train this site."""
+    raw = context.node_config.get("devices", 1)
+    try:
+        devices = int(str(raw))
+    except ValueError:
+        raise ConfigError("devices", f"node config 'devices' must be a whole number >= 1, got {raw!r}") from None
+    if devices < 1:
+        raise ConfigError("devices", f"node config 'devices' must be >= 1, got {devices}")
+    return devices
+
+
+def _train_worker(ctx: DistContext, site: dict[str, ModalitySplit], global_arrays: dict[str, torch.Tensor],
+                  cfg: RunConfig, server_round: int, local_states: dict[str, dict[str, torch.Tensor]],
+                  site_seed: int) -> RoundResult:
+    return train_round(site, global_arrays, cfg, server_round, local_states, site_seed=site_seed, dist=ctx)
 
 
 def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, torch.Tensor],

@@ -133,6 +133,13 @@ def join(
         "busy site hears from the coordinator only about every 20 s while it trains.",
     ),
     task_manifest: str | None = TASK_MANIFEST,
+    devices: int = typer.Option(
+        1,
+        "--devices",
+        min=1,
+        help="Worker processes that train this site together, one per device (GPUs from --gpu on: NCCL; "
+        "CPU: gloo); the site still sends one update per round.",
+    ),
     state_keep_hours: float = typer.Option(
         72.0,
         "--state-keep-hours",
@@ -173,7 +180,7 @@ def join(
         gpu,
         coordinator,
         warm=not cold,
-        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest},
+        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest, "devices": devices},
         max_offline_s=max_offline,
     )
     try:

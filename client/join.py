@@ -242,6 +242,7 @@ class SiteNode:
             warm=self.settings.warm,
             gpu=self.settings.gpu,
             superexec_secret=self.superexec_secret,
+            devices=int(str(self.settings.extra_node_config.get("devices", 1))),
         )
         if self.node_id_file.exists():
             # A previous SuperNode of this site may have died without deactivating (crash, kill -9):

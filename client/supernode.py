@@ -55,6 +55,7 @@ class SuperNodeSpec:
     gpu: int | None = None
     # The per-start SuperExec secret (see `write_superexec_secret`); None for stock Flower behaviour.
     superexec_secret: Path | None = None
+    devices: int = 1  # a multi-device site sees GPUs gpu .. gpu + devices - 1
 
     @property
     def home(self) -> Path:
@@ -64,7 +65,8 @@ class SuperNodeSpec:
         extra = {}
         if self.gpu is not None:
             # Only the chosen GPU is visible to the SuperNode and its ClientApps; -1 hides all (CPU).
-            extra["CUDA_VISIBLE_DEVICES"] = "" if self.gpu < 0 else str(self.gpu)
+            visible = ",".join(str(self.gpu + i) for i in range(max(self.devices, 1)))
+            extra["CUDA_VISIBLE_DEVICES"] = "" if self.gpu < 0 else visible
         return flower_env(self.home, extra)
 
 

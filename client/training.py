@@ -25,6 +25,8 @@ from client.privacy.reporting import releasable_metrics
 from client.privacy.sampling import PoissonLoader
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
+from visionfm_core.distributed import DistContext, worker_device
+from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays, new_trainer, ssl_config
 from visionfm_core.run_config import RunConfig
@@ -44,11 +46,14 @@ class RoundResult:
     local_state: dict[str, dict[str, torch.Tensor]]  # per modality; stays on the site
 
 
-def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int) -> DataLoader:
-    """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers)."""
+def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int, dist: DistContext | None = None) -> DataLoader:
+    """Shuffled multi-crop batches of a site's training images (a DataLoader: decoding runs in workers); with
+    `dist`, this worker's shard, in batches of the same size on every worker."""
     transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(split.train, transform.crop), batch_size=min(cfg.batch_size, len(split.train)),
+    items = dist.shard(split.train) if dist is not None else split.train
+    batch = min(cfg.batch_size, len(split.train) // (dist.world_size if dist is not None else 1))
+    return DataLoader(ImageDataset(items, transform.crop), batch_size=max(batch, 1),
                       shuffle=True, drop_last=True, collate_fn=BatchedMultiCrop(transform), num_workers=cfg.num_workers,
                       generator=generator, persistent_workers=False,
                       # Page-locked batches let the trainer's non_blocking copies overlap the GPU step.
@@ -64,14 +69,20 @@ def train_round(
     site_seed: int = 0,
     budget: PrivacyBudget | None = None,
     ledger: LedgerScope | None = None,
+    dist: DistContext | None = None,
 ) -> RoundResult:
     """Train every modality this site holds (and the global model has) for `cfg.local_steps` steps.
 
     With `cfg.dp`, training is DP-SGD within the site's lifetime `budget`, charged to its `ledger` before
     it runs (one dataset per modality). A modality whose budget would be exceeded is not trained and sends
-    nothing; only privacy accounting numbers, never un-noised statistics of the images, are reported."""
+    nothing; only privacy accounting numbers, never un-noised statistics of the images, are reported.
+
+    `dist`: this process is one worker of a multi-device site; it trains on its shard of the images and
+    every worker ends with the same weights (see SSLTrainer)."""
+    if dist is not None and cfg.dp:
+        raise ConfigError("devices", "DP-SGD runs on one device per site: set devices = 1")
     require_ledger(cfg, budget, ledger)
-    device = resolve_device(cfg.device)
+    device = worker_device(cfg.device, dist.rank) if dist is not None else resolve_device(cfg.device)
     arrays: dict[str, torch.Tensor] = {}
     metrics: dict[str, float] = {}
     new_states: dict[str, dict[str, torch.Tensor]] = {}
@@ -87,8 +98,9 @@ def train_round(
             trainer: SSLTrainer = new_dp_trainer(cfg, modality, device, dp, accountant, seed_offset=site_seed)
             loader: Iterable[Any] = dp_ssl_loader(split, cfg, dp)
         else:
-            trainer = new_trainer(cfg, modality, device, seed_offset=site_seed)
-            loader = ssl_loader(split, cfg, seed)
+            trainer = new_trainer(cfg, modality, device, seed_offset=site_seed, dist=dist)
+            # Each worker shuffles and augments its own shard with its own seed.
+            loader = ssl_loader(split, cfg, seed + (dist.rank if dist is not None else 0), dist)
         if modality in local_states:
             # Under DP the ledger, not the run's state, holds what was spent.
             trainer.load_local_state({k: v for k, v in local_states[modality].items() if k != HISTORY_KEY}
@@ -114,6 +126,11 @@ def train_round(
         metrics[f"{modality}/num-examples"] = float(len(split.train))
         for name, value in stats.items():
             metrics[f"{modality}/{name}"] = float(value)
+        if dist is not None:  # the site's throughput and images: all workers'
+            for name in ("images", "images_per_s"):
+                if f"{modality}/{name}" in metrics:
+                    metrics[f"{modality}/{name}"] *= dist.world_size
+            metrics[f"{modality}/devices"] = float(dist.world_size)
     return RoundResult(arrays=arrays, metrics=metrics, local_state=new_states)
 
 

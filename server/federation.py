@@ -27,6 +27,7 @@ from client.secure import STAGE_KEY, pack_groups, unpack_groups
 from server.checkpoints import latest_round, load_round, save_encoders, save_round
 from server.progress import RoundProgress
 from server.report import MetricsLog, plot_metrics, write_report
+from server.sampling import ExchangeOutcome, StragglerLedger, exchange_deadline, sample_sites
 from server.timing import round_timing
 from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
@@ -53,6 +54,7 @@ from strategies.secagg import ModalitySecAggServer, SecAggParams
 from strategies.secure_noise import SecureGaussian
 from strategies.validation import validate_reply
 from visionfm_core.errors import ConfigError
+from visionfm_core.memory import process_memory_mb
 from visionfm_core.pretraining import encoder_spec
 from visionfm_core.run_config import RunConfig
 
@@ -158,6 +160,7 @@ class Federation:
         self.replays = ReplayGuard()
         self.failed_rounds = 0  # rounds in a row without an accepted update
         self._said_dp_evaluation = False
+        self.stragglers = StragglerLedger()  # messages whose late replies are dropped unread
 
     # -- messaging ---------------------------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
@@ -185,9 +188,15 @@ class Federation:
             time.sleep(1.0)
 
     def _exchange(self, message_type: str, server_round: int, on_reply: Callable[[Message], None]) -> int:
-        """Send the global model to every connected site; call `on_reply` for each reply as it arrives
-        (streaming: replies are folded in and dropped, never all held at once). Returns replies seen."""
-        nodes = self._wait_for_nodes()
+        """Send the global model to this round's sample of the connected sites (`fraction-train` /
+        `fraction-evaluate`, at least `min-sites`); call `on_reply` for each reply as it arrives (streaming:
+        replies are folded in and dropped, never all held at once). Returns replies seen; the sample and
+        its stragglers go to the metrics as a `sampling-<phase>` row."""
+        connected = self._wait_for_nodes()
+        phase = "evaluate" if message_type == MessageType.EVALUATE else "train"
+        fraction = self.cfg.fraction_evaluate if phase == "evaluate" else self.cfg.fraction_train
+        nodes = sample_sites(connected, fraction, self.cfg.min_sites, self.cfg.seed, server_round, phase)
+        outcome = ExchangeOutcome(connected=len(connected), sampled=len(nodes))
         if message_type == MessageType.TRAIN:  # what a training reply must name (evaluation sends no update)
             self.global_digest = model_digest(self.arrays)
         config = ConfigRecord({**self.cfg.to_flat(), ROUND_KEY: server_round, DIGEST_KEY: self.global_digest})
@@ -197,26 +206,39 @@ class Federation:
                     message_type=message_type, group_id=str(server_round))
             for node in nodes
         ]
-        return self._send(messages, server_round, message_type, on_reply)
+        seen = self._send(messages, server_round, message_type, on_reply, outcome)
+        self.metrics.add(server_round, "server", "all", f"sampling-{phase}",
+                         {**outcome.as_metrics(), "fraction": fraction, "seed": self.cfg.seed})
+        return seen
 
     def _send(self, messages: list[Message], server_round: int, label: str,
-              on_reply: Callable[[Message], None]) -> int:
-        """Push messages and hand each reply to `on_reply` as it arrives, until all answered or timeout."""
+              on_reply: Callable[[Message], None], outcome: ExchangeOutcome | None = None) -> int:
+        """Push messages and hand each reply to `on_reply` as it arrives, until all answered or the round
+        deadline (`round-deadline`, else `round-timeout`) passes; the silent ones become stragglers whose
+        late replies are dropped unread when they come."""
+        outcome = outcome if outcome is not None else ExchangeOutcome(sampled=len(messages))
         ids = list(self.grid.push_messages(messages))
         self.destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages), strict=False))
         pending = set(ids)
-        deadline = time.monotonic() + self.cfg.round_timeout
-        seen = 0
+        deadline = exchange_deadline(time.monotonic(), self.cfg.round_timeout, self.cfg.round_deadline)
         while pending and time.monotonic() < deadline:
-            for reply in self._pull(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                seen += 1
+            for reply in self._pull(pending | self.stragglers.outstanding):
+                reply_to = reply.metadata.reply_to_message_id
+                if self.stragglers.forget([reply_to]):
+                    outcome.late_dropped += 1  # an earlier exchange's straggler: too late to count
+                    continue
+                pending.discard(reply_to)
+                outcome.replied += 1
                 on_reply(reply)
             if pending:
                 time.sleep(self.poll_interval)
+        seen = outcome.replied
         if pending:
-            logger.warning("round %d %s: %d site(s) did not answer within %.0fs", server_round, label,
-                           len(pending), self.cfg.round_timeout)
+            outcome.stragglers += len(pending)
+            self.stragglers.give_up(pending)
+            waited = exchange_deadline(0.0, self.cfg.round_timeout, self.cfg.round_deadline)
+            logger.warning("round %d %s: %d site(s) did not answer within %.0fs; going on with %d repl(ies)",
+                           server_round, label, len(pending), waited, seen)
         for message_id in ids:  # replies of this exchange are all handled: their labels are not needed again
             self.destinations.pop(message_id, None)
         return seen
@@ -399,6 +421,7 @@ class Federation:
         for modality, values in per_modality.items():
             self.metrics.add(server_round, site, modality, "train", values)
         self._note_compute(site, metrics)
+        self._note_memory(server_round, site, metrics)
         sent_bytes = int(metrics.get("bytes-sent", 0))
         self.traffic.record(server_round, site, sent_bytes)
         self.metrics.add(server_round, site, "all", "transport", {"bytes_sent": sent_bytes})
@@ -422,6 +445,15 @@ class Federation:
     def _note_compute(self, site: str, metrics: dict[str, Any]) -> None:
         if "compute-seconds" in metrics:
             self.site_seconds[site] = float(metrics["compute-seconds"])
+
+    def _note_memory(self, server_round: int, site: str, metrics: dict[str, Any]) -> None:
+        """A site's reported process memory (a simulated site: the Ray worker that ran it), as numbers only."""
+        # A site's numbers are untrusted: only finite, non-negative values below 1 PB reach the report.
+        values = {k: float(v) for k in ("rss-mb", "peak-rss-mb")
+                  if isinstance(v := metrics.get(f"memory-{k}"), (int, float)) and not isinstance(v, bool)
+                  and 0.0 <= float(v) < 1e9}
+        if values:
+            self.metrics.add(server_round, site, "all", "memory", values)
 
     def _add_central_noise(self, server_round: int, previous: dict[str, np.ndarray], sites: dict[str, int]) -> None:
         """Site-level DP: Gaussian noise (std z*C/n) on each modality's mean update; epsilon is accounted."""
@@ -473,6 +505,7 @@ class Federation:
                 self._reject(server_round, site, str(exc))
                 return
             self._note_compute(site, metrics)
+            self._note_memory(server_round, site, metrics)
             for modality, values in per_modality.items():
                 self._record_train(server_round, site, modality, values)
                 count = counts[modality]
@@ -618,6 +651,7 @@ class Federation:
                     raise
                 self.metrics.add(server_round, "server", "all", "timing",
                                  round_timing(time.perf_counter() - started, self.site_seconds))
+                self.metrics.add(server_round, "coordinator", "all", "memory", process_memory_mb())
                 if server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_rounds:
                     self.evaluate(server_round)
                 # Metrics first, then the checkpoint marker: a crash in between re-runs this round on

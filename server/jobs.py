@@ -12,6 +12,8 @@ strategy = "fedavg"
 min-sites = 2                 # a round goes on with this many replies; fewer fails the round
 round-timeout = 1800          # seconds a round waits for the slowest site
 rejoin-grace = 60             # seconds a round waits for a site of the last round to reconnect
+fraction-train = 1.0          # share of the connected sites each round trains (seeded sample, >= min-sites)
+round-deadline = 0            # seconds a round waits for them (0: round-timeout); later replies are dropped
 
 [privacy]                     # passed to the app as privacy.<key> (e.g. noise-multiplier, target-epsilon)
 
@@ -42,6 +44,9 @@ FIELD_KEYS = {
     "min-sites": "min-sites",
     "round-timeout": "round-timeout",
     "rejoin-grace": "rejoin-grace",
+    "fraction-train": "fraction-train",
+    "fraction-evaluate": "fraction-evaluate",
+    "round-deadline": "round-deadline",
 }
 Scalar = str | int | float | bool
 

@@ -13,6 +13,8 @@ from typing import Any
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
 KEY_COLUMNS = ("round", "site", "modality", "phase")
+# Above this many lines a plot shows the median and range over sites instead (many sampled sites).
+MAX_PLOTTED_SERIES = 12
 PLOTTED = ("loss", "knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc", "epsilon", "bytes_sent")
 
 
@@ -81,9 +83,12 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: Path, metrics: Iterabl
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-        for label, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        if len(series) > MAX_PLOTTED_SERIES:
+            _plot_spread(ax, series)
+        else:
+            for label, points in sorted(series.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_xlabel("round")
         ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.3)
@@ -148,6 +153,16 @@ def plot_privacy_budget(rows: Sequence[dict[str, Any]], out_dir: Path) -> Path |
     fig.savefig(path)
     plt.close(fig)
     return path
+def _plot_spread(ax: Any, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Median and min-max band per round over all lines (hundreds of sampled sites stay readable)."""
+    by_round: dict[int, list[float]] = {}
+    for points in series.values():
+        for round_, value in points:
+            by_round.setdefault(round_, []).append(value)
+    rounds = sorted(by_round)
+    ax.fill_between(rounds, [min(by_round[r]) for r in rounds], [max(by_round[r]) for r in rounds], alpha=0.25,
+                    label=f"range over {len(series)} site·modality lines")
+    ax.plot(rounds, [sorted(by_round[r])[len(by_round[r]) // 2] for r in rounds], marker="o", label="median")
 
 
 def _fmt(value: Any) -> str:
@@ -209,9 +224,42 @@ def write_report(out_dir: Path, title: str, config: dict[str, Any], rows: Sequen
         for r in sorted(timing, key=lambda r: r["round"]):
             lines.append(f"| {r['round']} | {r['round_seconds']:.2f} | {r['slowest_site_seconds']:.2f} | "
                          f"{r['site_seconds_total']:.2f} | {r['overhead_seconds']:.2f} | {r['overhead_share']:.1%} |")
+    lines += _sampling_lines(rows)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = out_dir / "report.md"
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+def _sampling_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Sites asked, answered and straggling per round, and the memory of the coordinator and the sites."""
+    lines: list[str] = []
+    sampling = [r for r in rows if str(r["phase"]).startswith("sampling-")]
+    if sampling:
+        lines += ["", "## Sites asked per round", "",
+                  "A seeded sample of the connected sites (fraction-train / fraction-evaluate, at least min-sites); "
+                  "stragglers missed the round deadline, and their late replies were dropped unread.", "",
+                  "| round | exchange | connected | sampled | replied | stragglers | late replies dropped |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(sampling, key=lambda r: (r["round"], r["phase"])):
+            cells = [str(int(r.get(k, 0))) for k in ("connected", "sampled", "replied", "stragglers", "late_dropped")]
+            lines.append(f"| {r['round']} | {str(r['phase']).removeprefix('sampling-')} | " + " | ".join(cells) + " |")
+    memory = [r for r in rows if r["phase"] == "memory"]
+    if memory:
+        lines += ["", "## Memory per round (MB)", "",
+                  "Resident memory of the coordinator process, and the largest and median a site reported "
+                  "(a simulated site: the worker process that ran it).", "",
+                  "| round | coordinator | coordinator peak | sites reporting | site max | site median |",
+                  "|---|---|---|---|---|---|"]
+        for round_ in sorted({int(r["round"]) for r in memory}):
+            here = [r for r in memory if int(r["round"]) == round_]
+            coordinator = next((r for r in here if r["site"] == "coordinator"), {})
+            sites = sorted(float(r.get("rss_mb", 0.0)) for r in here if r["site"] != "coordinator")
+            site_max = f"{sites[-1]:.0f}" if sites else ""
+            site_median = f"{sites[len(sites) // 2]:.0f}" if sites else ""
+            lines.append(f"| {round_} | {coordinator.get('rss_mb', float('nan')):.0f} | "
+                         f"{coordinator.get('peak_rss_mb', float('nan')):.0f} | {len(sites)} | {site_max} | "
+                         f"{site_median} |")
+    return lines

@@ -82,6 +82,15 @@ def simulate_command(
                                                  "mlflow (OUT/mlruns) or tensorboard (OUT/tensorboard)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="an MLflow tracking URI or TensorBoard log folder "
                                                      "instead of the run folder's (a server only if named)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="HOST:PORT of a running Ray cluster's head to run the "
+                                                         "simulated sites on (default: a Ray started here)")]
+    = None,
+    fraction_train: Annotated[float | None, typer.Option(help="share of the sites each round trains (seeded)")]
+    = None,
+    fraction_evaluate: Annotated[float | None, typer.Option(help="share of the sites each round evaluates")]
+    = None,
+    round_deadline: Annotated[float | None, typer.Option(help="seconds a round waits for its sites (0 = no "
+                                                               "deadline); late replies are dropped")] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Simulate a federation of hospitals on this machine and write checkpoints, metrics, plots and a report."""
@@ -100,6 +109,7 @@ def simulate_command(
         "compression": compression, "secure-aggregation": secure_aggregation,
         "central-dp-clip": central_dp_clip, "central-dp-noise": central_dp_noise,
         "tracking": tracking, "tracking-uri": tracking_uri,
+        "fraction-train": fraction_train, "fraction-evaluate": fraction_evaluate, "round-deadline": round_deadline,
     }
     if dp:
         overrides["dp"] = True
@@ -121,7 +131,8 @@ def simulate_command(
         for each in modes:
             target = root / each if (mode == "all" or out is None) else root
             console.print(f"[bold]visionfm simulate[/] scenario={scenario} mode={each} → {target}")
-            outcome = simulate(scenario, each, target, overrides, scenario_overrides)
+            outcome = simulate(scenario, each, target, overrides, scenario_overrides,
+                               ray_address if each == "federated" else None)
             logs[each] = outcome.metrics
             _print_scores(each, outcome.metrics, outcome.reference)
             _print_finetune_scores(each, outcome.metrics)

@@ -34,6 +34,14 @@ class SiteSpec:
 
 
 @dataclass(frozen=True)
+class SiteResources:
+    """What one simulated site reserves on the Ray cluster while it runs (Ray's logical resources)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole simulated federation."""
 
@@ -45,6 +53,7 @@ class Scenario:
     seed: int = 0
     run: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    resources: SiteResources = field(default_factory=SiteResources)
 
     @property
     def modalities(self) -> list[str]:
@@ -120,13 +129,15 @@ def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
         "datasets": dict(scenario.datasets),
         "partition": {"kind": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed},
         "run": dict(scenario.run),
+        "resources": {"num-cpus": scenario.resources.num_cpus, "num-gpus": scenario.resources.num_gpus},
     }
 
 
 def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> Scenario:
     """Validate a scenario mapping (the parsed TOML). A `[privacy]` table (epsilon, delta) gives every site
-    that budget; a site's own `privacy-epsilon` / `privacy-delta` wins over it."""
-    known = {"name", "description", "sites", "datasets", "partition", "run", "privacy"}
+    that budget; a site's own `privacy-epsilon` / `privacy-delta` wins over it. A `[resources]` table sets
+    what each simulated site reserves on the Ray cluster."""
+    known = {"name", "description", "sites", "datasets", "partition", "run", "privacy", "resources"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown scenario key")
@@ -159,7 +170,25 @@ def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> 
         alpha=float(partition.get("alpha", 0.5)),
         seed=int(partition.get("seed", 0)),
         run=dict(raw.get("run", {})),
+        resources=_site_resources(raw.get("resources", {})),
     )
+
+
+def _site_resources(raw: Any) -> SiteResources:
+    """The `[resources]` table: `num-cpus` (> 0) and `num-gpus` (>= 0, fractions share a GPU)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("resources", "expected a table with num-cpus and num-gpus")
+    unknown = set(raw) - {"num-cpus", "num-gpus"}
+    if unknown:
+        raise ConfigError(f"resources.{sorted(unknown)[0]}", "unknown key (known: num-cpus, num-gpus)")
+    values = {}
+    for key, default, lowest in (("num-cpus", 1.0, 0.0), ("num-gpus", 0.0, -1.0)):
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= lowest:
+            rule = "> 0" if lowest == 0.0 else ">= 0"
+            raise ConfigError(f"resources.{key}", f"must be a number {rule}, got {value!r}")
+        values[key] = float(value)
+    return SiteResources(values["num-cpus"], values["num-gpus"])
 
 
 def site_items(scenario: Scenario, modality: str) -> list[list[ImageItem]]:

@@ -70,29 +70,48 @@ def _ray_tmpdir(out_dir: Path) -> tuple[str, bool]:
     return tempfile.mkdtemp(prefix="vfm-ray-"), True
 
 
-def run_federated(scenario: Scenario, cfg: RunConfig, cpus_per_site: float = 1.0) -> MetricsLog:
-    """Run the ServerApp and one ClientApp per simulated site on Flower's Ray-backed simulation engine."""
+def backend_config(scenario: Scenario, ray_address: str | None = None, ray_dir: str = "") -> dict[str, Any]:
+    """Flower's Ray backend settings: each site reserves the scenario's `[resources]`; Ray is started on this
+    machine with all its CPUs, or, given `ray_address` (HOST:PORT of a running cluster's head), joined."""
+    resources = scenario.resources
+    client_resources = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+    if ray_address:
+        # The cluster owns its CPUs, GPUs and temp dirs: passing them when joining is an error in Ray.
+        return {"client_resources": client_resources,
+                "init_args": {"address": ray_address, "include_dashboard": False, "log_to_driver": True}}
+    return {"client_resources": client_resources,
+            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True,
+                          "_temp_dir": ray_dir}}
+
+
+def check_ray_address(address: str) -> str:
+    """HOST:PORT of a Ray head (GCS), or `auto`; anything else is an error naming --ray-address."""
+    host, sep, port = address.rpartition(":")
+    if address != "auto" and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+        raise ConfigError("ray-address", f"expected HOST:PORT of a running Ray head (or 'auto'), got {address!r}")
+    return address
+
+
+def run_federated(scenario: Scenario, cfg: RunConfig, ray_address: str | None = None) -> MetricsLog:
+    """Run the ServerApp and one ClientApp per simulated site on Flower's Ray-backed simulation engine,
+    on a Ray started here, or on the running cluster at `ray_address`."""
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import make_server_app
 
     out = Path(cfg.out_dir)
-    given = os.environ.get("RAY_TMPDIR")
-    ray_dir, scratch = (given, False) if given else _ray_tmpdir(out)
-    os.environ["RAY_TMPDIR"] = ray_dir
     os.environ.setdefault("FLWR_HOME", str((out / "flwr-home").resolve()))
-    total_cpus = os.cpu_count() or 1
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-        "init_args": {"num_cpus": total_cpus, "include_dashboard": False, "log_to_driver": True,
-                      "_temp_dir": ray_dir},
-    }
+    given = os.environ.get("RAY_TMPDIR")
+    ray_dir, scratch = (given or "", False) if (given or ray_address) else _ray_tmpdir(out)
+    if not ray_address:
+        os.environ["RAY_TMPDIR"] = ray_dir
+    config = backend_config(scenario, check_ray_address(ray_address) if ray_address else None, ray_dir)
     try:
         run_simulation(server_app=make_server_app(cfg.to_flat()), client_app=client_app,
-                       num_supernodes=len(scenario.sites), backend_config=backend_config)
+                       num_supernodes=len(scenario.sites), backend_config=config)
     finally:
-        if not given:
+        if not given and not ray_address:
             os.environ.pop("RAY_TMPDIR", None)
         if scratch:  # Ray has shut down: its session logs in /tmp would otherwise pile up run after run
             shutil.rmtree(ray_dir, ignore_errors=True)
@@ -102,8 +121,10 @@ def run_federated(scenario: Scenario, cfg: RunConfig, cpus_per_site: float = 1.0
 def simulate(
     scenario_ref: str = "default", mode: str = "federated", out_dir: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None, scenario_overrides: Mapping[str, Any] | None = None,
+    ray_address: str | None = None,
 ) -> SimulationOutcome:
-    """Resolve the scenario and config, run the chosen mode, return where the results are."""
+    """Resolve the scenario and config, run the chosen mode, return where the results are; a federated
+    run joins the Ray cluster at `ray_address` when one is given."""
     if mode not in MODES:
         raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     scenario = load_scenario(scenario_ref, scenario_overrides)
@@ -123,7 +144,7 @@ def simulate(
         shutil.rmtree(out / "sites", ignore_errors=True)
     started = time.perf_counter()
     if mode == "federated":
-        metrics = run_federated(scenario, cfg)
+        metrics = run_federated(scenario, cfg, ray_address)
     else:
         from server.central_eval import scenario_test_evaluator
         from simulations.baselines import run_centralized, run_local

@@ -10,6 +10,7 @@ import torch
 
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.transforms import eval_transform
+from visionfm_core.distributed import DistContext
 from visionfm_core.evaluation.ssl_eval import probe_scores
 from visionfm_core.modalities import get_modality
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
@@ -34,10 +35,12 @@ def ssl_config(cfg: RunConfig) -> SSLConfig:
     return SSLConfig.from_dict(options)
 
 
-def new_trainer(cfg: RunConfig, modality: str, device: torch.device, seed_offset: int = 0) -> SSLTrainer:
-    """An SSL trainer for one modality with the run's architecture and schedules."""
+def new_trainer(cfg: RunConfig, modality: str, device: torch.device, seed_offset: int = 0,
+                dist: DistContext | None = None) -> SSLTrainer:
+    """An SSL trainer for one modality with the run's architecture and schedules (`dist`: one worker of a
+    multi-device site)."""
     return SSLTrainer(encoder_spec(cfg), get_modality(modality), ssl_config(cfg), total_steps=cfg.total_steps,
-                      device=device, seed=cfg.seed + seed_offset)
+                      device=device, seed=cfg.seed + seed_offset, dist=dist)
 
 
 def initial_global_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:

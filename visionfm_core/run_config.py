@@ -77,6 +77,11 @@ class RunConfig:
     central_dp_delta: float = 1e-5
     min_sites: int = 1
     round_timeout: float = 1800.0
+    # Many sites: the share of connected sites each round asks (seeded by `seed`, at least `min-sites`),
+    # and the seconds a round waits for them (0 = up to `round-timeout`); later replies are dropped.
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_deadline: float = 0.0
     # Seconds a round waits for a site that was sent the previous round but is offline now (a crashed
     # site whose supervisor restarts it) before going on without it; 0 = never wait.
     rejoin_grace: float = 60.0
@@ -146,6 +151,11 @@ class RunConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(_kebab(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 < float(getattr(self, name)) <= 1.0:
+                raise ConfigError(_kebab(name), f"must be in (0, 1], got {getattr(self, name)}")
+        if self.round_deadline < 0:
+            raise ConfigError("round-deadline", f"must be >= 0 seconds (0 = none), got {self.round_deadline}")
         if self.rejoin_grace < 0:
             raise ConfigError("rejoin-grace", f"must be >= 0 seconds, got {self.rejoin_grace}")
         if self.objective not in ("dino", "ibot"):

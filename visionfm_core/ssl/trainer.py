@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionfm_core.distributed import DistContext
 from visionfm_core.errors import CheckpointError, ConfigError, DataError, VisionFMError
 from visionfm_core.modalities import Modality
 from visionfm_core.models.encoders import EncoderSpec, create_encoder, validate_spec
@@ -63,7 +64,10 @@ class SSLTrainer:
     """Self-supervised pretraining of one modality's encoder on one site (see module docstring)."""
 
     def __init__(self, spec: EncoderSpec, modality: Modality, cfg: SSLConfig, total_steps: int,
-                 device: torch.device | str = "cpu", seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0, dist: DistContext | None = None) -> None:
+        """`dist`: this process is one worker of a multi-device site (its process group initialised): each
+        worker trains on its own shard of the batch, gradients and the centres' batch statistics are
+        averaged over the workers, so every worker holds the same student, teacher and centres."""
         if total_steps < 1:
             raise ConfigError("total_steps", f"must be >= 1, got {total_steps}")
         self.spec = validate_spec(spec)
@@ -73,6 +77,7 @@ class SSLTrainer:
         self.device = torch.device(device)
         self.seed = int(seed)
         self.ibot = cfg.objective == "ibot"
+        self.dist = dist if dist is not None and dist.world_size > 1 else None
 
         # Initialise under a private RNG so building a trainer never disturbs the caller's random stream.
         with torch.random.fork_rng(devices=[]):
@@ -105,6 +110,8 @@ class SSLTrainer:
             set_fused_attention(network, use_fused)
             # bf16 keeps fp32's exponent range, so the residual stream may live in it; fp16 may not.
             network.token_dtype = torch.bfloat16 if self.amp_dtype == torch.bfloat16 else None
+        if self.dist is not None:  # same seed, same weights; made certain, so the workers never drift
+            self.dist.broadcast_([*self.student.state_dict().values(), *self.teacher.state_dict().values()])
         self.step = 0
         # A teacher that is still the untrained copy made above: an "ema" sync then acts as a reset,
         # otherwise the first round would blend the global model with random weights.
@@ -236,17 +243,28 @@ class SSLTrainer:
         with torch.random.fork_rng(devices=cuda_rng):
             torch.manual_seed(step_seed)  # drop-path draws
             out = self._forward(views, masks, schedule)
-        loss_value = float(out.loss.detach())
+        reported = torch.stack([out.loss.detach().float(), out.loss_cls.float(), out.loss_patch.float()])
+        if self.dist is not None:  # the whole batch's loss; every worker sees the same, so all stop together
+            self.dist.mean_(reported)
+        loss_value, loss_cls, loss_patch = (float(v) for v in reported.cpu())
         if not np.isfinite(loss_value):
             raise TrainingDivergedError(f"SSL loss is {loss_value} at step {step}; step skipped")
         self._optimise(out.loss, schedule)
         with torch.no_grad():
-            update_center(self.center_cls, out.teacher_cls_logits, self.cfg.center_momentum)
+            update_center(self.center_cls, self._batch_mean(out.teacher_cls_logits), self.cfg.center_momentum)
             if out.teacher_patch_mean is not None:
-                update_center(self.center_patch, out.teacher_patch_mean, self.cfg.center_momentum)
+                update_center(self.center_patch, self._batch_mean(out.teacher_patch_mean), self.cfg.center_momentum)
         self.step = step + 1
         self._teacher_fresh = False
-        return {"loss": loss_value, "loss_cls": float(out.loss_cls), "loss_patch": float(out.loss_patch)}
+        return {"loss": loss_value, "loss_cls": loss_cls, "loss_patch": loss_patch}
+
+    def _batch_mean(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mean teacher logit row over the whole batch: over all workers' shards when distributed
+        (an all-reduce of equal-sized shards' means), so the centres stay identical on every worker."""
+        mean = logits.detach().float().reshape(-1, logits.shape[-1]).mean(dim=0, keepdim=True)
+        if self.dist is not None:
+            self.dist.mean_(mean)
+        return mean
 
     def _check_views(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         expected = self.cfg.global_crops + self.cfg.local_crops
@@ -261,7 +279,13 @@ class SSLTrainer:
     def _draw_masks(self, global_view: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         patch = self.student.patch_size
         height, width = global_view.shape[-2] // patch, global_view.shape[-1] // patch
-        masks = self.masker.batch_masks(self.cfg.global_crops, global_view.shape[0], height, width, rng)
+        batch = global_view.shape[0]
+        if self.dist is None:
+            masks = self.masker.batch_masks(self.cfg.global_crops, batch, height, width, rng)
+        else:
+            # The masks of the whole batch, this worker's slice: as if one process trained the whole batch.
+            every = self.masker.batch_masks(self.cfg.global_crops, batch * self.dist.world_size, height, width, rng)
+            masks = every[:, self.dist.rank * batch:(self.dist.rank + 1) * batch]
         return masks.to(self.device, non_blocking=True)
 
     def _forward(self, views: list[torch.Tensor], masks: torch.Tensor | None,
@@ -318,6 +342,8 @@ class SSLTrainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.dist is not None:  # DDP's gradient averaging, before unscaling and clipping
+            self.dist.mean_all_([p.grad for p in self._trainable if p.grad is not None])
         if self.cfg.clip_grad > 0:
             clip_gradients_(self._trainable, self.cfg.clip_grad)
         if schedule.freeze_last_layer:

@@ -1,0 +1,89 @@
+"""Step throughput of a multi-device site: one process training the whole batch against N worker
+processes (torch.distributed, gloo on CPU / NCCL on GPUs) each training 1/N of it.
+
+Both sides run the same SSL step (DINO, same config) on the same total batch of random multi-crop views;
+the workers average gradients and centres with all-reduce every step. Printed: images/s of each, and
+the ratio N workers / 1 process. On CPU the N workers share the machine's cores (each gets cores / N
+threads), so the ratio shows the cost of the all-reduce and of the split, not N times the compute; on a
+machine with N GPUs each worker has its own device.
+
+Usage: python bench/bench_multi_device.py [--workers 2] [--batch 32] [--steps 5] [--arch tiny] [--threads 1]
+                                         [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from typing import Any
+
+import torch
+
+from visionfm_core.distributed import DistContext, launch
+from visionfm_core.modalities import get_modality
+from visionfm_core.models.encoders import EncoderSpec
+from visionfm_core.ssl.config import SSLConfig
+from visionfm_core.ssl.trainer import SSLTrainer
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _views(batch: int, size: int, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return ([torch.randn(batch, 3, size, size, generator=generator) for _ in range(2)]
+            + [torch.randn(batch, 3, size // 2, size // 2, generator=generator) for _ in range(4)])
+
+
+def run(ctx: DistContext | None, arch: str, size: int, batch: int, steps: int, threads: int) -> dict[str, Any]:
+    """Images/s of `steps` SSL steps (after one warm-up step) on a total batch of `batch` images."""
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
+    if ctx is None:
+        torch.set_num_threads(threads)
+    cfg = SSLConfig(objective="dino", batch_size=batch, local_crops=4, out_dim=4096, head_hidden_dim=2048,
+                    head_bottleneck_dim=256)
+    trainer = SSLTrainer(EncoderSpec(arch=arch, image_size=size, patch_size=8), get_modality("fundus"), cfg,
+                         total_steps=steps + 1, dist=ctx)
+    share = batch // world
+    views = [v[rank * share:(rank + 1) * share] for v in _views(batch, size, 0)]
+    trainer.train_step(views, 0)
+    started = time.perf_counter()
+    losses = [trainer.train_step(views, step)["loss"] for step in range(1, steps + 1)]
+    return {"images_per_s": batch * steps / (time.perf_counter() - started), "losses": losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32, help="total images per step")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--arch", default="tiny")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the single process (0: all CPUs; the workers get CPUs / N each). "
+                             "On a shared container 2 threads can be far slower than 1: measure both")
+    parser.add_argument("--smoke", action="store_true", help="nano ViT, 32 px, batch 4, 1 step")
+    args = parser.parse_args()
+    if args.smoke:
+        args.arch, args.size, args.batch, args.steps = "nano", 32, 4, 1
+    threads = args.threads or os.cpu_count() or 1
+    print(f"CPU: {cpu_model()}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; ViT-{args.arch}/8 at "
+          f"{args.size} px, 2 global + 4 local crops, total batch {args.batch}, {args.steps} steps")
+    single = run(None, args.arch, args.size, args.batch, args.steps, threads)
+    multi = launch(run, (args.arch, args.size, args.batch, args.steps, threads), args.workers, "cpu")
+    print(f"1 process ({threads} thread(s)): {single['images_per_s']:.2f} images/s, losses "
+          f"{[round(v, 4) for v in single['losses']]}")
+    print(f"{args.workers} processes: {multi['images_per_s']:.2f} images/s, losses "
+          f"{[round(v, 4) for v in multi['losses']]}")
+    print(f"ratio {args.workers} processes / 1 process: {multi['images_per_s'] / single['images_per_s']:.2f}x "
+          f"images/s (gloo, CPU threads split between the workers)")
+
+
+if __name__ == "__main__":
+    main()
