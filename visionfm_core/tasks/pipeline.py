@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, FitResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +47,20 @@ def prepare_encoder(source: EncoderSource, modality: str, image_size: int) -> tu
     else:
         imported = import_encoder(path, modality, trust=source.trust)
         state, meta = imported.state, imported.metadata
+    trained_at = meta["timm_kwargs"].get("img_size")
     encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
+    if trained_at is not None and trained_at != image_size:
+        patch = int(kwargs["patch_size"])
+        logger.warning(
+            "the encoder was pretrained at %s px and is used at %d px: its position embedding was resampled "
+            "from %sx%s to %dx%d patches (pretrain at the size you fine-tune at when you can)",
+            trained_at,
+            image_size,
+            int(trained_at) // patch,
+            int(trained_at) // patch,
+            image_size // patch,
+            image_size // patch,
+        )
     return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
 
 
@@ -68,9 +84,13 @@ def finetune(
     out: str | Path | None = None,
     preprocess_options: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
+    """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given.
+
+    Preprocessing starts from the task's defaults (tiles and augmentation for segmentation), finds
+    the field of view of fundus photographs, and ``preprocess_options`` override both."""
     encoder, meta = prepare_encoder(source, modality, image_size)
-    preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
+    options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
+    preprocess = preprocess_for(meta, image_size, **options)
     tuner = FineTuner(task, config, device)
     result = tuner.fit(encoder, train, val, preprocess)
     if out is not None:
@@ -83,6 +103,9 @@ def finetune(
             extra={
                 "finetune": config.to_dict(),
                 "best_epoch": result.best_epoch,
+                "steps": result.steps,
+                "batch_size": result.batch_size,
+                "warnings": result.warnings,
                 "selection_metric": result.selection_metric,
                 "validation": {k: v for k, v in result.best_validation.items() if v == v},  # drop nan (JSON)
             },
