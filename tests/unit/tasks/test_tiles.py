@@ -158,3 +158,25 @@ def test_fast_fov_matches_the_expert_mask_on_hrf() -> None:
 
 def test_fast_fov_of_a_borderless_image_is_everything() -> None:
     assert fast_fundus_fov(np.full((40, 50, 3), 120, np.uint8)).all()
+
+
+def test_the_same_decoder_serves_idrid_lesions_multi_class() -> None:
+    from visionfm_core.tasks.public_sets import IDRID_COLOURS
+    from visionfm_core.tasks.samples import MaskEncoding
+
+    names = ("background", *IDRID_COLOURS)
+    encoding = MaskEncoding("colour", (((0, 0, 0), 0), *((rgb, i + 1) for i, rgb in enumerate(IDRID_COLOURS.values()))))
+    root = DATA / "idrid_seg"
+    samples = [
+        TaskSample(ImageItem(str(root / "images" / f"IDRiD_0{n}.jpg")), mask=str(root / "masks" / f"IDRiD_0{n}.png"))
+        for n in (1, 2)
+    ]
+    task = SegmentationTask(len(names), names, encoding, features=4)
+    preprocess = Preprocess(image_size=32, fov_diameter=96, **TILES)
+    config = FineTuneConfig(epochs=1, min_steps=2, batch_size=2, mixed_precision=False)
+    tuner = FineTuner(task, config)
+    result = tuner.fit(tiny_encoder(32), samples[:1], samples[1:], preprocess)
+    assert {f"dice_{name}" for name in names[1:]} <= set(result.best_validation)
+    assert "best_threshold" not in result.best_validation  # argmax over classes, no binary cut
+    prediction = tuner.predict(result.model, tuner.loader(samples[1:], preprocess, False, with_targets=False))[0]
+    assert prediction["mask"].shape == (712, 1072) and int(prediction["mask"].max()) < len(names)
