@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from visionfm_core.errors import DataError
+from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
 from visionfm_core.tasks.geometry import Window, letterbox, resample_image, resample_labels
@@ -59,6 +59,12 @@ class Preprocess:
     rotate: float = 0.0
     gamma: float = 0.0
     colour: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError("overlap", f"tile overlap must lie in [0, 1), got {self.overlap}")
+        if self.crops_per_image < 1 or self.fov_diameter < 0 or self.image_size < 1:
+            raise ConfigError("preprocess", "image_size and crops_per_image must be positive, fov_diameter >= 0")
 
     @classmethod
     def for_modality(cls, modality: str, image_size: int, **options: Any) -> Preprocess:
