@@ -175,6 +175,18 @@ def test_vessel_segmentation_trains_on_the_gpu_and_predicts_at_source_resolution
     assert prediction["mask"].shape == (1168, 1752)
 
 
+def test_tiled_vessel_segmentation_runs_on_the_gpu_at_source_resolution() -> None:
+    samples = hrf_samples(DATA / "hrf", with_vessels=True)
+    task = SegmentationTask(2, ("background", "vessel"), features=4)
+    tuner = FineTuner(task, FineTuneConfig(epochs=1, min_steps=2, batch_size=2), device="cuda")
+    options = {**task.preprocess_defaults(), "fov_diameter": 256, "crops_per_image": 2}
+    preprocess = Preprocess.for_modality("fundus", 64, fov_crop=True, **options)
+    result = tuner.fit(create_encoder(EncoderSpec("nano", 64, 16)), samples[:2], samples[2:3], preprocess)
+    assert 0.0 <= result.best_validation["dice"] <= 1.0 and "best_threshold" in result.best_validation
+    prediction = tuner.predict(result.model, tuner.loader(samples[:1], preprocess, False, with_targets=False))[0]
+    assert prediction["mask"].shape == (1168, 1752)
+
+
 def test_optic_disc_detection_trains_on_the_gpu() -> None:
     samples = idrid_optic_disc(DATA / "idrid_seg")
     tuner = FineTuner(DetectionTask(1, ("disc",)), FineTuneConfig(epochs=2, batch_size=4), device="cuda")

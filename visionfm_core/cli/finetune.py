@@ -51,8 +51,11 @@ def finetune_command(
     trust: Annotated[bool, typer.Option(help="fully unpickle a .pth you trust (can run code from the file)")] = False,
     image_size: Annotated[int, typer.Option(help="input size; images are letterboxed, any size works")] = 224,
     regime: Annotated[str, typer.Option(help="full (fine-tune everything) | frozen (VisionFM probe)")] = "full",
-    epochs: int = 10,
-    batch_size: int = 16,
+    epochs: Annotated[int, typer.Option(help="at least this many epochs (more when --min-steps needs them)")] = 10,
+    min_steps: Annotated[
+        int, typer.Option(help="at least this many optimiser steps, however small the training set")
+    ] = 300,
+    batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the head")] = 1e-3,
     layer_decay: Annotated[float, typer.Option(help="per-block learning-rate decay of the encoder")] = 0.65,
     weight_decay: float = 0.05,
@@ -65,7 +68,9 @@ def finetune_command(
     num_classes: Annotated[int | None, typer.Option(help="classes (segmentation: including background)")] = None,
     mask_mode: Annotated[str, typer.Option(help="segmentation masks: binary | index | colour")] = "binary",
     mask_colours: Annotated[str | None, typer.Option(help="colour-coded masks, e.g. '0,0,0=0;255,255,0=1'")] = None,
-    class_weights: Annotated[str, typer.Option(help="none | balanced (imbalanced classes)")] = "none",
+    class_weights: Annotated[
+        str, typer.Option(help="balanced (inverse class frequency, for a rare class) | none")
+    ] = "balanced",
     label_smoothing: float = 0.1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     seed: int = 0,
@@ -89,6 +94,7 @@ def finetune_command(
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
+        min_steps=min_steps,
         batch_size=batch_size,
         lr=lr,
         layer_decay=layer_decay,
@@ -106,10 +112,15 @@ def finetune_command(
         progress=console_progress(console),
     )
     skipped = name_skipped(console, [*train_data.skipped, *result.skipped.items()])
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     emit_json(
         {
             "model": str(out),
             "best_epoch": result.best_epoch,
+            "steps": result.steps,
+            "batch_size": result.batch_size,
+            "warnings": result.warnings,
             "selection_metric": result.selection_metric,
             "validation": result.best_validation,
             "skipped": skipped,

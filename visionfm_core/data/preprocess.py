@@ -29,6 +29,50 @@ def fundus_fov_mask(image: np.ndarray, threshold: int | None = None) -> np.ndarr
     return brightest > threshold
 
 
+# Long side of the thumbnail the fast field-of-view finder thresholds (a 15-megapixel photograph is
+# strided down about 20 times: its circle edge is then placed to within that stride, plenty for cropping).
+FOV_THUMBNAIL = 256
+
+
+def fast_fundus_fov(image: np.ndarray, thumbnail: int = FOV_THUMBNAIL) -> np.ndarray:
+    """Boolean (H, W) field-of-view mask found on a strided thumbnail (milliseconds at 15 megapixels).
+
+    The thumbnail's brightest channel is thresholded like :func:`fundus_fov_mask`; each row is then
+    filled between its first and last inside pixel (the field of view is convex, so dark lesions,
+    vessels or a dim macula inside it never become holes), and the mask is brought back to full size
+    with nearest-neighbour. An image without a dark border gives an all-true mask.
+    """
+    _check_rgb(image)
+    height, width = image.shape[:2]
+    stride = max(1, int(np.ceil(max(height, width) / thumbnail)))
+    small = image[::stride, ::stride].max(axis=2)
+    threshold = max(10, int(0.07 * float(np.percentile(small, 99))))
+    inside = small > threshold
+    # Row-span fill: from the first to the last inside pixel of every row with enough of them.
+    counts = inside.sum(axis=1)
+    filled = np.zeros_like(inside)
+    columns = np.arange(inside.shape[1])
+    for row in np.flatnonzero(counts > max(1, 0.01 * inside.shape[1])):
+        hits = np.flatnonzero(inside[row])
+        filled[row] = (columns >= hits[0]) & (columns <= hits[-1])
+    if not filled.any():
+        return np.ones((height, width), dtype=bool)
+    # Nearest-neighbour back to full size: thumbnail pixel (i, j) covers rows i*stride.. of the source.
+    rows = np.minimum(np.arange(height) // stride, filled.shape[0] - 1)
+    cols = np.minimum(np.arange(width) // stride, filled.shape[1] - 1)
+    full: np.ndarray = filled[rows][:, cols]
+    return full
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a boolean mask's true pixels, bottom/right exclusive; the whole
+    mask when none is true."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return 0, mask.shape[0], 0, mask.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def fundus_fov_box(image: np.ndarray, threshold: int | None = None) -> tuple[int, int, int, int]:
     """(top, bottom, left, right), bottom/right exclusive, of the field of view; the whole image when
     no dark border is found. Rows/columns with fewer than 1% FOV pixels count as border (JPEG specks)."""

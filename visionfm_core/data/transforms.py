@@ -34,6 +34,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
 from visionfm_core.data.photometric import Photometric
+from visionfm_core.data.preprocess import fast_fundus_fov, mask_box
 from visionfm_core.errors import DataError
 from visionfm_core.modalities import Modality
 from visionfm_core.ssl.config import SSLConfig, resolve_crop_sizes
@@ -130,7 +131,9 @@ class MultiCrop:
     """
 
     def __init__(self, global_geometry: list[Geometry], local_geometry: Geometry, local_crops: int,
-                 global_photometric: list[Photometric], local_photometric: Photometric) -> None:
+                 global_photometric: list[Photometric], local_photometric: Photometric,
+                 fov_crop: bool = False) -> None:
+        self.fov_crop = fov_crop
         self.global_geometry = global_geometry
         self.local_geometry = local_geometry
         self.local_crops = local_crops
@@ -143,8 +146,14 @@ class MultiCrop:
         return [*self.global_photometric, *[self.local_photometric] * self.local_crops]
 
     def crop(self, image: np.ndarray) -> list[torch.Tensor]:
-        """The geometric views of one image, uint8 (3, h, w)."""
+        """The geometric views of one image, uint8 (3, h, w); with ``fov_crop`` (fundus) they are
+        drawn from the field of view's box, black outside the field of view (no crop of the border)."""
         source = _to_chw_uint8(image)
+        if self.fov_crop:
+            fov = fast_fundus_fov(image)
+            top, bottom, left, right = mask_box(fov)
+            inside = torch.from_numpy(np.ascontiguousarray(fov[top:bottom, left:right]))
+            source = source[:, top:bottom, left:right] * inside
         views = [view(source) for view in self.global_geometry]
         return views + [self.local_geometry(source) for _ in range(self.local_crops)]
 
@@ -185,6 +194,7 @@ def multicrop_transform(modality: Modality, cfg: SSLConfig, image_size: int,
         [photometric(global_size, blur_first if i == 0 else blur_second, 0.0 if i == 0 else policy.solarize_prob)
          for i in range(cfg.global_crops)],
         photometric(local_size, blur_local, 0.0),
+        fov_crop=modality.name == "fundus",
     )
 
 

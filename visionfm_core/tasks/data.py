@@ -9,18 +9,23 @@ it, on the site only).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from visionfm_core.errors import DataError
+from visionfm_core.errors import ConfigError, DataError
+from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
-from visionfm_core.tasks.geometry import Window, letterbox, random_window, resample_image
+from visionfm_core.tasks.geometry import Window, letterbox, resample_image, resample_labels
 from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.tiles import FieldOfView, working_scale
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +35,15 @@ TargetPreparer = Callable[[TaskSample, Window, tuple[int, int]], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Input size, normalisation and training augmentation (zoom, mirror, brightness/contrast)."""
+    """Input size, normalisation and training augmentation.
+
+    ``fov_crop`` (fundus): every window is taken around the detected field of view, not the whole
+    frame, and the image is black outside it. ``tiles`` (dense tasks): train on ``image_size`` crops
+    at the working scale (the field of view ``fov_diameter`` pixels wide, 0 = each image's own
+    resolution; ``crops_per_image`` per epoch) and predict with overlapping tiles (``overlap``); the
+    letterbox of the whole image otherwise. Augmentation: zoom (``max_zoom``, both ways in tiles
+    mode), mirror, rotation (degrees), brightness/contrast (``jitter``), gamma and per-channel colour.
+    """
 
     image_size: int = 224
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -38,6 +51,20 @@ class Preprocess:
     max_zoom: float = 1.15
     flip: bool = True
     jitter: float = 0.1
+    fov_crop: bool = False
+    tiles: bool = False
+    fov_diameter: int = 0
+    crops_per_image: int = 8
+    overlap: float = 0.5
+    rotate: float = 0.0
+    gamma: float = 0.0
+    colour: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError("overlap", f"tile overlap must lie in [0, 1), got {self.overlap}")
+        if self.crops_per_image < 1 or self.fov_diameter < 0 or self.image_size < 1:
+            raise ConfigError("preprocess", "image_size and crops_per_image must be positive, fov_diameter >= 0")
 
     @classmethod
     def for_modality(cls, modality: str, image_size: int, **options: Any) -> Preprocess:
@@ -53,18 +80,77 @@ class Preprocess:
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
         return cls(**values)
 
-    def window(self, height: int, width: int, train: bool) -> Window:
+    def window(self, height: int, width: int, train: bool, fov: FieldOfView | None = None) -> Window:
+        top, bottom, left, right = fov.box if fov is not None else (0, height, 0, width)
+        if self.tiles and train:
+            return self.tile_window(fov or FieldOfView(np.ones((height, width), bool), (0, height, 0, width)))
+        base = letterbox(bottom - top, right - left, self.image_size)
+        base = Window(base.x0 + left, base.y0 + top, base.side, base.size)
         if not train:
-            return letterbox(height, width, self.image_size)
-        return random_window(height, width, self.image_size, self.max_zoom, self.flip)
+            return base
+        return random_window_in(base, self.max_zoom, self.flip)
+
+    def tile_window(self, fov: FieldOfView) -> Window:
+        """A random training crop at the working scale (zoomed by up to ``max_zoom`` either way),
+        centred on a random point of the field of view's box."""
+        scale = working_scale(fov, self.fov_diameter)
+        draws = torch.rand(5).tolist()
+        zoom = math.exp((2 * draws[0] - 1) * math.log(max(1.0, self.max_zoom)))
+        side = self.image_size / scale / zoom
+        top, bottom, left, right = fov.box
+        centre_x = left + draws[1] * (right - left)
+        centre_y = top + draws[2] * (bottom - top)
+        flip = self.flip and draws[3] < 0.5
+        return Window(centre_x - side / 2, centre_y - side / 2, side, self.image_size, flip=flip)
 
     def normalise(self, image: Tensor, train: bool) -> Tensor:
-        if train and self.jitter > 0:
-            draws = (torch.rand(2) * 2 - 1) * self.jitter
-            image = ((image - image.mean()) * (1 + draws[0]) + image.mean() * (1 + draws[1])).clamp_(0, 1)
+        if train:
+            image = self.photometric(image)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (image - mean) / std
+
+    def photometric(self, image: Tensor) -> Tensor:
+        """Random brightness/contrast, gamma and per-channel gain (cameras differ in all three)."""
+        draws = (torch.rand(6) * 2 - 1).tolist()
+        if self.jitter > 0:
+            mean = image.mean()
+            image = ((image - mean) * (1 + draws[0] * self.jitter) + mean * (1 + draws[1] * self.jitter)).clamp_(0, 1)
+        if self.gamma > 0:
+            image = image.clamp(min=0).pow(math.exp(draws[2] * self.gamma))
+        if self.colour > 0:
+            gains = 1 + torch.tensor(draws[3:6]).view(3, 1, 1) * self.colour
+            image = (image * gains).clamp_(0, 1)
+        return image
+
+
+def random_window_in(base: Window, max_zoom: float, flip: bool) -> Window:
+    """``base`` zoomed in by up to ``max_zoom`` at a random place, mirrored half the time."""
+    draws = torch.rand(4).tolist()
+    zoom = 1.0 + (max_zoom - 1.0) * draws[0]
+    side = base.side / zoom
+    return Window(
+        base.x0 + draws[1] * (base.side - side),
+        base.y0 + draws[2] * (base.side - side),
+        side,
+        base.size,
+        flip=flip and draws[3] < 0.5,
+    )
+
+
+def rotate_record(record: Batch, degrees: float) -> None:
+    """Rotate a training record's image and dense ``mask`` by the same random angle in place (the
+    corners brought in are black in the image and ignored in the mask)."""
+    angle = math.radians(float((torch.rand(1) * 2 - 1) * degrees))
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]])[None]
+    image = record["image"]
+    grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
+    record["image"] = F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
+    if "mask" in record:
+        shifted = (record["mask"].float() + 1)[None, None]  # 0 = brought in from outside
+        rotated = F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].long() - 1
+        record["mask"] = torch.where(rotated < 0, torch.full_like(rotated, IGNORE_INDEX), rotated)
 
 
 class TaskDataset(Dataset[Batch]):
@@ -80,15 +166,36 @@ class TaskDataset(Dataset[Batch]):
         self.prepare = prepare
         self.train = train
         self.skipped: dict[str, str] = {}
+        self._cache: dict[int, tuple[np.ndarray, FieldOfView | None]] = {}
+
+    @property
+    def tiled_training(self) -> bool:
+        return self.train and self.preprocess.tiles
 
     def __len__(self) -> int:
-        return len(self.samples)
+        # Tiled training draws several crops of every image per epoch.
+        return len(self.samples) * (self.preprocess.crops_per_image if self.tiled_training else 1)
+
+    def load(self, index: int) -> tuple[np.ndarray, FieldOfView | None]:
+        """The sample's image (black outside its field of view when ``fov_crop``) and that field
+        of view (None without ``fov_crop``); tiled training keeps a few decoded images in memory."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        image = self.samples[index].item.load()
+        fov = None
+        if self.preprocess.fov_crop:
+            fov = FieldOfView.of(image, detect=True)
+            image = np.where(fov.mask[..., None], image, np.uint8(0))
+        if self.tiled_training and len(self._cache) < 64:
+            self._cache[index] = (image, fov)
+        return image, fov
 
     def _build(self, index: int) -> Batch:
         sample = self.samples[index]
-        image = sample.item.load()
+        image, fov = self.load(index)
         height, width = image.shape[:2]
-        window = self.preprocess.window(height, width, self.train)
+        window = self.preprocess.window(height, width, self.train, fov)
         record: Batch = {
             "image": self.preprocess.normalise(resample_image(image, window), self.train),
             "window": window.as_tensor(),
@@ -97,6 +204,13 @@ class TaskDataset(Dataset[Batch]):
             "valid": True,
         }
         record.update(self.prepare(sample, window, (height, width)))
+        if self.tiled_training:
+            if fov is not None and "mask" in record:
+                # Outside the field of view is background to learn (predictions put it there too).
+                inside = resample_labels(fov.mask.astype(np.uint8), window, 2) == 1
+                record["mask"] = torch.where(inside, record["mask"], torch.zeros_like(record["mask"]))
+            if self.preprocess.rotate > 0:
+                rotate_record(record, self.preprocess.rotate)
         return record
 
     def _skip(self, exc: DataError) -> None:

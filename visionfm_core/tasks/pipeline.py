@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, FitResult
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,10 +51,23 @@ def prepare_encoder(
     else:
         imported = import_encoder(path, modality, trust=source.trust)
         state, meta = imported.state, imported.metadata
+    trained_at = meta["timm_kwargs"].get("img_size")
     encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
     if announce is not None:
         announce(f"encoder {path}: {meta.get('source_format', 'visionfm-fed')} weights, "
                  f"{normalisation_name(meta['mean'])} normalisation")
+    if trained_at is not None and trained_at != image_size:
+        patch = int(kwargs["patch_size"])
+        logger.warning(
+            "the encoder was pretrained at %s px and is used at %d px: its position embedding was resampled "
+            "from %sx%s to %dx%d patches (pretrain at the size you fine-tune at when you can)",
+            trained_at,
+            image_size,
+            int(trained_at) // patch,
+            int(trained_at) // patch,
+            image_size // patch,
+            image_size // patch,
+        )
     return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
 
 
@@ -77,9 +93,13 @@ def finetune(
     announce: Callable[[str], None] | None = None,
     progress: ProgressReporter = NO_PROGRESS,
 ) -> FitResult:
-    """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given."""
+    """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given.
+
+    Preprocessing starts from the task's defaults (tiles and augmentation for segmentation), finds
+    the field of view of fundus photographs, and ``preprocess_options`` override both."""
     encoder, meta = prepare_encoder(source, modality, image_size, announce)
-    preprocess = preprocess_for(meta, image_size, **(preprocess_options or {}))
+    options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
+    preprocess = preprocess_for(meta, image_size, **options)
     tuner = FineTuner(task, config, device)
     tuner.progress = progress
     result = tuner.fit(encoder, train, val, preprocess)
@@ -93,6 +113,9 @@ def finetune(
             extra={
                 "finetune": config.to_dict(),
                 "best_epoch": result.best_epoch,
+                "steps": result.steps,
+                "batch_size": result.batch_size,
+                "warnings": result.warnings,
                 "selection_metric": result.selection_metric,
                 "validation": {k: v for k, v in result.best_validation.items() if v == v},  # drop nan (JSON)
             },

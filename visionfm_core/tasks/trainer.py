@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from visionfm_core.errors import ConfigError
+from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.models.heads import TaskHead, TaskModel, encoder_dims
 from visionfm_core.progress import NO_PROGRESS, EpochLine, ProgressReporter
 from visionfm_core.runtime import autocast_dtype, autocast_for, seed_everything, torch_threads
 from visionfm_core.tasks.adapters.base import Regime, TaskAdapter
 from visionfm_core.tasks.data import Preprocess, TaskDataset, collate, move, select
 from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.tiles import FieldOfView, sliding_window, to_source, to_working, working_scale
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class FineTuneConfig:
     patience: int | None = None
     select_metric: str | None = None
     seed: int = 0
+    min_steps: int = 0
+    min_steps_per_epoch: int = 4
+    max_validations: int = 12
     num_workers: int = 0
     eval_batch_size: int | None = None
     mixed_precision: bool = True
@@ -63,6 +67,8 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.regime not in ("frozen", "full"):
             raise ConfigError("regime", f"unknown regime {self.regime!r}; use 'frozen' or 'full'")
+        if self.min_steps < 0 or self.min_steps_per_epoch < 1 or self.max_validations < 1:
+            raise ConfigError("min_steps", "min_steps >= 0, min_steps_per_epoch >= 1, max_validations >= 1")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be at least 1, got {getattr(self, key)}")
@@ -158,6 +164,32 @@ class FitResult:
     selection_metric: str
     history: list[EpochRecord] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
+    batch_size: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a run spends its optimiser steps: the batch fits the set (at least ``min_steps_per_epoch``
+    steps an epoch) and the epochs are as many as ``epochs`` asks or ``min_steps`` needs."""
+
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    validate_every: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @classmethod
+    def plan(cls, config: FineTuneConfig, examples: int, max_batch: int | None = None) -> Schedule:
+        batch = max(1, min(config.batch_size, max_batch or config.batch_size, examples // config.min_steps_per_epoch))
+        drop_last = examples > batch
+        per_epoch = max(1, examples // batch if drop_last else math.ceil(examples / batch))
+        epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
+        return cls(batch, per_epoch, epochs, max(1, math.ceil(epochs / config.max_validations)))
 
 
 def get_weights(model: TaskModel, part: WeightPart = "encoder") -> dict[str, Tensor]:
@@ -222,19 +254,26 @@ class FineTuner:
         groups = parameter_groups(model, self.config)
         optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.999))
         per_epoch = steps_per_epoch or max(1, total_steps // self.config.epochs)
-        warmup = min(total_steps, round(self.config.warmup_epochs * per_epoch))
+        # Warm-up: an epoch's worth, but never more than a tenth of a long run's steps.
+        warmup = min(round(self.config.warmup_epochs * per_epoch), max(1, total_steps // 10))
         scaler = None
         if self.config.mixed_precision and autocast_dtype(self.device) == torch.float16:
             scaler = torch.amp.GradScaler(self.device.type)  # fp16 needs loss scaling; bf16 does not
         return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler)
 
     def loader(
-        self, samples: Sequence[TaskSample], preprocess: Preprocess, train: bool, with_targets: bool = True
+        self,
+        samples: Sequence[TaskSample],
+        preprocess: Preprocess,
+        train: bool,
+        with_targets: bool = True,
+        batch_size: int | None = None,
     ) -> DataLoader[Any]:
         """Batches of ``samples``; ``with_targets=False`` for unlabelled images (prediction only)."""
         prepare = self.task.prepare if with_targets else _no_targets
         dataset = TaskDataset(samples, preprocess, prepare, train=train)
-        batch_size = self.config.batch_size if train else (self.config.eval_batch_size or self.config.batch_size)
+        if batch_size is None:
+            batch_size = self.config.batch_size if train else (self.config.eval_batch_size or self.config.batch_size)
         generator = torch.Generator().manual_seed(self.config.seed)
         return DataLoader(
             dataset,
@@ -290,10 +329,60 @@ class FineTuner:
         else:
             state.optimizer.step()
 
+    # --- whole photographs at their own resolution (tiled dense tasks) ---------------------------------
+
+    def _tiled(self, loader: DataLoader[Any]) -> TaskDataset | None:
+        dataset = loader.dataset
+        if isinstance(dataset, TaskDataset) and dataset.preprocess.tiles and hasattr(self.task, "source_meter"):
+            return dataset
+        return None
+
+    def source_probabilities(self, model: TaskModel, dataset: TaskDataset, index: int) -> Tensor:
+        """(C, H, W) class probabilities for every source pixel of sample ``index`` (tiles, blended)."""
+        preprocess = dataset.preprocess
+        image, fov = dataset.load(index)
+        fov = fov or FieldOfView.of(image, detect=False)
+        working, _ = to_working(image, fov, working_scale(fov, preprocess.fov_diameter))
+        mean = torch.tensor(preprocess.mean).view(3, 1, 1)
+        std = torch.tensor(preprocess.std).view(3, 1, 1)
+        normalised = ((working - mean) / std).to(self.device)
+
+        def forward(tiles: Tensor) -> Tensor:
+            with autocast_for(self.device, self.config.mixed_precision):
+                logits = model(tiles)
+            assert isinstance(logits, Tensor)
+            return torch.softmax(logits.float(), dim=1)
+
+        batch = self.config.eval_batch_size or self.config.batch_size
+        probabilities = sliding_window(forward, normalised, preprocess.image_size, preprocess.overlap, batch)
+        return to_source(probabilities, fov, image.shape[0], image.shape[1])
+
+    def _evaluate_source(self, model: TaskModel, dataset: TaskDataset) -> dict[str, float]:
+        meter = self.task.source_meter()  # type: ignore[attr-defined]
+        for index, sample in enumerate(dataset.samples):
+            try:
+                probabilities = self.source_probabilities(model, dataset, index)
+                labels = self.task.source_labels(sample, tuple(probabilities.shape[-2:]))  # type: ignore[attr-defined]
+            except DataError as exc:
+                dataset._skip(exc)
+                continue
+            meter.update(probabilities, labels)
+        results: dict[str, float] = meter.compute()
+        results["skipped"] = float(len(dataset.skipped))
+        return results
+
     @torch.no_grad()
     def evaluate(self, model: TaskModel, loader: DataLoader[Any]) -> dict[str, float]:
-        """Metrics of the task on ``loader`` (plus ``loss``), the model in eval mode."""
+        """Metrics of the task on ``loader`` (plus ``loss``), the model in eval mode; tiled dense
+        tasks are scored on whole photographs at their own resolution."""
         was_training = model.training
+        tiled = self._tiled(loader)
+        if tiled is not None:
+            model.eval()
+            with torch_threads(self.config.threads):
+                results = self._evaluate_source(model, tiled)
+            model.train(was_training)
+            return results
         model.eval()
         meter = self.task.meter()
         total_loss, images = 0.0, 0
@@ -321,6 +410,17 @@ class FineTuner:
         """Per-sample predictions in source coordinates, each with its sample ``index``."""
         model.eval()
         results: list[dict[str, Any]] = []
+        tiled = self._tiled(loader)
+        if tiled is not None:
+            with torch_threads(self.config.threads):
+                for index in range(len(tiled.samples)):
+                    try:
+                        probabilities = self.source_probabilities(model, tiled, index)
+                    except DataError as exc:
+                        tiled._skip(exc)
+                        continue
+                    results.append({"index": index, **self.task.source_prediction(probabilities)})  # type: ignore[attr-defined]
+            return results
         with torch_threads(self.config.threads):
             for batch in loader:
                 batch = select(batch, batch["valid"])
@@ -353,20 +453,35 @@ class FineTuner:
         self.task.check(list(train_samples) + list(val_samples))
         self.task.fit_to_data(train_samples)
         model = self.build_model(encoder, head)
-        train_loader = self.loader(train_samples, preprocess, train=True)
+        train_set = TaskDataset(train_samples, preprocess, self.task.prepare, train=True)
+        schedule = Schedule.plan(self.config, len(train_set), self.task.max_batch_size)
+        train_loader = self.loader(train_samples, preprocess, train=True, batch_size=schedule.batch_size)
         val_loader = self.loader(val_samples, preprocess, train=False)
-        per_epoch = len(train_loader)
-        state = self.init_state(model, per_epoch * self.config.epochs, steps_per_epoch=per_epoch)
+        state = self.init_state(model, schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch)
+        logger.info(
+            "schedule: %d optimiser steps (%d epochs of %d, batch %d), warm-up %d steps",
+            schedule.total_steps,
+            schedule.epochs,
+            schedule.steps_per_epoch,
+            schedule.batch_size,
+            state.warmup_steps,
+        )
         metric, higher = self.selection_metric, self.task.higher_is_better
         if metric in ("loss", "mre", "mae", "rmse"):
             higher = False
         best_score: tuple[int, float] | None = None
         best_state: dict[str, Tensor] = {}
         best_epoch, best_validation, history, waited = 0, {}, [], 0
-        self.progress.start("train", per_epoch * self.config.epochs, "fine-tuning")
-        for epoch in range(self.config.epochs):
+        self.progress.start("train", schedule.total_steps, "fine-tuning")
+        for epoch in range(schedule.epochs):
             epoch_started = time.perf_counter()
             train_metrics = self.train_epochs(state, train_loader, 1)
+            last = epoch == schedule.epochs - 1
+            if not last and (epoch + 1) % schedule.validate_every:
+                # Long runs on small sets validate a bounded number of times; the epoch still reports.
+                self.progress.epoch(EpochLine(epoch + 1, schedule.epochs, train_metrics["loss"],
+                                              time.perf_counter() - epoch_started))
+                continue
             validation = self.evaluate(model, val_loader)
             if metric not in validation:
                 raise ConfigError(
@@ -375,13 +490,15 @@ class FineTuner:
                 )
             history.append(EpochRecord(epoch, train_metrics, validation))
             logger.info(
-                "epoch %d: train loss %.4f, validation %s %.4f",
-                epoch,
+                "epoch %d/%d (step %d): train loss %.4f, validation %s %.4f",
+                epoch + 1,
+                schedule.epochs,
+                state.step,
                 train_metrics["loss"],
                 metric,
                 validation[metric],
             )
-            self.progress.epoch(EpochLine(epoch + 1, self.config.epochs, train_metrics["loss"],
+            self.progress.epoch(EpochLine(epoch + 1, schedule.epochs, train_metrics["loss"],
                                           time.perf_counter() - epoch_started, metric, validation[metric]))
             score = selection_score(validation, metric, higher)
             if best_score is None or score > best_score:
@@ -393,8 +510,38 @@ class FineTuner:
                     break
         self.progress.finish("train", f"fine-tuned on {len(train_samples)} images, best epoch {best_epoch + 1}")
         model.load_state_dict(best_state)
+        warnings: list[str] = []
+        if len(history) > 1 and best_epoch == history[0].epoch:
+            warnings.append(
+                f"the first validated epoch ({best_epoch + 1}) was the best on validation {metric}: the model "
+                "probably learnt nothing after it (try more steps, a lower learning rate or more data)"
+            )
+            logger.warning(warnings[-1])
+        if "best_threshold" in best_validation and hasattr(self.task, "threshold"):
+            # The decision threshold that was best on validation (Dice, or balanced accuracy for a
+            # binary classifier) travels with the model; the reported validation metrics use it.
+            self.task.threshold = float(best_validation["best_threshold"])
+            if self._tiled(val_loader) is None:  # cheap to score again (tiled: dice_at_best_threshold)
+                best_validation = {**best_validation, **self.evaluate(model, val_loader)}
+        predicted, present = best_validation.get("predicted_classes"), best_validation.get("true_classes")
+        if predicted is not None and present is not None and predicted < 2 <= present:
+            warnings.append(
+                "the selected model predicts one class for every validation image: it has learnt nothing "
+                "about the rarer classes (check the class balance and the amount of data)"
+            )
+            logger.warning(warnings[-1])
         skipped = {
             **getattr(train_loader.dataset, "skipped", {}),
             **getattr(val_loader.dataset, "skipped", {}),
         }
-        return FitResult(model, best_epoch, best_validation, metric, history, skipped)
+        return FitResult(
+            model,
+            best_epoch,
+            best_validation,
+            metric,
+            history,
+            skipped,
+            steps=state.step,
+            batch_size=schedule.batch_size,
+            warnings=warnings,
+        )

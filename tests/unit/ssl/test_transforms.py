@@ -145,3 +145,18 @@ def test_the_batched_loader_path_gives_the_same_views_as_the_per_image_path() ->
     assert all(c.dtype == torch.uint8 for c in crops)
     assert [tuple(v.shape) for v in batched] == [(1, 3, 32, 32)] * 2 + [(1, 3, 16, 16)] * 2
     assert all(torch.equal(a, b) for a, b in zip(batched, single, strict=True)) and labels.tolist() == [1]
+
+
+def test_fundus_views_come_from_the_field_of_view_not_the_black_border() -> None:
+    # A small bright field of view in the corner of a mostly black frame: without the crop to the
+    # field of view most views would be black border.
+    image = np.zeros((200, 200, 3), np.uint8)
+    image[10:60, 20:70] = (200, 120, 60)
+    cfg = SSLConfig(global_crop_scale=(0.3, 1.0), global_crops=2, local_crops=4)
+    fundus = multicrop_transform(get_modality("fundus"), cfg, image_size=32, patch_size=8)
+    assert fundus.fov_crop
+    for _ in range(5):
+        for view in fundus.crop(image):
+            assert float(view.float().mean()) > 60  # every view lies inside the bright field
+    oct_views = multicrop_transform(get_modality("oct"), cfg, image_size=32, patch_size=8)
+    assert not oct_views.fov_crop  # only fundus photographs have a circular field of view

@@ -21,7 +21,8 @@ from visionfm_core.models.checkpoint import load_encoder
 
 APP = build_app()
 OCT_FOLDER = DATA / "oct2017_val" / "val"
-TINY = ["--arch", "nano", "--image-size", "32", "--device", "cpu", "--threads", "1", "--batch-size", "8"]
+TINY = ["--arch", "nano", "--image-size", "32", "--device", "cpu", "--threads", "1", "--batch-size", "8",
+        "--min-steps", "2"]
 
 
 def run(*args: str | Path) -> str:
@@ -81,6 +82,8 @@ def oct_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "oct",
             "--epochs",
             "1",
+            "--min-steps",
+            "2",
             "--regime",
             "frozen",
             "--image-size",

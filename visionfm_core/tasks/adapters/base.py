@@ -38,6 +38,8 @@ class TaskAdapter(ABC):
     kind: ClassVar[str] = ""
     selection_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
+    # Largest useful batch (None: the configured one); big dense inputs pay more for steps than for batch.
+    max_batch_size: ClassVar[int | None] = None
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
@@ -64,6 +66,10 @@ class TaskAdapter(ABC):
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> TaskAdapter:
         return cls(**raw)
+
+    def preprocess_defaults(self) -> dict[str, Any]:
+        """Preprocessing settings this task trains best with (see :class:`~visionfm_core.tasks.data.Preprocess`)."""
+        return {}
 
     def fit_to_data(self, samples: Sequence[TaskSample]) -> None:  # noqa: B027 - optional hook
         """Learn statistics from the training samples only (class weights, target scaling)."""

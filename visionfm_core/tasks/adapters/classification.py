@@ -3,9 +3,13 @@
 - binary / multiclass / ordinal: softmax cross-entropy with label smoothing and optional balanced
   class weights; ordinal grading (e.g. DR grade 0-4) additionally reports quadratic-weighted kappa.
 - multilabel: one sigmoid per label, BCE with optional balanced positive weights.
-Metrics: accuracy, macro AUROC (classes absent from the split are left out, see
-`visionfm_core.evaluation.metrics.macro_auc`), macro F1, and kappa for ordinal tasks. The model is
-selected on validation macro AUROC, VisionFM's choice.
+Metrics: accuracy, balanced accuracy (mean recall over the classes present), macro AUROC (classes
+absent from the split are left out, see `visionfm_core.evaluation.metrics.macro_auc`), macro F1,
+kappa for ordinal tasks, and for binary tasks sensitivity and specificity at the decision threshold.
+A binary task's threshold is chosen on validation (the one with the best balanced accuracy,
+``best_threshold``) and stored with the model, so a rare positive class is not lost to a 0.5 cut.
+``predicted_classes`` counts the classes the model predicts at all: one means a one-class model.
+The model is selected on validation macro AUROC, VisionFM's choice.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class ClassificationTask(TaskAdapter):
     class_weighting: Literal["none", "balanced"] = "none"
     bootstrap_resamples: int = 0
     weights: list[float] = field(default_factory=list)
+    threshold: float = 0.5
 
     kind = "classification"
     selection_metric = "auc"
@@ -82,6 +87,7 @@ class ClassificationTask(TaskAdapter):
             "label_smoothing": self.label_smoothing,
             "class_weighting": self.class_weighting,
             "weights": list(self.weights),
+            "threshold": self.threshold,
         }
 
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
@@ -139,9 +145,46 @@ class ClassificationTask(TaskAdapter):
             if self.multilabel:
                 results.append({"labels": [n for n, p in scores.items() if p >= 0.5], "probabilities": scores})
             else:
-                best = int(np.argmax(row))
+                best = int(self.decide(row[None])[0])
                 results.append({"class": self.class_names[best], "class_id": best, "probabilities": scores})
         return results
+
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """(N, C) probabilities -> (N,) class ids: a binary task cuts at its threshold, others argmax."""
+        if self.mode == "binary":
+            return (probs[:, 1] >= self.threshold).astype(np.int64)
+        return probs.argmax(axis=1)
+
+
+def balanced_accuracy(truth: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    """Mean recall over the classes present in ``truth`` (nan when none is)."""
+    recalls = [float(np.mean(predicted[truth == c] == c)) for c in range(num_classes) if np.any(truth == c)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def sensitivity_specificity(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    """Recall of class 1 and of class 0 (nan where the class is absent)."""
+    positive, negative = truth == 1, truth == 0
+    sensitivity = float(np.mean(predicted[positive] == 1)) if positive.any() else float("nan")
+    specificity = float(np.mean(predicted[negative] == 0)) if negative.any() else float("nan")
+    return sensitivity, specificity
+
+
+def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The cut on ``scores`` with the best sensitivity + specificity (0.5 without both classes);
+    midway between neighbouring scores, so it generalises rather than touching a training example."""
+    if not (np.any(truth == 1) and np.any(truth == 0)):
+        return 0.5
+    ordered = np.unique(scores)
+    cuts = np.concatenate([[ordered[0] - 1e-6], (ordered[1:] + ordered[:-1]) / 2, [ordered[-1] + 1e-6]])
+    positive, negative = truth == 1, truth == 0
+    best_cut, best_j = 0.5, -np.inf
+    for cut in cuts:
+        predicted = scores >= cut
+        j = float(np.mean(predicted[positive]) + np.mean(~predicted[negative]))
+        if j > best_j:
+            best_cut, best_j = float(cut), j
+    return float(np.clip(best_cut, 0.0, 1.0))
 
 
 class ClassificationMeter(Meter):
@@ -172,9 +215,15 @@ class ClassificationMeter(Meter):
             per_label = [f1_per_class(indicator[:, c], predicted[:, c], 2)[1] for c in range(task.num_classes)]
             results["f1"] = mean_defined(per_label)
         else:
-            predicted = probs.argmax(axis=1)
+            predicted = task.decide(probs)
             results["accuracy"] = accuracy(truth, predicted)
+            results["balanced_accuracy"] = balanced_accuracy(truth, predicted, task.num_classes)
+            results["predicted_classes"] = float(len(np.unique(predicted)))
+            results["true_classes"] = float(len(np.unique(truth)))
             results["f1"] = f1_macro(truth, predicted, task.num_classes)
+            if task.mode == "binary":
+                results["sensitivity"], results["specificity"] = sensitivity_specificity(truth, predicted)
+                results["best_threshold"] = youden_threshold(truth, probs[:, 1])
             if task.mode == "ordinal":
                 results["kappa"] = quadratic_kappa(truth, predicted, task.num_classes)
         if task.bootstrap_resamples > 0:

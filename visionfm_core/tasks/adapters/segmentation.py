@@ -1,10 +1,13 @@
 """Semantic segmentation (binary or multi-class masks) with a UNETR-style head.
 
 Loss: cross-entropy plus soft Dice over the foreground classes, both blind to ignored pixels
-(outside the field of view, outside the image, unknown mask colours). Metrics are computed at the
-network's input resolution on the letterboxed image (documented, cheap); `predictions` returns masks
-at each image's own resolution. Dice and IoU are summed over the whole split per class ("global"),
-``dice_per_image`` averages the foreground Dice of each image.
+(outside the labelled field of view, outside the image, unknown mask colours). With tiled
+preprocessing (the default for segmentation) the trainer scores and predicts whole photographs at
+their own resolution (:mod:`visionfm_core.tasks.tiles`): :class:`SourceSegmentationMeter` counts
+source pixels, and a binary task's probability threshold is the one that maximises validation Dice
+(``best_threshold``), stored with the model. Without tiles, metrics are at the network's input
+resolution. Dice and IoU are summed over the whole split per class ("global"), ``dice_per_image``
+averages the foreground Dice of each image.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from visionfm_core.evaluation.task_metrics import (
     mean_defined,
     overlap_counts,
 )
-from visionfm_core.models.heads import HeadOutput, TaskHead, UNETRHead
+from visionfm_core.models.heads import HeadOutput, LightUNETRHead, TaskHead, UNETRHead
 from visionfm_core.tasks.adapters.base import Meter, Regime, TaskAdapter
 from visionfm_core.tasks.data import Batch
 from visionfm_core.tasks.geometry import Window, logits_to_source, resample_labels
@@ -42,16 +45,21 @@ class SegmentationTask(TaskAdapter):
     num_classes: int = 2
     class_names: tuple[str, ...] = ()
     encoding: MaskEncoding = field(default_factory=MaskEncoding)
-    features: int = 16
+    features: int = 8
     dice_weight: float = 1.0
+    threshold: float = 0.5
+    decoder: str = "light"
 
     kind = "segmentation"
     selection_metric = "dice"
     higher_is_better = True
+    max_batch_size = 8
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise ConfigError("num_classes", "segmentation needs background plus at least one class")
+        if self.decoder not in ("light", "unetr"):
+            raise ConfigError("decoder", f"unknown decoder {self.decoder!r}; use light or unetr")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ConfigError("class_names", f"{len(self.class_names)} names for {self.num_classes} classes")
         self.class_names = tuple(self.class_names) or (
@@ -66,6 +74,8 @@ class SegmentationTask(TaskAdapter):
             "encoding": self.encoding.to_dict(),
             "features": self.features,
             "dice_weight": self.dice_weight,
+            "threshold": self.threshold,
+            "decoder": self.decoder,
         }
 
     @classmethod
@@ -76,7 +86,25 @@ class SegmentationTask(TaskAdapter):
         return cls(**values)
 
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
+        if self.decoder == "light":
+            return LightUNETRHead(embed_dim, depth, self.num_classes, features=self.features)
         return UNETRHead(embed_dim, depth, self.num_classes, features=self.features, patch_size=patch_size)
+
+    def preprocess_defaults(self) -> dict[str, Any]:
+        # Whole photographs at a common scale (field of view 1024 px wide, so cameras of 0.3 to 15
+        # megapixels show vessels at similar widths), trained on crops with the augmentations that
+        # differ between fundus cameras: scale, orientation, exposure, gamma and colour balance.
+        return {
+            "tiles": True,
+            "fov_diameter": 1024,
+            "crops_per_image": 8,
+            "overlap": 0.5,
+            "max_zoom": 1.25,
+            "rotate": 20.0,
+            "jitter": 0.2,
+            "gamma": 0.3,
+            "colour": 0.1,
+        }
 
     def check(self, samples: Sequence[TaskSample]) -> None:
         for sample in samples:
@@ -109,24 +137,38 @@ class SegmentationTask(TaskAdapter):
         return SegmentationMeter(self)
 
     def predictions(self, outputs: HeadOutput, batch: Batch) -> list[dict[str, Any]]:
+        """Letterboxed (untiled) inputs: logits brought back to each image's own pixels."""
         assert isinstance(outputs, Tensor)
         results: list[dict[str, Any]] = []
         for logits, window_values, size in zip(outputs, batch["window"], batch["source_size"], strict=True):
             height, width = (int(v) for v in size.tolist())
             source_logits = logits_to_source(logits.float(), Window.from_tensor(window_values), height, width)
-            # max().indices: argmax over the leading (channel) dim is ten times slower on the CPU.
-            mask = source_logits.max(0).indices.to(torch.uint8).cpu().numpy()
-            fractions = np.bincount(mask.ravel(), minlength=self.num_classes) / mask.size
-            results.append(
-                {
-                    "mask": mask,
-                    "area_fraction": {
-                        name: round(float(f), 6) for name, f in zip(self.class_names, fractions, strict=True)
-                    },
-                }
-            )
+            results.append(self.source_prediction(torch.softmax(source_logits, dim=0)))
         return results
 
+    # --- whole photographs at their own resolution (tiled preprocessing) ------------------------------
+
+    def source_meter(self) -> SourceSegmentationMeter:
+        return SourceSegmentationMeter(self)
+
+    def source_labels(self, sample: TaskSample, shape: tuple[int, int]) -> np.ndarray:
+        """The sample's class map at the source resolution (ignored outside its labelled FOV)."""
+        return load_target_mask(sample, self.encoding, self.num_classes, shape)
+
+    def decide(self, probabilities: Tensor) -> np.ndarray:
+        """(C, H, W) class probabilities -> (H, W) uint8 class map; a binary task uses its threshold."""
+        if self.num_classes == 2:
+            return (probabilities[1] >= self.threshold).to(torch.uint8).cpu().numpy()
+        # max().indices: argmax over the leading (channel) dim is ten times slower on the CPU.
+        return probabilities.max(0).indices.to(torch.uint8).cpu().numpy()
+
+    def source_prediction(self, probabilities: Tensor) -> dict[str, Any]:
+        mask = self.decide(probabilities)
+        fractions = np.bincount(mask.ravel(), minlength=self.num_classes) / mask.size
+        return {
+            "mask": mask,
+            "area_fraction": {name: round(float(f), 6) for name, f in zip(self.class_names, fractions, strict=True)},
+        }
 
 class SegmentationMeter(Meter):
     def __init__(self, task: SegmentationTask) -> None:
@@ -152,4 +194,59 @@ class SegmentationMeter(Meter):
         }
         for name, value in zip(self.task.class_names[1:], dice_per_class(self.counts)[1:], strict=True):
             results[f"dice_{name}"] = value
+        return results
+
+
+THRESHOLD_BINS = 100
+
+
+class SourceSegmentationMeter:
+    """Scores whole photographs at their own resolution. For a binary task it also keeps histograms
+    of the foreground probability of vessel and background pixels, from which the Dice at every
+    threshold follows: ``best_threshold`` is the one with the highest pooled Dice."""
+
+    def __init__(self, task: SegmentationTask) -> None:
+        self.task = task
+        self.counts = OverlapCounts.zeros(task.num_classes)
+        self.per_image: list[float] = []
+        self.positive = np.zeros(THRESHOLD_BINS, dtype=np.int64)
+        self.negative = np.zeros(THRESHOLD_BINS, dtype=np.int64)
+
+    def update(self, probabilities: Tensor, labels: np.ndarray) -> None:
+        predicted = self.task.decide(probabilities)
+        counts = overlap_counts(predicted, labels, self.task.num_classes)
+        self.counts += counts
+        self.per_image.append(foreground_dice(counts))
+        if self.task.num_classes == 2:
+            valid = labels != IGNORE_INDEX
+            scores = probabilities[1].cpu().numpy()[valid]
+            bins = np.minimum((scores * THRESHOLD_BINS).astype(np.int64), THRESHOLD_BINS - 1)
+            truth = labels[valid] == 1
+            self.positive += np.bincount(bins[truth], minlength=THRESHOLD_BINS)
+            self.negative += np.bincount(bins[~truth], minlength=THRESHOLD_BINS)
+
+    def best_threshold(self) -> tuple[float, float]:
+        """(threshold, pooled Dice there) over the bin edges; (0.5, nan) without positives."""
+        total_positive = int(self.positive.sum())
+        if total_positive == 0:
+            return 0.5, float("nan")
+        # Predicting foreground at scores >= edge k: true positives are the positives in bins >= k.
+        true_pos = np.cumsum(self.positive[::-1])[::-1]
+        false_pos = np.cumsum(self.negative[::-1])[::-1]
+        dice = 2 * true_pos / (2 * true_pos + false_pos + (total_positive - true_pos))
+        best = int(np.argmax(dice[1:])) + 1  # edge 0 would call every pixel foreground
+        return best / THRESHOLD_BINS, float(dice[best])
+
+    def compute(self) -> dict[str, float]:
+        results = {
+            "dice": foreground_dice(self.counts),
+            "iou": foreground_iou(self.counts),
+            "dice_per_image": mean_defined(self.per_image),
+            "count": float(len(self.per_image)),
+        }
+        for name, value in zip(self.task.class_names[1:], dice_per_class(self.counts)[1:], strict=True):
+            results[f"dice_{name}"] = value
+        if self.task.num_classes == 2:
+            threshold, dice = self.best_threshold()
+            results["best_threshold"], results["dice_at_best_threshold"] = threshold, dice
         return results
