@@ -22,8 +22,8 @@ def _one(mode: str, arch: str, sites: int) -> dict[str, float]:
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from client.records import arrays_to_record, record_to_numpy
     from strategies.fedavg import ModalityAccumulator, SiteReply
+    from strategies.protocol.records import arrays_to_record, record_to_numpy
     from visionfm_core.models.encoders import EncoderSpec, create_encoder, encoder_state
 
     base = {f"fundus/backbone.{k}": v.numpy() for k, v in encoder_state(create_encoder(EncoderSpec(arch))).items()}

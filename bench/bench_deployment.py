@@ -80,7 +80,7 @@ def _job(folder: Path, args: argparse.Namespace) -> Path:
 def run_mode(mode: str, args: argparse.Namespace, root: Path) -> list[dict[str, float]]:
     """One federation with `mode` ("warm" or "cold"); per measured round: round, overhead, compute."""
     from certs.provision import issue
-    from server.processes import free_port, stop_tree
+    from strategies.protocol.processes import free_port, stop_tree
 
     folder = root / mode
     folder.mkdir()

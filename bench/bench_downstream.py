@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import simulations  # noqa: E402
-from simulations.partition import partition_indices  # noqa: E402
+from strategies.protocol.partition import partition_indices  # noqa: E402
 from visionfm_core.data.datasets import ImageDataset  # noqa: E402
 from visionfm_core.data.items import ImageItem  # noqa: E402
 from visionfm_core.data.loading import make_loader  # noqa: E402

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from client.privacy.accountant import PrivacyBudget, SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.dp_step import NoiseSettings, dp_step
 from client.privacy.noise import SecureNoise, noise_generator
 from client.privacy.sampling import PoissonLoader
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.modalities import get_modality
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
 from visionfm_core.ssl.config import SSLConfig

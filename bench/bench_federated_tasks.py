@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_federated_tasks.py [--tasks hrf-vessels,hrf-disc,idrid-disc]
         [--rounds 6] [--epochs 2] [--sites 3] [--out results.json]
 
-For each bundled task set (simulations/task_sets.py), three arms start from the same randomly
+For each bundled task set (strategies/protocol/task_sets.py), three arms start from the same randomly
 initialised micro ViT and the same seeded task head, and each makes the same number of passes over
 its own data (rounds x local epochs):
 - federated: a real `visionfm simulate` run (Flower's simulation engine) with `--sites` fundus
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.finetuning import HEADLINE  # noqa: E402
 from simulations.simulate import simulate  # noqa: E402
-from simulations.task_sets import TASK_SETS, load_task_set  # noqa: E402
+from strategies.protocol.task_models import HEADLINE  # noqa: E402
+from strategies.protocol.task_sets import TASK_SETS, load_task_set  # noqa: E402
 from visionfm_core.models.checkpoint import encoder_metadata, save_encoder  # noqa: E402
 from visionfm_core.models.encoders import EncoderSpec, create_encoder  # noqa: E402
 from visionfm_core.runtime import seed_everything  # noqa: E402

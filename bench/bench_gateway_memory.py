@@ -36,7 +36,7 @@ from certs.keys import load_openssh_public_key  # noqa: E402
 from certs.provision import issue  # noqa: E402
 from certs.store import CertStore  # noqa: E402
 from certs.tls import client_context, server_context  # noqa: E402
-from server.processes import descendants, free_port, stop_tree, wait_for_port  # noqa: E402
+from strategies.protocol.processes import descendants, free_port, stop_tree, wait_for_port  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -141,7 +141,7 @@ def stand_in_superlink(store: CertStore) -> ThreadingHTTPServer:
 
 
 def run_in_process(folder: Path, bound_mib: int, size: int) -> tuple[float, float, float, list[object], float]:
-    from server.gateway import FleetGateway, GatewayConfig
+    from server.ops.gateway import FleetGateway, GatewayConfig
 
     port = free_port()
     store = provision(folder, port)

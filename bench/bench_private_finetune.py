@@ -1,7 +1,7 @@
 """DP fine-tuning vs non-private fine-tuning (target: a DP step <= 2x a non-private one), and what the
 site's privacy ledger adds to a DP fine-tuning round (target: under 1%).
 
-Part 1, one fine-tuning step of the federated phase's own trainer (`client.finetuning.new_tuner`: task
+Part 1, one fine-tuning step of the federated phase's own trainer (`strategies.protocol.task_models.new_tuner`: task
 model, AdamW groups, schedule), on the same in-memory images: `FineTuner.train_epochs` (shuffled
 batches of `--batch`) against `DPFineTuner.train_steps` (Poisson batches of `--batch` expected images,
 per-sample clipping, secure noise), per step, for a frozen encoder (head only) and a trained one. Each
@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from client.finetuning import build_task_model, dp_finetune_steps, finetune_round, new_tuner
+from client.finetuning import dp_finetune_steps, finetune_round
 from client.privacy.accountant import PrivacyBudget, SiteAccountant
 from client.privacy.charging import LedgerScope
-from client.privacy.config import DPConfig
 from client.privacy.dp_finetune import DPFineTuner
 from client.privacy.ledger import Charge, LedgerBook, image_digests
-from server.finetune_phase import finetune_arrays, resolve_finetune_task
+from server.federation.finetune_phase import finetune_arrays, resolve_finetune_task
+from strategies.protocol.dp_config import DPConfig
+from strategies.protocol.task_models import build_task_model, new_tuner
 from visionfm_core.data.items import ImageItem
 from visionfm_core.pretraining import initial_global_arrays, modality_arrays
 from visionfm_core.run_config import RunConfig

@@ -127,7 +127,7 @@ def smoke() -> None:
     """The coordinator's per-round work on the number of sites: sampling 50 of N connected node ids."""
     import tracemalloc
 
-    from server.sampling import sample_sites
+    from server.federation.sampling import sample_sites
 
     costs = {}
     sample_sites(list(range(10)), 0.5, 1, seed=0, server_round=1)  # warm: NumPy's generator set-up, imports

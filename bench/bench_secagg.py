@@ -4,11 +4,11 @@ Each measurement runs in a fresh subprocess so its peak RSS is its own. Both wor
 site models (float32, shaped like a real timm ViT, plus the global model) and import Flower, as a
 server process does. Both sides do what the coordinator and the sites really do in a round:
 
-    plain   the coordinator's plain FedAvg path per reply (server/federation.py): validate_reply
+    plain   the coordinator's plain FedAvg path per reply (server/federation/rounds.py): validate_reply
             (keys, shapes, NaN/Inf), then fold it into the streaming ModalityAccumulator
             (float64 sums); the averages at the end. Nothing runs on the sites.
     secagg  every stage of the protocol: each site computes its delta from the global model
-            (client/secure.py), checks it and masks it; the server folds each masked vector into
+            (strategies/protocol/secagg_stages.py), checks it and masks it; the server folds each masked vector into
             its running sum as it arrives (and frees it), unmasks, and adds the mean delta to the
             global model. Sites run one after the other in this process; each is timed on its own.
 
@@ -151,14 +151,14 @@ def worker_secagg(shapes: dict[str, list[int]], sites: int, workers: int = 1) ->
     server_clock = Clock()
 
     def site_delta(model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # As client.secure.keep_update: the update leaves the site as a float32 delta.
+        # As strategies.protocol.secagg_stages.keep_update: the update leaves the site as a float32 delta.
         return {key: value - global_model[key] for key, value in model.items()}
 
     def masked_input(node: int, message: Any, model: dict[str, np.ndarray], weight: int) -> Any:
         return clients[node].masked_input(message, site_delta(model), weight)
 
     def new_global_model() -> dict[str, np.ndarray]:
-        # As the coordinator does after a secure round (server/federation.py): in place, into the mean.
+        # As the coordinator does after a secure round (server/federation/rounds.py): in place, into the mean.
         return {key: np.add(result.mean[key], value, out=result.mean[key]) for key, value in global_model.items()}
 
     params = SecAggParams(max_weight=5000, clip_range=0.05)

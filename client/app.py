@@ -23,14 +23,14 @@ from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
 from client.privacy.site import ledger_folder, site_budget
-from client.records import arrays_to_record, record_to_tensors
-from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from client.site import load_site_data, load_site_tasks
 from client.site_state import SiteStateStore
 from client.training import RoundResult, evaluate_round, train_round
 from strategies.central_dp import clip_site_update
 from strategies.compression import encode, payload_bytes
 from strategies.fedavg import split_by_modality
+from strategies.protocol.records import arrays_to_record, record_to_tensors
+from strategies.protocol.secagg_stages import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from visionfm_core.distributed import DistContext, launch
 from visionfm_core.errors import ConfigError
 from visionfm_core.memory import process_memory_mb
@@ -204,7 +204,7 @@ def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Secure-aggregation stages driven by the server (see client/secure.py)."""
+    """Secure-aggregation stages driven by the server (see strategies/protocol/secagg_stages.py)."""
     stage = str(msg.content.config_records["config"][STAGE_KEY])
     replies = handle_stage(stage, unpack_groups(msg.content), context)
     return Message(content=pack_groups(replies), reply_to=msg)

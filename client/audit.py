@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.records import record_to_numpy
+from strategies.protocol.records import record_to_numpy
 
 AUDIT_LOG_KEY = "audit-log"  # node-config key holding the audit log's path
 EPSILON_NAMES = ("epsilon", "dp-epsilon")  # a metric's last path segment, e.g. "fundus/epsilon"

@@ -10,7 +10,7 @@ site keeps trying forever; `max_offline_s` bounds how long it may stay cut off b
 A SuperNode that exits before it was ever activated while the coordinator accepts the site cannot
 start here (bad option, unreadable file): `join` stops with the SuperNode's own error.
 
-Its processes run under watchdogs (server/processes.py) and die with `join`, `kill -9` included; a
+Its processes run under watchdogs (strategies/protocol/processes.py) and die with `join`, `kill -9` included; a
 lock on the work folder keeps a second `join` off it, and a start after a crash first stops what the
 crashed one left behind.
 """
@@ -43,7 +43,7 @@ from client.supernode import (
     write_superexec_secret,
 )
 from client.uplink import Uplink, UplinkThread, probe_coordinator
-from server.processes import FolderLock, descendants, free_port, stop_stale, stop_tree
+from strategies.protocol.processes import FolderLock, descendants, free_port, stop_stale, stop_tree
 from visionfm_core.errors import ConfigError, VisionFMError
 from visionfm_core.modalities import canonical_modality
 

@@ -16,10 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from client.finetuning import task_adapter
-from simulations.scenario import load_scenario, site_data
+from strategies.protocol.scenario import load_scenario, site_data
+from strategies.protocol.task_models import task_adapter, task_samples
 from visionfm_core.data.confine import OUTSIDE_REASON, escapes
-from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.modalities import canonical_modality
 from visionfm_core.run_config import RunConfig
@@ -79,11 +78,6 @@ def _deployment_site(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str
         result[modality] = ModalitySplit(modality, [items[i] for i in train_idx], [items[i] for i in val_idx],
                                          max(1, len(scan.class_names)))
     return result
-
-
-def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
-    """Labelled items as classification samples (unlabelled ones cannot be fine-tuned on)."""
-    return [TaskSample(item, label=item.label) for item in items if item.label is not None]
 
 
 def load_site_tasks(node_config: Mapping[str, Any], cfg: RunConfig) -> dict[str, TaskSplit]:
@@ -162,7 +156,7 @@ def _read_manifest(kind: str, path: Path, modality: str, task: TaskAdapter | Non
 
 
 def _simulated_tasks(site_index: int, cfg: RunConfig) -> dict[str, TaskSplit]:
-    from simulations.task_sets import load_task_set, site_share
+    from strategies.protocol.task_sets import load_task_set, site_share
 
     task_set = load_task_set(cfg.finetune_data)
     scenario = load_scenario(cfg.scenario)

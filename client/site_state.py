@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.records import arrays_to_record, record_to_tensors
+from strategies.protocol.records import arrays_to_record, record_to_tensors
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
 STATE_DIR_KEY = "state-dir"  # node-config key: the site's folder for between-round state

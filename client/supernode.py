@@ -19,7 +19,7 @@ from pathlib import Path
 from certs.bundle import HospitalBundle
 from certs.keys import write_private
 from certs.loopback import LoopbackTLS
-from server.processes import flower_env, flower_script, spawn
+from strategies.protocol.processes import flower_env, flower_script, spawn
 from visionfm_core.errors import ConfigError
 
 NodeValue = str | int | float | bool

@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader
 
 from client.privacy.accountant import HISTORY_KEY, PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
 from client.privacy.charging import LedgerScope, charge_round, require_ledger
-from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
 from client.privacy.sampling import PoissonLoader
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.data.datasets import ImageDataset
 from visionfm_core.data.transforms import BatchedMultiCrop, multicrop_transform
 from visionfm_core.distributed import DistContext, worker_device

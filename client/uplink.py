@@ -31,7 +31,7 @@ import httpx
 from certs.bundle import HospitalBundle
 from certs.participants import split_address
 from certs.tls import client_context
-from server.processes import tcp_peer_owner
+from strategies.protocol.processes import tcp_peer_owner
 
 logger = logging.getLogger(__name__)
 WHOAMI_ROUTE = "/v1/gateway/whoami"

@@ -89,8 +89,8 @@ def start(
     dashboard (loopback by default) shows hospitals online, round progress and timings, metric plots per
     round and site, epsilon spent, bytes per round and recent rejections.
     """
-    from server.coordinator import run_coordinator
-    from server.dashboard.serve import dashboard_factory
+    from server.ops.dashboard.serve import dashboard_factory
+    from server.ops.coordinator import run_coordinator
 
     _configure_logging(state / "logs" / "coordinator.log")
 
@@ -142,8 +142,8 @@ def run(
     ),
 ) -> None:
     """Start a federation from a job file and follow it round by round until it finishes."""
-    from server.jobs import load_job
-    from server.runs import submit, wait_for_run
+    from server.ops.jobs import load_job
+    from server.ops.runs import submit, wait_for_run
 
     try:
         job = load_job(job_file)
@@ -175,7 +175,7 @@ def run(
         return
     report = Path(record.out_dir) / "report.md"
     if info.sub_status != "completed":
-        from server.runs import failure_reason
+        from server.ops.runs import failure_reason
 
         reason = failure_reason(Path(record.out_dir)) or info.details or "see visionfm-server logs"
         _fail(f"run {record.run_id} {info.sub_status}: {reason}", 1)
@@ -190,9 +190,9 @@ def status(state: Path = STATE_OPTION) -> None:
     is not running or its CRL or certificates have expired (warnings 14 days ahead)."""
     from certs.store import CertStore
     from certs.verify import coordinator_expiry
-    from server.control import ControlPlane
-    from server.coordinator import running_state
-    from server.runs import RunRegistry, completed_rounds
+    from server.ops.control import ControlPlane
+    from server.ops.coordinator import running_state
+    from server.ops.runs import RunRegistry, completed_rounds
 
     try:
         info = running_state(state)
@@ -248,7 +248,7 @@ def logs(
         _print_server_log(state, run_ref)
         return
     if run_ref:
-        from server.run_summary import format_overview, overview
+        from server.ops.run_summary import format_overview, overview
 
         try:
             view = overview(state, run_ref)
@@ -268,9 +268,9 @@ def logs(
 
 
 def _print_server_log(state: Path, run_ref: str) -> None:
-    from server.coordinator import running_state
-    from server.processes import flower_env, flower_script
-    from server.runs import CONNECTION, RunRegistry, cli_home
+    from server.ops.coordinator import running_state
+    from server.ops.runs import CONNECTION, RunRegistry, cli_home
+    from strategies.protocol.processes import flower_env, flower_script
 
     try:
         info = running_state(state)
@@ -291,10 +291,10 @@ def stop(
 ) -> None:
     """Stop one run, or (--coordinator) the SuperLink and the gateway."""
     from certs.store import CertStore
-    from server.control import ControlPlane
-    from server.coordinator import running_state
-    from server.processes import pid_alive
-    from server.runs import RunRegistry
+    from server.ops.control import ControlPlane
+    from server.ops.coordinator import running_state
+    from server.ops.runs import RunRegistry
+    from strategies.protocol.processes import pid_alive
 
     try:
         info = running_state(state)
@@ -332,7 +332,7 @@ def export(
     ),
 ) -> None:
     """Copy a run's final encoders (timm-loadable safetensors with metadata) to --out."""
-    from server.runs import RunRegistry, export_encoders
+    from server.ops.runs import RunRegistry, export_encoders
 
     try:
         record = RunRegistry(state).find(run_ref)

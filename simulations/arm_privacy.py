@@ -15,7 +15,7 @@ from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
 from client.privacy.site import DEFAULT_DELTA, simulated_site_folder
-from simulations.scenario import Scenario
+from strategies.protocol.scenario import Scenario
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 

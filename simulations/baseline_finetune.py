@@ -17,21 +17,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.finetuning import (
-    CLASSIFIER_PREFIX,
-    build_task_model,
-    dp_finetune_round,
-    new_tuner,
-    reported_scores,
-    shareable,
-)
+from client.finetuning import dp_finetune_round
 from client.privacy.accountant import PrivacyBudgetExceeded
 from client.privacy.reporting import releasable_metrics
 from client.site import load_site_tasks
-from server.finetune_phase import resolve_finetune_task, task_test_evaluator
-from server.report import MetricsLog
+from server.federation.finetune_phase import resolve_finetune_task, task_test_evaluator
+from server.federation.report import MetricsLog
 from simulations.arm_privacy import ArmPrivacy
-from simulations.scenario import Scenario
+from strategies.protocol.scenario import Scenario
+from strategies.protocol.task_models import CLASSIFIER_PREFIX, build_task_model, new_tuner, reported_scores, shareable
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
 from visionfm_core.run_config import RunConfig

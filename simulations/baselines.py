@@ -13,23 +13,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.finetuning import HEADLINE
 from client.privacy.accountant import PrivacyBudgetExceeded, SiteAccountant
 from client.privacy.charging import charge_round
-from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
 from client.training import ssl_loader
-from server.checkpoints import save_encoders
-from server.finetune_phase import PHASES as FINETUNE_PHASES
-from server.finetune_phase import PLOTTED as FINETUNE_PLOTTED
-from server.finetune_phase import resolve_finetune_task
-from server.report import MetricsLog, plot_metrics, write_report
+from server.federation.checkpoints import save_encoders
+from server.federation.finetune_phase import PHASES as FINETUNE_PHASES
+from server.federation.finetune_phase import PLOTTED as FINETUNE_PLOTTED
+from server.federation.finetune_phase import resolve_finetune_task
+from server.federation.report import MetricsLog, plot_metrics, write_report
 from simulations.arm_privacy import ArmPrivacy, local_privacy, pooled_privacy
 from simulations.baseline_finetune import finetune_alone, pooled_tasks, site_tasks
-from simulations.scenario import Scenario, pooled_data, site_data
+from strategies.protocol.dp_config import DPConfig
+from strategies.protocol.scenario import Scenario, pooled_data, site_data
+from strategies.protocol.task_models import HEADLINE
 from visionfm_core.pretraining import encoder_spec, evaluate_encoder_arrays, new_trainer
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device, seed_everything
@@ -163,7 +163,7 @@ def _pretrained(cfg: RunConfig) -> tuple[dict[str, np.ndarray], int] | None:
     """The `init-encoders` to fine-tune instead of pretraining (0 pretraining rounds), if given."""
     if not cfg.init_encoders:
         return None
-    from server.finetune_phase import load_init_encoders
+    from server.federation.finetune_phase import load_init_encoders
 
     return load_init_encoders(cfg), 0
 

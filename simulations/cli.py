@@ -118,7 +118,7 @@ def simulate_command(
         scenario_overrides["privacy"] = {k: v for k, v in (("epsilon", privacy_epsilon), ("delta", privacy_delta))
                                          if v is not None}
     if partition is not None or alpha is not None:
-        from simulations.scenario import load_scenario
+        from strategies.protocol.scenario import load_scenario
 
         base = load_scenario(scenario)
         scenario_overrides["partition"] = {"kind": partition or base.partition,
@@ -165,7 +165,7 @@ def _print_scores(mode: str, log: Any, reference: dict[str, dict[str, float]]) -
 
 def _print_finetune_scores(mode: str, log: Any) -> None:
     """The last fine-tuning round's scores: each site on its validation split, the server on held-out data."""
-    from client.finetuning import HEADLINE
+    from strategies.protocol.task_models import HEADLINE
 
     rows = [r for r in log.rows if r["phase"] == "finetune-evaluate"]
     if not rows:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.report import MetricsLog
+from server.federation.report import MetricsLog
 
 SCORES = ("knn_accuracy", "knn_auc", "linear_accuracy", "linear_auc")
 

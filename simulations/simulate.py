@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.report import MetricsLog
-from simulations.scenario import Scenario, load_scenario, scenario_to_dict
+from server.federation.report import MetricsLog
+from strategies.protocol.scenario import Scenario, load_scenario, resolve_config, scenario_to_dict
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 
@@ -34,15 +34,6 @@ class SimulationOutcome:
     seconds: float
     # Per modality: the probe on colour statistics alone (no encoder), on the same test split.
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def resolve_config(scenario: Scenario, scenario_ref: str, overrides: Mapping[str, Any]) -> RunConfig:
-    """Run config = defaults <- scenario [run] table <- command-line overrides; modalities from the sites."""
-    flat: dict[str, Any] = {"modalities": ",".join(scenario.modalities), "scenario": scenario_ref,
-                            "server-eval": "scenario"}
-    flat.update(scenario.run)
-    flat.update({k: v for k, v in overrides.items() if v is not None})
-    return RunConfig.from_flat(flat)
 
 
 def quiet_framework_logs() -> None:
@@ -98,7 +89,7 @@ def run_federated(scenario: Scenario, cfg: RunConfig, ray_address: str | None = 
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
-    from server.app import make_server_app
+    from server.federation.app import make_server_app
 
     out = Path(cfg.out_dir)
     os.environ.setdefault("FLWR_HOME", str((out / "flwr-home").resolve()))
@@ -146,7 +137,7 @@ def simulate(
     if mode == "federated":
         metrics = run_federated(scenario, cfg, ray_address)
     else:
-        from server.central_eval import scenario_test_evaluator
+        from server.federation.central_eval import scenario_test_evaluator
         from simulations.baselines import run_centralized, run_local
 
         runner = run_centralized if mode == "centralized" else run_local
@@ -162,7 +153,7 @@ REFERENCE_TITLE = "## Reference: colour statistics, no encoder"
 def write_reference(out: Path, cfg: RunConfig) -> dict[str, dict[str, float]]:
     """`reference.json` and a section of `report.md`: the same k-NN and linear probe on each image's
     per-channel colour mean and standard deviation, fitted on the labelled pool, scored on the test split."""
-    from server.central_eval import scenario_colour_reference
+    from server.federation.central_eval import scenario_colour_reference
     from simulations.compare import SCORES
 
     reference = scenario_colour_reference(cfg)

@@ -112,7 +112,7 @@ class RunConfig:
     # Any task but classification: the task's settings as JSON (what its adapter's `to_config` gives,
     # e.g. {"num_classes": 2, "class_names": ["background", "vessel"]}); every site builds the same head.
     finetune_task_config: str = ""
-    # Simulation only: a bundled labelled task set shared out to the sites (simulations/task_sets.py,
+    # Simulation only: a bundled labelled task set shared out to the sites (strategies/protocol/task_sets.py,
     # e.g. "hrf-vessels"); it sets the task and its settings. Deployed sites name a `task-manifest`.
     finetune_data: str = ""
     finetune_mode: str = "multiclass"

@@ -8,7 +8,6 @@ from client.privacy.accountant import (
     combined_noise_multiplier,
     epsilon_of,
 )
-from client.privacy.config import DPConfig
 from client.privacy.dp_finetune import DPFineTuner
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.dp_step import DPStepResult, NoiseSettings, dp_step, per_sample_gradients
@@ -16,6 +15,7 @@ from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.noise import NoiseSource, SecureNoise, TorchNoise, noise_generator
 from client.privacy.reporting import RELEASABLE_METRICS, releasable_metrics
 from client.privacy.sampling import PoissonLoader, ssl_poisson_loader
+from strategies.protocol.dp_config import DPConfig
 
 __all__ = [
     "RELEASABLE_METRICS",

@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +25,9 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
+from strategies.protocol.dp_config import MECHANISMS, Mechanism
 from visionfm_core.errors import CheckpointError, ConfigError, VisionFMError
 
-Mechanism = Literal["rdp", "prv"]
-MECHANISMS: tuple[str, ...] = ("rdp", "prv")
 HistoryEntry = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps), Opacus' format
 
 HISTORY_KEY = "privacy.history"

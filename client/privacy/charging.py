@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.privacy.accountant import PrivacyBudget, SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.ledger import Charge, LedgerBook
 from client.privacy.sampling import PoissonLoader
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from client.privacy.accountant import SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.dp_step import NoiseSettings, PerSampleLoss, dp_step
 from client.privacy.noise import noise_generator
 from client.privacy.sampling import ExactRecordDataset, PoissonLoader, cycle_batches
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.errors import ConfigError
 from visionfm_core.runtime import autocast_dtype, torch_threads
 from visionfm_core.tasks.data import Batch, Preprocess, TaskDataset, collate

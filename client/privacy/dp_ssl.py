@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from client.privacy.accountant import SiteAccountant, combined_noise_multiplier
-from client.privacy.config import DPConfig
 from client.privacy.dp_step import DPStepResult, NoiseSettings, PerSampleLoss, dp_step
 from client.privacy.noise import noise_generator
 from client.privacy.sampling import PoissonLoader, cycle_batches
 from client.privacy.view_packing import encode_views
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import Modality
 from visionfm_core.models.encoders import EncoderSpec

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 from client.privacy.accountant import SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.sampling import PoissonLoader, ssl_poisson_loader
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.data.transforms import multicrop_transform
 from visionfm_core.modalities import get_modality
 from visionfm_core.pretraining import encoder_spec, ssl_config

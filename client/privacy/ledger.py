@@ -45,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from client.privacy.accountant import HistoryEntry, Mechanism, PrivacyBudget, SiteAccountant
+from client.privacy.accountant import HistoryEntry, PrivacyBudget, SiteAccountant
+from strategies.protocol.dp_config import Mechanism
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import VisionFMError
 from visionfm_core.models.checkpoint import atomic_write_bytes

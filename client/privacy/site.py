@@ -33,7 +33,7 @@ def site_budget(node_config: Mapping[str, Any], cfg: RunConfig) -> PrivacyBudget
         config = dict(node_config)
         config.setdefault("privacy-delta", DEFAULT_DELTA)
         return PrivacyBudget.from_node_config(config)
-    from simulations.scenario import load_scenario
+    from strategies.protocol.scenario import load_scenario
 
     index = int(node_config["partition-id"])
     site = load_scenario(cfg.scenario).sites[index]

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import simulations
-from client.finetuning import finetune_round, initial_head
+from client.finetuning import finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
-from client.site import task_samples
 from client.training import evaluate_round, train_round
-from simulations.scenario import load_scenario, site_data
+from strategies.protocol.scenario import load_scenario, site_data
+from strategies.protocol.task_models import initial_head, task_samples
 from visionfm_core.modalities import get_modality
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
 from visionfm_core.pretraining import initial_global_arrays

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.finetune_phase import resolve_finetune_task
+from server.federation.finetune_phase import resolve_finetune_task
 from simulations.baseline_finetune import site_tasks
-from simulations.scenario import load_scenario
-from simulations.simulate import resolve_config, simulate
+from simulations.simulate import simulate
+from strategies.protocol.scenario import load_scenario, resolve_config
 
 pytestmark = pytest.mark.integration
 

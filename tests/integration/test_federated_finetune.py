@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.finetuning import initial_head
-from server.finetune_phase import resolve_finetune_task
+from server.federation.finetune_phase import resolve_finetune_task
 from simulations.simulate import simulate
+from strategies.protocol.task_models import initial_head
 from visionfm_core.models.checkpoint import load_encoder
 from visionfm_core.run_config import RunConfig
 

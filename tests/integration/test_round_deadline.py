@@ -20,8 +20,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client.records import arrays_to_record
-from server.federation import Federation
+from server.federation.rounds import Federation
+from strategies.protocol.records import arrays_to_record
 from visionfm_core.run_config import RunConfig
 
 STRAGGLER = 2

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from client.privacy.accountant import epsilon_of
 from client.privacy.ledger import summarise_ledgers
 from simulations.cli import app
-from simulations.scenario import SCENARIO_DIR, load_scenario, site_data
+from strategies.protocol.scenario import SCENARIO_DIR, load_scenario, site_data
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoints import load_round
-from server.finetune_phase import finetune_arrays, resolve_finetune_task
+from server.federation.checkpoints import load_round
+from server.federation.finetune_phase import finetune_arrays, resolve_finetune_task
 from simulations.simulate import simulate
 from visionfm_core.models.checkpoint import load_encoder
 from visionfm_core.run_config import RunConfig

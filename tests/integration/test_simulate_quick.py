@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import timm
 
-from server.checkpoints import load_round
+from server.federation.checkpoints import load_round
 from simulations.simulate import simulate
 from visionfm_core.models.checkpoint import load_encoder
 

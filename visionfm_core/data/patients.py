@@ -13,9 +13,12 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # annotations only (imported at run time it made a module cycle)
+    from visionfm_core.data.items import ImageItem
 
 SALT_FILE = "patient-salt"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -143,11 +142,3 @@ def load_npz_split(path: str | Path, split: str, modality: str | None = None) ->
     items = items_from_arrays(images, labels, name=f"{path.name}:{split}", modality=modality)
     n_classes = 0 if labels is None else int(np.asarray(labels).max()) + 1
     return ScanResult(items=items, class_names=[str(i) for i in range(n_classes)])
-
-
-def open_site(path: str | Path, modality: str | None = None, **options: Any) -> ScanResult:
-    """Re-export of `visionfm_core.data.site.open_site` (folders with DICOM, single files, .npz) for
-    callers that look for it here; imported lazily because site.py builds on this module."""
-    from visionfm_core.data.site import open_site as open_any_site
-
-    return open_any_site(path, modality, **options)

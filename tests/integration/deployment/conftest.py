@@ -19,8 +19,8 @@ import pytest
 import simulations
 from certs.provision import issue
 from certs.store import CertStore
-from server.coordinator import CoordinatorState
-from server.processes import free_port, stop_tree, wait_for_port
+from server.ops.coordinator import CoordinatorState
+from strategies.protocol.processes import free_port, stop_tree, wait_for_port
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
 FIXTURE_APP = Path(__file__).parent / "fixture_app"
@@ -191,7 +191,7 @@ def join_site(processes: Processes, bundle: Path, data: Path, work: Path, *extra
 
 
 def online_nodes(coordinator: CoordinatorHandle) -> set[str]:
-    from server.control import ControlPlane
+    from server.ops.control import ControlPlane
 
     state = coordinator.state()
     with ControlPlane(state.superlink_port, CertStore(Path(state.certs_dir))) as control:

@@ -23,8 +23,8 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_messa
 
 from certs.keys import load_private_key
 from certs.tls import client_context
-from server.control import ControlPlane
-from server.processes import flower_env, flower_script, listening_addresses
+from server.ops.control import ControlPlane
+from strategies.protocol.processes import flower_env, flower_script, listening_addresses
 from tests.integration.deployment.conftest import FIXTURE_APP, CoordinatorHandle, Federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

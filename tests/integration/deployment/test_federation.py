@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from server.processes import stop_tree
+from strategies.protocol.processes import stop_tree
 from tests.integration.deployment.conftest import (
     HOSPITALS,
     CoordinatorHandle,

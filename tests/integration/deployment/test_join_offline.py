@@ -15,7 +15,7 @@ import pytest
 from certs.bundle import load_bundle
 from client.join import SiteOfflineError, SiteSettings, admit, refusal_in_log
 from client.uplink import probe_coordinator
-from server.processes import free_port
+from strategies.protocol.processes import free_port
 from tests.integration.deployment.conftest import Federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

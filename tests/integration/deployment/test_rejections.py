@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from certs.tls import client_context
-from server.processes import flower_env, flower_script
+from strategies.protocol.processes import flower_env, flower_script
 from tests.integration.deployment.conftest import (
     CoordinatorHandle,
     Federation,

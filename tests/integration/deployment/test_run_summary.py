@@ -1,11 +1,11 @@
 """How `visionfm-server logs --run` reads a ServerApp log: kinds only, and a resumed job counted once.
 
-The lines are the ServerApp's own wording (server/federation.py); the end-to-end check on real runs is in
+The lines are the ServerApp's own wording (server/federation/rounds.py); the end-to-end check on real runs is in
 test_federation.py and test_network_blip.py."""
 
 from __future__ import annotations
 
-from server.run_summary import parse_server_log, parse_server_logs, rejection_kind, summarise_rounds
+from server.ops.run_summary import parse_server_log, parse_server_logs, rejection_kind, summarise_rounds
 
 SECRET = "/data/patients/0042/scan.png"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoints import load_round
+from server.federation.checkpoints import load_round
 from tests.integration.deployment.conftest import (
     HOSPITALS,
     CoordinatorHandle,

@@ -21,7 +21,7 @@ from certs.authority import crl_pem, load_cert, utcnow
 from certs.keys import load_openssh_public_key, load_private_key, write_public
 from certs.provision import issue
 from certs.store import CertStore
-from server.processes import descendants, free_port, pid_alive, wait_for_port
+from strategies.protocol.processes import descendants, free_port, pid_alive, wait_for_port
 from tests.integration.deployment.conftest import (
     REPO,
     CoordinatorHandle,
@@ -96,7 +96,7 @@ def command_line(pid: int) -> str:
 
 
 def processes_named(root_pid: int, name: str) -> list[int]:
-    return [p for p in descendants(root_pid) if name in command_line(p) and "server.processes" not in command_line(p)]
+    return [p for p in descendants(root_pid) if name in command_line(p) and "strategies.protocol.processes" not in command_line(p)]
 
 
 def node_key_header(store: CertStore, hospital: str) -> dict[str, str]:

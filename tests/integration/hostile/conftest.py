@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.deploy_app import write_deployment_app
+from server.ops.deploy_app import write_deployment_app
 from tests.integration.deployment.conftest import (  # noqa: F401  (fixtures shared by the hostile suite)
     coordinator,
     federation,

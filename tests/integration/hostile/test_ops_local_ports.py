@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from certs.tls import client_context
-from server.processes import listening_addresses
+from strategies.protocol.processes import listening_addresses
 from tests.integration.deployment.conftest import (
     REPO,
     CoordinatorHandle,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server.coordinator import CoordinatorState
-from server.processes import OWNER_ENV, descendants, process_environment, stop_tree
+from server.ops.coordinator import CoordinatorState
+from strategies.protocol.processes import OWNER_ENV, descendants, process_environment, stop_tree
 from tests.integration.deployment.conftest import (
     Federation,
     Processes,
@@ -44,7 +44,7 @@ def _superlinks_on(state_dir: Path) -> list[int]:
         if entry.name.isdigit():
             pid = int(entry.name)
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}/cmdline").exists() else b""
-            is_superlink = b"flower-superlink" in cmd and b"server.processes" not in cmd
+            is_superlink = b"flower-superlink" in cmd and b"strategies.protocol.processes" not in cmd
             if is_superlink and process_environment(pid).get(OWNER_ENV) == owner:
                 found.append(pid)
     return found

@@ -12,7 +12,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.audit import AuditLog, audit_mod, describe_reply, summarise
-from client.records import arrays_to_record
+from strategies.protocol.records import arrays_to_record
 
 
 def _npy_size(array: np.ndarray) -> int:

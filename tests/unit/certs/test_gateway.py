@@ -20,8 +20,8 @@ from certs.keys import load_openssh_public_key
 from certs.provision import revoke
 from certs.store import CertStore
 from certs.tls import client_context, server_context
-from server.gateway import FleetGateway, GatewayConfig
-from server.processes import free_port
+from server.ops.gateway import FleetGateway, GatewayConfig
+from strategies.protocol.processes import free_port
 
 
 @dataclass

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from client.privacy.config import DPConfig
-from server.deploy_app import write_deployment_app
-from server.jobs import app_config_keys, check_against_app, load_job, toml_overrides
+from server.ops.deploy_app import write_deployment_app
+from server.ops.jobs import app_config_keys, check_against_app, load_job, toml_overrides
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import encoder_spec, ssl_config
 from visionfm_core.run_config import RunConfig
@@ -96,7 +96,7 @@ def test_the_deployment_app_declares_every_run_config_key(tmp_path: Path) -> Non
     assert DPConfig.from_dict(from_app.privacy) == DPConfig()
     assert ssl_config(from_app) == ssl_config(RunConfig()) and encoder_spec(from_app) == encoder_spec(RunConfig())
     config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
-    assert config == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert config == {"serverapp": "server.federation.app:app", "clientapp": "client.app:app"}
     assert "phase" not in declared  # internal: set by the ServerApp per phase
     with pytest.raises(ConfigError) as err:
         check_against_app(app, {"privacy.target-epsilon": 8})  # the site sets its budget, not the job

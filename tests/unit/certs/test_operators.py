@@ -12,7 +12,7 @@ from certs.authority import has_operator_role, load_cert
 from certs.operators import issue_operator, revoke_operator
 from certs.store import CertStore
 from certs.verify import has_errors, verify_path
-from server.dashboard.access import OperatorPolicy
+from server.ops.dashboard.access import OperatorPolicy
 from visionfm_core.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from certs.store import CertStore
-from server.gateway import FleetGateway, GatewayConfig, PendingHandshakes
+from server.ops.gateway import FleetGateway, GatewayConfig, PendingHandshakes
 from tests.unit.certs.test_gateway import Upstream, _client, _node_header, upstream  # noqa: F401  (fixture)
 
 

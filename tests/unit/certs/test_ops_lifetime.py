@@ -20,7 +20,7 @@ from certs.provision import crl_time_left, refresh_crl, renew, revoke
 from certs.store import CertStore
 from certs.tls import client_context
 from certs.verify import coordinator_expiry, verify_store
-from server.gateway import FleetGateway, GatewayConfig
+from server.ops.gateway import FleetGateway, GatewayConfig
 from tests.unit.certs.test_gateway import Upstream, upstream  # noqa: F401  (fixture)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.processes import (
+from strategies.protocol.processes import (
     OWNER_ENV,
     FolderLock,
     descendants,
@@ -25,12 +25,12 @@ from server.processes import (
     tcp_peer_owner,
 )
 
-# A starter that spawns (through server.processes.spawn) a child which itself starts a grandchild in
+# A starter that spawns (through strategies.protocol.processes.spawn) a child which itself starts a grandchild in
 # its own session, as Flower's SuperLink starts SuperExec; it prints the pids, then waits.
 STARTER = """
 import sys, time
 from pathlib import Path
-from server.processes import spawn, descendants
+from strategies.protocol.processes import spawn, descendants
 child = ("import subprocess, sys, time; "
          "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True); "
          "time.sleep(120)")
@@ -94,7 +94,7 @@ def test_stale_processes_are_found_by_their_owner_marker(tmp_path: Path) -> None
 
 
 def test_watchdog_passes_the_exit_code_and_reaps_helpers(tmp_path: Path) -> None:
-    from server.processes import spawn
+    from strategies.protocol.processes import spawn
 
     process = spawn([sys.executable, "-c", "import sys; sys.exit(7)"], dict(os.environ), tmp_path / "log")
     assert process.wait(30) == 7
@@ -106,7 +106,7 @@ def test_a_second_owner_of_a_folder_is_refused_naming_the_first(tmp_path: Path) 
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from server.processes import FolderLock; "
+            "import sys, time; from pathlib import Path; from strategies.protocol.processes import FolderLock; "
             "lock = FolderLock(Path(sys.argv[1]), 'x.lock', 'a coordinator').acquire(); print('held', flush=True); "
             "time.sleep(60)",
             str(tmp_path),
@@ -149,7 +149,7 @@ def test_a_local_connection_is_traced_to_its_process(tmp_path: Path) -> None:
 
 
 def test_owner_marker_is_in_the_environment(tmp_path: Path) -> None:
-    from server.processes import command_pid, process_environment, spawn
+    from strategies.protocol.processes import command_pid, process_environment, spawn
 
     process = spawn([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), tmp_path / "log",
                     owner=tmp_path)

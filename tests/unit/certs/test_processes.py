@@ -13,7 +13,7 @@ import pytest
 
 from client.supernode import node_config_arg
 from client.warm_executor import forget_first_party, prewarm
-from server.processes import descendants, flower_env, listening_addresses, pid_alive, stop_tree
+from strategies.protocol.processes import descendants, flower_env, listening_addresses, pid_alive, stop_tree
 from visionfm_core.errors import ConfigError
 
 # A parent that starts a grandchild in its own session (as Flower starts SuperExec) and waits.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.runs import RunRecord, RunRegistry, completed_rounds, export_encoders
+from server.ops.runs import RunRecord, RunRegistry, completed_rounds, export_encoders
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder, save_encoder
 from visionfm_core.models.encoders import EncoderSpec

@@ -11,7 +11,7 @@ from pathlib import Path
 from visionfm_core.data.state import STATE_ENV
 
 REPO = Path(__file__).resolve().parents[3]
-SPLIT = ("from simulations.datasets import load_dataset; import json, pathlib; d = load_dataset('oct2017'); "
+SPLIT = ("from strategies.protocol.datasets import load_dataset; import json, pathlib; d = load_dataset('oct2017'); "
          "print(json.dumps([pathlib.Path(i.source).name for i in d.test]))")
 
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from simulations.scenario import SiteResources, load_scenario, scenario_from_dict, scenario_to_dict
 from simulations.simulate import backend_config, check_ray_address
+from strategies.protocol.scenario import SiteResources, load_scenario, scenario_from_dict, scenario_to_dict
 from visionfm_core.errors import ConfigError
 
 BASE: dict[str, Any] = {"datasets": {"fundus": "retinamnist"}, "sites": 2}

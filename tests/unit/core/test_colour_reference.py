@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from simulations.compare import reference_rows, write_comparison
-from simulations.datasets import load_dataset
+from strategies.protocol.datasets import load_dataset
 from visionfm_core.evaluation.baselines import colour_reference, colour_statistics
 
 

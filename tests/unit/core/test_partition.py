@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from simulations.partition import partition_indices
+from strategies.protocol.partition import partition_indices
 from visionfm_core.errors import ConfigError
 from visionfm_core.splits import split_train_val
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.report import MetricsLog
+from server.federation.report import MetricsLog
 from simulations.cli import _print_finetune_scores, console
 
 

@@ -15,7 +15,7 @@ from flwr.app import Array, ConfigRecord, Context, Error, Message, MessageType, 
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import reply_info
-from client.records import MANIFEST_KEY, arrays_to_record, record_to_numpy
+from strategies.protocol.records import MANIFEST_KEY, arrays_to_record, record_to_numpy
 
 Site = Callable[[Message, Context], Message]
 SITE_NAMES = ("hospital-1", "hospital-2", "hospital-3", "hostile")  # node n reports site-index n - 1

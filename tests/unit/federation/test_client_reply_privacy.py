@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import simulations
 from client.app import app as client_app
-from client.records import arrays_to_record, record_to_numpy
+from strategies.protocol.records import arrays_to_record, record_to_numpy
 from tests.csv_files import write_csv
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig

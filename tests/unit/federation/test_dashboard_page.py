@@ -8,8 +8,8 @@ import time
 
 from starlette.testclient import TestClient
 
-from server.dashboard.page import make_app, render_page, snapshot_json
-from server.dashboard.snapshot import CurrentRun, Hospital, Rejection, Snapshot, bytes_per_round, latest_epsilon
+from server.ops.dashboard.page import make_app, render_page, snapshot_json
+from server.ops.dashboard.snapshot import CurrentRun, Hospital, Rejection, Snapshot, bytes_per_round, latest_epsilon
 
 HOSTILE = '<img src=x onerror="alert(1)">'
 
@@ -60,7 +60,7 @@ def test_the_json_view_leaves_out_the_raw_rows() -> None:
 def test_without_an_operator_certificate_nothing_is_served() -> None:
     class RefuseAll:
         def decide(self, cert_pem: str | None) -> object:
-            from server.dashboard.access import AccessDecision
+            from server.ops.dashboard.access import AccessDecision
 
             return AccessDecision(False, 401, "a client certificate is required")
 

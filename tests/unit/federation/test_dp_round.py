@@ -11,7 +11,7 @@ from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
 from client.training import train_round
-from simulations.scenario import load_scenario, site_data
+from strategies.protocol.scenario import load_scenario, site_data
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig

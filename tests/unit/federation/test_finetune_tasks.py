@@ -14,11 +14,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
 
 from client.app import app as client_app
-from client.finetuning import CLASSIFIER_PREFIX, finetune_round
-from client.records import arrays_to_record, record_to_numpy
+from client.finetuning import finetune_round
 from client.site import load_site_tasks
-from server.finetune_phase import FineTunePhase, finetune_arrays, resolve_finetune_task, task_test_evaluator
-from simulations.task_sets import TASK_SETS, load_task_set, site_share
+from server.federation.finetune_phase import FineTunePhase, finetune_arrays, resolve_finetune_task, task_test_evaluator
+from strategies.protocol.records import arrays_to_record, record_to_numpy
+from strategies.protocol.task_models import CLASSIFIER_PREFIX
+from strategies.protocol.task_sets import TASK_SETS, load_task_set, site_share
 from tests.csv_files import write_csv
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import load_encoder
@@ -187,7 +188,7 @@ def test_server_averages_task_heads_scores_the_held_out_part_and_saves_the_task(
 
 
 def test_a_task_that_cannot_be_built_stops_the_run_before_pretraining() -> None:
-    from server.app import run_federation
+    from server.federation.app import run_federation
 
     cfg = RunConfig.from_flat({**BASE, "finetune-task": "landmarks", "finetune-task-config": '{"num_points": 0}'})
     with pytest.raises(ConfigError) as raised:

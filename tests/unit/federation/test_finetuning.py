@@ -10,10 +10,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import PERSONAL_HEAD_PREFIX
 from client.app import app as client_app
-from client.finetuning import CLASSIFIER_PREFIX, finetune_round
-from client.records import arrays_to_record, record_to_numpy
+from client.finetuning import finetune_round
 from client.site import load_site_tasks
-from server.finetune_phase import finetune_arrays, resolve_finetune_task
+from server.federation.finetune_phase import finetune_arrays, resolve_finetune_task
+from strategies.protocol.records import arrays_to_record, record_to_numpy
+from strategies.protocol.task_models import CLASSIFIER_PREFIX
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
@@ -127,7 +128,7 @@ def test_personal_head_stays_on_the_site_and_is_reused_next_round() -> None:
 def test_server_averages_shared_heads_by_examples_and_rejects_a_misshapen_one(tmp_path) -> None:
     from flwr.app import Array
 
-    from server.finetune_phase import FineTunePhase
+    from server.federation.finetune_phase import FineTunePhase
     from strategies.fedavg import ModalityAccumulator
 
     cfg = _config(out_dir=str(tmp_path))

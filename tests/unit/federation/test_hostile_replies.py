@@ -1,4 +1,4 @@
-"""What one hostile site's reply can do to a run through the real round loop (server/federation.py):
+"""What one hostile site's reply can do to a run through the real round loop (server/federation/rounds.py):
 nothing. Three honest sites and one tampered site (tests/unit/federation/site_grid.py) answer the real
 Federation; each attack is rejected with its reason, the run completes, and the global model is what
 the honest sites alone would give."""
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 
-from client.records import record_to_numpy
-from client.secure import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
-from server.federation import FAILURE_FILE, Federation, FederationFailedError
-from server.runs import export_encoders
+from server.federation.rounds import FAILURE_FILE, Federation, FederationFailedError
+from server.ops.runs import export_encoders
 from strategies.fedavg import SiteReply
+from strategies.protocol.records import record_to_numpy
+from strategies.protocol.secagg_stages import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
 from strategies.reply_checks import (
     ReplayGuard,
     ReplyProblemError,
@@ -245,7 +245,7 @@ def test_export_refuses_a_non_finite_encoder(tmp_path: Path) -> None:
     (with_manifest(b"not json"), "manifest is not JSON"),
 ])
 def test_the_fine_tuning_phase_rejects_the_same_attacks(tmp_path: Path, tamper: Tamper, reason: str) -> None:
-    from server.finetune_phase import FineTunePhase
+    from server.federation.finetune_phase import FineTunePhase
     from visionfm_core.pretraining import initial_global_arrays
 
     cfg = RunConfig(out_dir=str(tmp_path / "run"), num_rounds=1, finetune_rounds=3, finetune_classes="fundus=2",
@@ -275,7 +275,7 @@ def test_the_fine_tuning_phase_rejects_the_same_attacks(tmp_path: Path, tamper: 
 
 @dataclass
 class SecureSite(HonestSite):
-    """A site under SecAgg+: keeps its update on the site (client/secure.py) and answers the protocol's
+    """A site under SecAgg+: keeps its update on the site (strategies/protocol/secagg_stages.py) and answers the protocol's
     stages with the real client code; `count` overrides the example count it reports in the clear."""
 
     count: float | None = None

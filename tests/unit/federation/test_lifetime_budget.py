@@ -17,8 +17,8 @@ from client.app import app as client_app
 from client.cli import app as cli_app
 from client.privacy.accountant import epsilon_of
 from client.privacy.ledger import summarise_ledgers
-from client.records import arrays_to_record, record_to_numpy
 from client.site import load_site_data
+from strategies.protocol.records import arrays_to_record, record_to_numpy
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 

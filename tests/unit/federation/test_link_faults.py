@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.federation import Federation
+from server.federation.rounds import Federation
 from visionfm_core.run_config import RunConfig
 
 

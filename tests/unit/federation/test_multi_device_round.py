@@ -11,7 +11,7 @@ import torch
 
 from client.app import _train_worker
 from client.training import RoundResult, train_round
-from simulations.scenario import load_scenario, site_data
+from strategies.protocol.scenario import load_scenario, site_data
 from visionfm_core.distributed import DistContext, launch
 from visionfm_core.errors import ConfigError
 from visionfm_core.pretraining import initial_global_arrays

@@ -18,10 +18,10 @@ from client.finetuning import finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook, summarise_ledgers
-from client.records import arrays_to_record, record_to_numpy
-from client.secure import PENDING
 from client.site import load_site_tasks
-from server.finetune_phase import finetune_arrays, resolve_finetune_task
+from server.federation.finetune_phase import finetune_arrays, resolve_finetune_task
+from strategies.protocol.records import arrays_to_record, record_to_numpy
+from strategies.protocol.secagg_stages import PENDING
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 
@@ -129,7 +129,7 @@ def test_evaluation_under_dp_sends_nothing_about_the_site(tmp_path: Path, phase:
 
 
 def test_the_server_clips_again_under_central_dp_so_an_unclipped_site_cannot_break_epsilon(tmp_path: Path) -> None:
-    from server.federation import Federation
+    from server.federation.rounds import Federation
     from strategies.fedavg import SiteReply
 
     cfg = RunConfig(central_dp_clip=0.5, central_dp_noise=1.0, out_dir=str(tmp_path))

@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from client.records import arrays_to_record, record_to_numpy, record_to_tensors
+from strategies.protocol.records import arrays_to_record, record_to_numpy, record_to_tensors
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 

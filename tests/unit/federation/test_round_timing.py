@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.timing import round_timing
+from server.federation.timing import round_timing
 
 
 def test_overhead_is_round_time_beyond_the_slowest_site() -> None:

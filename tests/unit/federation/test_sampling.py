@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.sampling import StragglerLedger, exchange_deadline, sample_sites, sample_size
+from server.federation.sampling import StragglerLedger, exchange_deadline, sample_sites, sample_size
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 
@@ -68,7 +68,7 @@ def test_bad_sampling_settings_name_the_key(key: str, value: float) -> None:
 
 
 def test_a_sites_memory_numbers_reach_the_metrics_only_when_plausible(tmp_path: Path) -> None:
-    from server.federation import Federation
+    from server.federation.rounds import Federation
 
     federation = Federation(None, RunConfig(out_dir=str(tmp_path)), {})  # type: ignore[arg-type]
     federation._note_memory(1, "site-1", {"memory-rss-mb": 512.0, "memory-peak-rss-mb": 640})

@@ -14,8 +14,8 @@ from flwr.supercore.task_identity import TaskIdentity
 import simulations
 from client.app import LOCAL_STATE_PREFIX
 from client.app import app as client_app
-from client.records import arrays_to_record
 from client.site_state import KEEP_HOURS_KEY, STATE_DIR_KEY, SiteStateStore
+from strategies.protocol.records import arrays_to_record
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.report import MetricsLog
-from server.tracking import RunTracking, open_tracker
+from server.federation.report import MetricsLog
+from server.federation.tracking import RunTracking, open_tracker
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import save_encoder
 from visionfm_core.run_config import RunConfig

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from client.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.dp_finetune import DPFineTuner, per_sample_tensors, task_sample_loss
 from client.privacy.dp_step import per_sample_gradients
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.encoders import EncoderSpec, create_encoder

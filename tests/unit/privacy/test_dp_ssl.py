@@ -16,11 +16,11 @@ from client.privacy.accountant import (
     SiteAccountant,
     combined_noise_multiplier,
 )
-from client.privacy.config import DPConfig
 from client.privacy.dp_ssl import DPSSLTrainer
 from client.privacy.dp_step import per_sample_gradients
 from client.privacy.reporting import releasable_metrics
 from client.privacy.sampling import PoissonLoader, ssl_poisson_loader
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.transforms import collate_multicrop, multicrop_transform
 from visionfm_core.errors import ConfigError

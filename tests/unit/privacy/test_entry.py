@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from client.privacy.accountant import PrivacyBudget, PrivacyBudgetExceeded, SiteAccountant
-from client.privacy.config import DPConfig
 from client.privacy.entry import dp_ssl_loader, new_dp_trainer
 from client.privacy.reporting import RELEASABLE_METRICS, releasable_metrics
+from strategies.protocol.dp_config import DPConfig
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig

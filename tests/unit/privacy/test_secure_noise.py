@@ -11,9 +11,9 @@ import torch
 from scipy import stats
 from torch import nn
 
-from client.privacy.config import DPConfig
 from client.privacy.dp_step import NoiseSettings, dp_step
 from client.privacy.noise import SecureNoise, TorchNoise, noise_generator
+from strategies.protocol.dp_config import DPConfig
 from strategies.secure_noise import SecureGaussian, key_from_seed
 
 DRAWS = 400_000

@@ -22,7 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client import app as real
 from client.audit import audit_mod
 from client.error_mod import safe_error_mod
-from client.records import MANIFEST_KEY, arrays_to_record, record_to_numpy
+from strategies.protocol.records import MANIFEST_KEY, arrays_to_record, record_to_numpy
 
 PLAN_ENV = "VISIONFM_TAMPER_PLAN"
 COUNTS = {"count-nan": float("nan"), "count-inf": float("inf"), "count-1e15": 1e15, "count-1.7e308": 1.7e308}

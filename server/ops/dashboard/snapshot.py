@@ -16,9 +16,9 @@ from typing import Any
 
 from certs.participants import load_participants
 from certs.store import CertStore
-from server.control import ControlPlane
-from server.run_summary import RunOverview, overview
-from server.runs import RunRegistry, completed_rounds
+from server.ops.control import ControlPlane
+from server.ops.run_summary import RunOverview, overview
+from server.ops.runs import RunRegistry, completed_rounds
 
 logger = logging.getLogger(__name__)
 TRAIN_PHASES = ("train", "finetune")

@@ -26,7 +26,7 @@ from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from certs.keys import load_openssh_public_key, public_key_fingerprint
 from certs.participants import load_participants
 from certs.store import CertStore
-from server.superlink import LOOPBACK
+from server.ops.superlink import LOOPBACK
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.records import MalformedRecordError, arrays_to_record, record_to_numpy
-from client.secure import STAGE_KEY, pack_groups, unpack_groups
-from server.checkpoints import latest_round, load_round, save_encoders, save_round
-from server.progress import RoundProgress
-from server.report import MetricsLog, plot_metrics, write_report
-from server.sampling import ExchangeOutcome, StragglerLedger, exchange_deadline, sample_sites
-from server.timing import round_timing
+from server.federation.checkpoints import latest_round, load_round, save_encoders, save_round
+from server.federation.progress import RoundProgress
+from server.federation.report import MetricsLog, plot_metrics, write_report
+from server.federation.sampling import ExchangeOutcome, StragglerLedger, exchange_deadline, sample_sites
+from server.federation.timing import round_timing
 from strategies.central_dp import SiteLevelAccountant, add_noise_to_means
 from strategies.compression import TrafficMeter, decode
 from strategies.fedavg import ModalityAccumulator, SiteReply, split_by_modality
+from strategies.protocol.records import MalformedRecordError, arrays_to_record, record_to_numpy
+from strategies.protocol.secagg_stages import STAGE_KEY, pack_groups, unpack_groups
 from strategies.reply_checks import (
     ReplayGuard,
     ReplyProblemError,

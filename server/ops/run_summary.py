@@ -25,7 +25,7 @@ TIMING_NUMBERS = ("round_seconds", "slowest_site_seconds", "overhead_seconds", "
 TRAIN_PHASES = ("train", "finetune")
 EVALUATE_PHASES = ("evaluate", "finetune-evaluate")
 
-# ServerApp log lines (server/federation.py and server/finetune_phase.py word them so).
+# ServerApp log lines (server/federation/rounds.py and server/federation/finetune_phase.py word them so).
 REJECTED = re.compile(r"round (\d+): update from (\S+) rejected: (.*)$")
 UNANSWERED = re.compile(r"round (\d+) ([\w -]+?): (\d+) site\(s\) did not answer")
 ROUND_FAILED = re.compile(r"round (\d+) failed: (.*)$")
@@ -282,9 +282,9 @@ def overview(state_dir: Path, ref: str) -> RunOverview:
     The ServerApp logs come from the running coordinator's SuperLink; without one, from the notes of
     the job's report (written when a run finishes: rejections of its last submission only)."""
     from certs.store import CertStore
-    from server.control import ControlPlane
-    from server.coordinator import running_state
-    from server.runs import RunRegistry, completed_rounds
+    from server.ops.control import ControlPlane
+    from server.ops.coordinator import running_state
+    from server.ops.runs import RunRegistry, completed_rounds
 
     record = RunRegistry(state_dir).find(ref)
     chain = [r for r in RunRegistry(state_dir).records() if r.job == record.job and r.out_dir == record.out_dir]

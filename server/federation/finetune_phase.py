@@ -30,18 +30,9 @@ import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from client.finetuning import (
-    CLASSIFIER_PREFIX,
-    HEADLINE,
-    build_task_model,
-    class_count,
-    initial_head,
-    new_tuner,
-    reported_scores,
-    task_adapter,
-)
-from client.site import task_samples
-from server.federation import (
+from server.federation.progress import RoundProgress
+from server.federation.report import plot_metrics, write_report
+from server.federation.rounds import (
     FAILURE_FILE,
     CentralEvaluator,
     Federation,
@@ -50,9 +41,18 @@ from server.federation import (
     _modality_metrics,
     _site_label,
 )
-from server.progress import RoundProgress
-from server.report import plot_metrics, write_report
 from strategies.fedavg import SiteReply
+from strategies.protocol.task_models import (
+    CLASSIFIER_PREFIX,
+    HEADLINE,
+    build_task_model,
+    class_count,
+    initial_head,
+    new_tuner,
+    reported_scores,
+    task_adapter,
+    task_samples,
+)
 from strategies.validation import validate_reply
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import atomic_write_bytes, encoder_metadata, load_encoder, save_encoder
@@ -78,7 +78,7 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
     `finetune-data` set fills in its task and settings; classification gets `finetune-classes` for
     every modality; any other task's settings must build its adapter. Errors name the key at fault."""
     if cfg.finetune_data:
-        from simulations.task_sets import load_task_set
+        from strategies.protocol.task_sets import load_task_set
 
         task_set = load_task_set(cfg.finetune_data)
         if cfg.finetune_task not in ("classification", task_set.task):
@@ -98,7 +98,7 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
 def finetune_modalities(cfg: RunConfig) -> list[str]:
     """The modalities that get a task head: a bundled task set's own, else every modality of the run."""
     if cfg.finetune_data:
-        from simulations.task_sets import load_task_set
+        from strategies.protocol.task_sets import load_task_set
 
         return [load_task_set(cfg.finetune_data).modality]
     return cfg.modality_list
@@ -109,8 +109,8 @@ def _resolve_class_counts(cfg: RunConfig) -> RunConfig:
     counts = cfg.finetune_class_counts()
     missing = [m for m in cfg.modality_list if m not in counts]
     if missing and cfg.scenario:
-        from simulations.datasets import load_dataset
-        from simulations.scenario import load_scenario
+        from strategies.protocol.datasets import load_dataset
+        from strategies.protocol.scenario import load_scenario
 
         datasets = load_scenario(cfg.scenario).datasets
         counts.update({m: load_dataset(datasets[m]).num_classes for m in missing if m in datasets})
@@ -166,9 +166,9 @@ def task_test_evaluator(cfg: RunConfig) -> CentralEvaluator:
     """Score the global task model (encoder + shared head) of every modality on held-out public data:
     the bundled task set's test part, or (classification) the simulation dataset's test split. Neither
     is ever trained or selected on."""
-    from simulations.datasets import load_dataset
-    from simulations.scenario import load_scenario
-    from simulations.task_sets import load_task_set
+    from strategies.protocol.datasets import load_dataset
+    from strategies.protocol.scenario import load_scenario
+    from strategies.protocol.task_sets import load_task_set
 
     device = resolve_device(cfg.device)
 

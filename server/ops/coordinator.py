@@ -6,7 +6,7 @@ the operators' dashboard (loopback by default), and then watches: when the revoc
 hospitals change, registrations follow within seconds; the CRL is re-signed well before it expires (the
 gateway reloads it, and any renewed certificate, by itself). Everything is stopped together on
 SIGTERM/SIGINT or when the SuperLink dies, and with the coordinator's own death (`kill -9` included: see
-server/processes.py). A lock on the state folder keeps a second coordinator off it; a start after a crash
+strategies/protocol/processes.py). A lock on the state folder keeps a second coordinator off it; a start after a crash
 first stops what was left.
 """
 
@@ -29,10 +29,10 @@ from certs.errors import CertificateError
 from certs.participants import load_participants, split_address
 from certs.provision import CRL_REFRESH_BEFORE, refresh_crl
 from certs.store import CertStore
-from server.control import ControlPlane, sync_registrations
-from server.gateway import DEFAULT_MAX_BODY_BYTES, GatewayConfig, GatewayThread
-from server.processes import FolderLock, command_pid, free_port, pid_alive, stop_stale, stop_tree
-from server.superlink import SuperLinkSpec, start_superlink
+from server.ops.control import ControlPlane, sync_registrations
+from server.ops.gateway import DEFAULT_MAX_BODY_BYTES, GatewayConfig, GatewayThread
+from server.ops.superlink import SuperLinkSpec, start_superlink
+from strategies.protocol.processes import FolderLock, command_pid, free_port, pid_alive, stop_stale, stop_tree
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "coordinator.json"

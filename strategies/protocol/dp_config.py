@@ -7,9 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from client.privacy.accountant import MECHANISMS, Mechanism
 from visionfm_core.config_values import is_unset, parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
+
+Mechanism = Literal["rdp", "prv"]
+MECHANISMS: tuple[str, ...] = ("rdp", "prv")
 
 CenterMode = Literal["noised", "fixed"]
 CENTER_MODES: tuple[str, ...] = ("noised", "fixed")

@@ -25,7 +25,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from certs.authority import common_name, has_operator_role
 from certs.operators import operator_serials
 from certs.store import CertStore
-from server.gateway import RevocationRegister
+from server.ops.gateway import RevocationRegister
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from certs.store import CertStore
-from server.control import ControlPlane, RunInfo
-from server.coordinator import CoordinatorState, running_state
-from server.deploy_app import write_deployment_app
-from server.jobs import Job, check_against_app, toml_overrides
-from server.processes import flower_env, flower_script
-from server.superlink import LOOPBACK
+from server.ops.control import ControlPlane, RunInfo
+from server.ops.coordinator import CoordinatorState, running_state
+from server.ops.deploy_app import write_deployment_app
+from server.ops.jobs import Job, check_against_app, toml_overrides
+from server.ops.superlink import LOOPBACK
+from strategies.protocol.processes import flower_env, flower_script
 from visionfm_core.errors import ConfigError
 
 CONNECTION = "coordinator"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from certs.store import CertStore
-from server.processes import flower_env, flower_script, spawn, stop_tree, wait_for_port
+from strategies.protocol.processes import flower_env, flower_script, spawn, stop_tree, wait_for_port
 
 LOOPBACK = "127.0.0.1"
 

@@ -15,8 +15,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.federation import Federation, FederationResult
-from server.tracking import RunTracking, open_tracker
+from server.federation.rounds import Federation, FederationResult
+from server.federation.tracking import RunTracking, open_tracker
 from visionfm_core.pretraining import initial_global_arrays
 from visionfm_core.run_config import RunConfig
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
     """Build the initial global model and run every round on `grid`: pretraining (unless `init-encoders`
     gives the encoders), then `finetune-rounds` fine-tuning rounds when configured. With `tracking`, the
-    config, every round's metrics and the final encoders are logged as they come (server/tracking.py)."""
+    config, every round's metrics and the final encoders are logged as they come (server/federation/tracking.py)."""
     tracker = open_tracker(cfg)  # a missing tracking package fails the run now, not after its rounds
     if tracker is None:
         return _run_phases(grid, cfg, None)
@@ -48,20 +48,20 @@ def run_federation(grid: Grid, cfg: RunConfig) -> FederationResult:
 
 def _run_phases(grid: Grid, cfg: RunConfig, tracking: RunTracking | None) -> FederationResult:
     if cfg.finetune_rounds > 0:
-        from server.finetune_phase import resolve_finetune_task
+        from server.federation.finetune_phase import resolve_finetune_task
 
         resolve_finetune_task(cfg)  # a task that cannot be built fails now, not after pretraining
     evaluator = None
     site_names: list[str] = []
     if cfg.scenario:
-        from server.central_eval import scenario_test_evaluator
-        from simulations.scenario import load_scenario
+        from server.federation.central_eval import scenario_test_evaluator
+        from strategies.protocol.scenario import load_scenario
 
         site_names = [s.name for s in load_scenario(cfg.scenario).sites]
         if cfg.server_eval == "scenario":
             evaluator = scenario_test_evaluator(cfg)
     if cfg.init_encoders:
-        from server.finetune_phase import load_init_encoders
+        from server.federation.finetune_phase import load_init_encoders
 
         pretrained, rounds_done = load_init_encoders(cfg), 0
     else:
@@ -78,7 +78,7 @@ def _run_phases(grid: Grid, cfg: RunConfig, tracking: RunTracking | None) -> Fed
 
 def _run_finetune_phase(grid: Grid, cfg: RunConfig, pretrained: dict[str, Any], site_names: list[str],
                         rounds_done: int, tracking: RunTracking | None) -> FederationResult:
-    from server.finetune_phase import FineTunePhase, resolve_finetune_task, task_test_evaluator
+    from server.federation.finetune_phase import FineTunePhase, resolve_finetune_task, task_test_evaluator
 
     evaluator = None
     if cfg.scenario and cfg.server_eval == "scenario":
@@ -97,8 +97,7 @@ def resolve_run_config(flat: Mapping[str, Any]) -> RunConfig:
     scenario_ref = str(flat.get("scenario", ""))
     if not scenario_ref:
         return RunConfig.from_flat(flat)
-    from simulations.scenario import load_scenario
-    from simulations.simulate import resolve_config
+    from strategies.protocol.scenario import load_scenario, resolve_config
 
     return resolve_config(load_scenario(scenario_ref), scenario_ref, flat)
 

@@ -13,7 +13,8 @@ from visionfm_core.data.sources import load_npz_split, scan_image_folder
 from visionfm_core.errors import ConfigError
 from visionfm_core.splits import split_train_val
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+# The bundled data ships inside the simulations package folder (package data), beside this package.
+DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
 BUNDLED_SALT = b"visionfm-fed bundled public data"
 
 

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from simulations.datasets import load_dataset
-from simulations.scenario import load_scenario
+from strategies.protocol.datasets import load_dataset
+from strategies.protocol.scenario import load_scenario
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from simulations.datasets import DATA_DIR
+from strategies.protocol.datasets import DATA_DIR
 from visionfm_core.errors import ConfigError
 from visionfm_core.tasks.adapters import DetectionTask, LandmarkTask, SegmentationTask, TaskAdapter
 from visionfm_core.tasks.public_sets import hrf_optic_disc, hrf_samples, idrid_optic_disc

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from server.jobs import toml_overrides
+from server.ops.jobs import toml_overrides
 from visionfm_core.run_config import RunConfig
 from visionfm_core.ssl.config import SSLConfig
 
@@ -34,7 +34,7 @@ def declared_config() -> dict[str, Any]:
             continue
         flat[f"ssl.{key.replace('_', '-')}"] = value
     flat["ssl.drop-path-rate"] = 0.0  # read by the encoder spec, not by SSLConfig
-    from client.privacy.config import DPConfig
+    from strategies.protocol.dp_config import DPConfig
 
     for key, value in DPConfig().to_dict().items():
         # DP-SGD settings (used when dp = true); "auto" stands for an unset value (Flower has no None).
@@ -68,7 +68,7 @@ dependencies = []
 publisher = "visionfm-fed"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
+serverapp = "server.federation.app:app"
 clientapp = "client.app:app"
 
 [tool.flwr.app.config]

@@ -12,14 +12,16 @@ from typing import Any
 
 import tomllib
 
-from simulations.datasets import load_dataset
-from simulations.partition import partition_indices
+from strategies.protocol.datasets import load_dataset
+from strategies.protocol.partition import partition_indices
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
+from visionfm_core.run_config import RunConfig
 from visionfm_core.splits import ModalitySplit, split_train_val
 
-SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+# The bundled scenarios ship inside the simulations package folder (package data).
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "simulations" / "scenarios"
 
 
 @dataclass(frozen=True)
@@ -231,3 +233,12 @@ def pooled_data(scenario: Scenario, val_fraction: float) -> dict[str, ModalitySp
             pooled[modality].train.extend(split.train)
             pooled[modality].val.extend(split.val)
     return pooled
+
+
+def resolve_config(scenario: Scenario, scenario_ref: str, overrides: Mapping[str, Any]) -> RunConfig:
+    """Run config = defaults <- scenario [run] table <- command-line overrides; modalities from the sites."""
+    flat: dict[str, Any] = {"modalities": ",".join(scenario.modalities), "scenario": scenario_ref,
+                            "server-eval": "scenario"}
+    flat.update(scenario.run)
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig.from_flat(flat)

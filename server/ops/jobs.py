@@ -4,7 +4,7 @@
 [job]
 name = "fundus-pretrain"      # the run folder (runs/<name> in the coordinator's state folder)
 app = "path/to/project"       # optional: a Flower app project, relative to this file (default: the
-                              # deployment app, see server/deploy_app.py: config only, installed code)
+                              # deployment app, see server/ops/deploy_app.py: config only, installed code)
 phases = ["pretrain"]         # or ["pretrain", "fine-tune"] (then set finetune-rounds under [run-config])
 modalities = ["fundus"]
 rounds = 50

@@ -409,7 +409,7 @@ def watchdog(parent_pid: int, command: Sequence[str], grace_s: float = 5.0) -> i
 
 def _watchdog_main(argv: Sequence[str]) -> int:
     if len(argv) < 4 or argv[0] != "--parent" or argv[2] != "--":
-        print("usage: python -m server.processes --parent PID -- COMMAND...", file=sys.stderr)
+        print("usage: python -m strategies.protocol.processes --parent PID -- COMMAND...", file=sys.stderr)
         return 2
     return watchdog(int(argv[1]), argv[3:])
 

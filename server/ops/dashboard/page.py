@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from server.dashboard.access import OperatorPolicy, OperatorsOnly
-from server.dashboard.plots import run_plots
-from server.dashboard.snapshot import Snapshot
+from server.ops.dashboard.access import OperatorPolicy, OperatorsOnly
+from server.ops.dashboard.plots import run_plots
+from server.ops.dashboard.snapshot import Snapshot
 
 REFRESH_SECONDS = 5
 SECURITY_HEADERS = {

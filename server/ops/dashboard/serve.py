@@ -15,14 +15,14 @@ import uvicorn
 
 from certs.store import CertStore
 from certs.tls import server_context
-from server.dashboard.access import OperatorPolicy, TLSIdentityH11Protocol
-from server.dashboard.page import make_app
-from server.dashboard.snapshot import Snapshot, take_snapshot
-from server.gateway import GatewayStats
+from server.ops.dashboard.access import OperatorPolicy, TLSIdentityH11Protocol
+from server.ops.dashboard.page import make_app
+from server.ops.dashboard.snapshot import Snapshot, take_snapshot
+from server.ops.gateway import GatewayStats
 from visionfm_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from server.coordinator import Coordinator
+    from server.ops.coordinator import Coordinator
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,114 @@
+"""The task model every site and the server build alike: the run's task adapter, its fine-tuning
+settings, the head's keys and seeded initial weights, and which scores a round reports. Both sides
+must agree on these (a site and the server building different heads could not average them)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import cast
+
+import torch
+from torch import Tensor
+
+from visionfm_core.data.items import ImageItem
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.heads import TaskModel
+from visionfm_core.pretraining import encoder_from_arrays
+from visionfm_core.run_config import RunConfig
+from visionfm_core.runtime import seed_everything
+from visionfm_core.tasks.adapters import ClassificationTask, TaskAdapter, task_from_config
+from visionfm_core.tasks.adapters.classification import Mode
+from visionfm_core.tasks.samples import TaskSample
+from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
+
+CLASSIFIER_PREFIX = "classifier."
+# What a task's evaluation reports every round; per-class entries (`dice_vessel`, `mre_fovea`) are named
+# after the task settings' class or point names, never after the site's data.
+HEADLINE = {"classification": ("accuracy", "auc", "kappa", "f1"), "segmentation": ("dice", "iou", "dice_per_image"),
+            "landmarks": ("mre",), "detection": ("map50",), "regression": ("mae", "rmse")}
+PER_NAME = {"segmentation": "dice_", "landmarks": "mre_", "detection": "ap50_", "regression": "mae_"}
+
+
+def finetune_config(cfg: RunConfig) -> FineTuneConfig:
+    """The fine-tuning hyperparameters of the run (one epoch of warm-up spread over the first round)."""
+    return FineTuneConfig(regime="frozen" if cfg.finetune_encoder == "frozen" else "full",
+                          epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+                          warmup_epochs=min(1.0, float(cfg.finetune_epochs)), seed=cfg.seed,
+                          num_workers=cfg.num_workers)
+
+
+def class_count(cfg: RunConfig, modality: str) -> int:
+    """Classes of `modality`'s classification task (`finetune-classes`, resolved by the server)."""
+    configured = cfg.finetune_class_counts().get(modality)
+    if configured is None:
+        raise ConfigError("finetune-classes", f"set the number of {modality} classes, e.g. '{modality}=5'")
+    return configured
+
+
+def task_adapter(cfg: RunConfig, modality: str) -> TaskAdapter:
+    """The run's task for `modality`: the same adapter, hence the same head, on every site and the server.
+    Nothing is fitted to a site's data here (a regression's target scaling comes from the settings),
+    since sites fitting their own would each train a differently scaled head."""
+    if cfg.finetune_task == "classification":
+        return ClassificationTask(class_count(cfg, modality), mode=cast(Mode, cfg.finetune_mode))
+    settings = cfg.finetune_task_settings()
+    if not settings:
+        raise ConfigError("finetune-task-config", f"a {cfg.finetune_task} task needs its settings, e.g. "
+                                                  '{"num_classes": 2} (or a bundled finetune-data set)')
+    try:
+        return task_from_config(cfg.finetune_task, settings)
+    except ConfigError as exc:
+        raise ConfigError("finetune-task-config", str(exc)) from exc
+
+
+def new_tuner(cfg: RunConfig, modality: str, device: torch.device) -> FineTuner:
+    return FineTuner(task_adapter(cfg, modality), finetune_config(cfg), device)
+
+
+def shareable(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The floating-point part of a state dict as float32 (BatchNorm's step counter is not averaged)."""
+    return {k: v.detach().to("cpu", torch.float32) for k, v in weights.items() if v.is_floating_point()}
+
+
+def load_head(model: TaskModel, weights: Mapping[str, Tensor]) -> None:
+    """Load a (shareable) head; keys it lacks, such as BatchNorm's counter, keep the model's own values."""
+    merged = get_weights(model, "head")
+    for key, value in weights.items():
+        merged[key] = value.to(merged[key].dtype) if key in merged else value
+    set_weights(model, merged, "head")
+
+
+def build_task_model(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tensor],
+                     head: Mapping[str, Tensor] | None) -> TaskModel:
+    """Encoder from the `backbone.*` arrays plus the given head (a fresh, seeded one when None)."""
+    seed_everything(cfg.seed)
+    model = tuner.build_model(encoder_from_arrays(shared, cfg))
+    if head:
+        load_head(model, head)
+    return model
+
+
+def initial_head(cfg: RunConfig, modality: str) -> dict[str, Tensor]:
+    """The round-1 shared head: the same seeded head every site would build."""
+    tuner = new_tuner(cfg, modality, torch.device("cpu"))
+    seed_everything(cfg.seed)
+    from visionfm_core.models.encoders import create_encoder
+    from visionfm_core.pretraining import encoder_spec
+
+    return shareable(get_weights(tuner.build_model(create_encoder(encoder_spec(cfg))), "head"))
+
+
+def reported_scores(task: str, scores: Mapping[str, float]) -> dict[str, float]:
+    """The evaluation numbers a round reports: the task's headline metrics, its per-name ones, the sample
+    count and the loss ("task-loss", so reports never mix it up with the SSL loss of pretraining rows)."""
+    per_name = PER_NAME.get(task)
+    kept = {k: float(v) for k, v in scores.items()
+            if k in HEADLINE[task] or k == "count" or (per_name is not None and k.startswith(per_name))}
+    if "loss" in scores:
+        kept["task-loss"] = float(scores["loss"])
+    return kept
+
+
+def task_samples(items: Sequence[ImageItem]) -> list[TaskSample]:
+    """Labelled items as classification samples (unlabelled ones cannot be fine-tuned on)."""
+    return [TaskSample(item, label=item.label) for item in items if item.label is not None]
