@@ -151,11 +151,3 @@ def test_volume_frames_stay_together_without_patient_ids(tmp_path: Path) -> None
     parts = split_by_patient(items, {"train": 0.5, "test": 0.5})
     train_files = {i.source for i in parts["train"]}
     assert train_files.isdisjoint({i.source for i in parts["test"]}) and len(parts["train"]) % 4 == 0
-
-
-def test_open_site_is_also_reachable_from_sources(mixed_site: Path) -> None:
-    from visionfm_core.data import sources
-
-    assert sources.open_site(mixed_site, "oct", slices="centre") == open_site(
-        mixed_site, "oct", slices="centre"
-    )
