@@ -2,9 +2,11 @@
 versus Flower's FedAvg pattern (every reply held, then averaged), ViT-S/16 weights, 3/10/30 sites.
 
 Each measurement runs in a fresh subprocess (peak RSS via getrusage), replies are real Flower
-ArrayRecords built from a real timm ViT-S/16 state dict.
+ArrayRecords built from a real timm ViT-S/16 state dict, packed as a site sends them. The Flower pattern
+is a stock strategy's, on the replies unpacked to one Array per tensor (as `PackedRecordsStrategy` hands
+them to it): on packed records a stock strategy would average the buffers and the manifest's bytes.
 
-    python bench/bench_aggregation_memory.py [--arch small] [--sites 3,10,30]
+    python bench/bench_aggregation_memory.py [--arch small] [--sites 3,10,30] [--smoke]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from _bench import add_smoke_flag, print_cpu
+
 
 def _one(mode: str, arch: str, sites: int) -> dict[str, float]:
     import numpy as np
@@ -23,6 +27,7 @@ def _one(mode: str, arch: str, sites: int) -> dict[str, float]:
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from strategies.fedavg import ModalityAccumulator, SiteReply
+    from strategies.protocol.flower_strategies import unpacked_record
     from strategies.protocol.records import arrays_to_record, record_to_numpy
     from visionfm_core.models.encoders import EncoderSpec, create_encoder, encoder_state
 
@@ -42,7 +47,7 @@ def _one(mode: str, arch: str, sites: int) -> dict[str, float]:
             del record
         result = acc.result()
     else:
-        held = [RecordDict({"arrays": reply(i), "m": MetricRecord({"n": 100 + i})})
+        held = [RecordDict({"arrays": unpacked_record(reply(i)), "m": MetricRecord({"n": 100 + i})})
                 for i in range(sites)]
         result = aggregate_arrayrecords(held, "n")
     seconds = time.perf_counter() - started
@@ -56,10 +61,14 @@ def main() -> None:
     parser.add_argument("--arch", default="small")
     parser.add_argument("--sites", default="3,10,30")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "SITES"), help=argparse.SUPPRESS)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.arch, args.sites = "tiny", "2"  # one worker process per mode
     if args.worker:
         print(json.dumps(_one(args.worker[0], args.arch, int(args.worker[1]))))
         return
+    print_cpu()
     counts = [int(s) for s in args.sites.split(",")]
     results: dict[str, dict[int, dict[str, float]]] = {}
     for mode in ("streaming", "flower-fedavg"):
@@ -74,8 +83,8 @@ def main() -> None:
                           for n, v in per.items())
         print(f"{mode:14} {cells}")
     for n in counts:
-        ratio = results["streaming"][n]["over_model_mb"] / results["flower-fedavg"][n]["over_model_mb"]
-        print(f"{n:>3} sites: streaming / flower-fedavg memory = {ratio:.2f}")
+        ratio = results["streaming"][n]["over_model_mb"] / max(results["flower-fedavg"][n]["over_model_mb"], 1e-3)
+        print(f"{n:>3} sites: memory ratio streaming / flower-fedavg = {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import add_smoke_flag, print_cpu
 
 from strategies.compression import CODECS, decode, encode
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
@@ -67,7 +68,11 @@ def main() -> None:
     parser.add_argument("--probe", default=None, help="scenario for the probe-effect runs (e.g. default)")
     parser.add_argument("--codecs", nargs="+", default=["none", "int8"], help="codecs of the probe runs")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-compression"))
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.archs, args.probe = ["nano"], None
+    print_cpu()
     torch.set_num_threads(2)
     if args.probe:
         probe_effect(args.probe, args.codecs, args.out)
@@ -86,6 +91,8 @@ def main() -> None:
                 f" {relative_rms_error(update, decoded):>13.2e} {seconds:>10.2f}",
                 flush=True,
             )
+        int8 = encode(update, "int8").nbytes if "int8" in CODECS else fp32_bytes
+        print(f"{arch}: bytes ratio int8 / fp32 = {int8 / fp32_bytes:.4f} (target <= 0.27)")
 
 
 if __name__ == "__main__":

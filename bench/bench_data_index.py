@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
+from _bench import add_smoke_flag, print_cpu
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -102,7 +103,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.files, args.workers = 12, 1
+    print_cpu()
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="visionfm-bench-"))
     try:

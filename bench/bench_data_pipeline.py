@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import add_smoke_flag, print_cpu
 from bench_ssl_step import CONFIGS, BenchConfig, random_crops, ssl_config
 
 import simulations
@@ -91,7 +92,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=96, help="images timed per loader run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=3)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.configs, args.images, args.workers, args.steps = ["vit_ti8_64"], 8, [0], 1
+    print_cpu()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
     sources = datasets()
@@ -106,7 +111,7 @@ def main() -> None:
             for workers in args.workers:
                 rate = rates[workers] = loader_rate(items, modality, bench, args.images, workers)
                 per_core = (rate / max(workers, 1)) / (step / 2)  # one loader core against one step core
-                print(f"  {label:<22} workers {workers}: {rate:7.1f} images/s   loader/step {rate / step:5.2f}x"
+                print(f"  {label:<22} workers {workers}: {rate:7.1f} images/s   ratio loader/step {rate / step:5.2f}x"
                       f"   per core {per_core:5.2f}x")
             batched = rates[0] if 0 in rates else loader_rate(items, modality, bench, args.images, 0)
             print(f"  {label:<22} (per-image photometrics, workers 0: {per_image:7.1f} images/s; batched is "

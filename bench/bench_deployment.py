@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bench import add_smoke_flag, print_cpu
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -203,7 +205,12 @@ def main() -> None:
     parser.add_argument(
         "--round-timeout", type=int, default=600, help="seconds a round (or evaluation) waits for the sites"
     )
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # the smallest real deployment: coordinator, two hospitals over TLS, one warm round
+        args.arch, args.image_size, args.patch_size, args.images, args.batch_size = "nano", 32, 8, 8, 4
+        args.sites, args.rounds, args.modes, args.round_timeout = 2, 1, "warm", 120
+    print_cpu()
     if args.local_steps <= 0:
         args.local_steps = max(1, args.images // args.batch_size)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -224,7 +231,8 @@ def main() -> None:
                 )
             summary[mode] = (statistics.mean(r["round_s"] for r in rows), statistics.mean(r["share"] for r in rows))
     for mode, (round_s, share) in summary.items():
-        print(f"{mode}: mean round {round_s:.1f}s, overhead share {share:.0%} (target < 20%)")
+        print(f"{mode}: mean round {round_s:.1f}s, overhead share {share:.0%} (target < 20%), "
+              f"ratio overhead / round time {share:.2f}")
     if "warm" in summary and "cold" in summary:
         print(f"cold/warm round time ratio: {summary['cold'][0] / summary['warm'][0]:.2f}")
 

@@ -42,6 +42,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench import add_smoke_flag, print_cpu  # noqa: E402
+
 import simulations  # noqa: E402
 from strategies.protocol.partition import partition_indices  # noqa: E402
 from visionfm_core.data.datasets import ImageDataset  # noqa: E402
@@ -370,7 +372,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    add_smoke_flag(parser)
     args = parser.parse_args(argv)
+    if args.smoke:  # one section, one epoch per fold: checks the pipeline, not the numbers
+        args.sections, args.epochs, args.federated = "oct", 1, False
+    print_cpu()
     args.encoder_arm = [tuple(a.split("=", 1)) for a in args.encoder_arm]
     torch.set_num_threads(args.threads)
     runners = {
@@ -389,6 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report[section]["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(report[section], indent=2, default=str), flush=True)
     report["seconds_total"] = round(time.perf_counter() - total, 1)
+    if "oct" in report:
+        accuracy_oct = report["oct"]["pooled_test"]["accuracy"]
+        print(f"oct: ratio pooled accuracy / chance (0.25) = {accuracy_oct / 0.25:.2f}")
     print(f"total {report['seconds_total']} s")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

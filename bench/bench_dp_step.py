@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from _bench import add_smoke_flag, print_cpu
 from torch import Tensor, nn
 
 from client.privacy.accountant import PrivacyBudget, SiteAccountant
@@ -205,6 +206,7 @@ def report(title: str, timings: dict[str, Timings], baseline: str) -> None:
     base = timings[baseline]
     print(f"\n{title}")
     header = f"{'variant':<26} {'wall s':>8} {'cpu s':>8} {'x wall':>7} {'x cpu':>7} {'x wall min-max':>15}"
+    print(f"(x: median ratio of each round's time to the {baseline!r} baseline's in the same round)")
     print(header)
     for name, t in timings.items():
         wall_ratios = [a / b for a, b in zip(t.wall, base.wall, strict=True)]
@@ -246,7 +248,12 @@ def main() -> None:
     parser.add_argument("--skip-ssl", action="store_true")
     parser.add_argument("--skip-noise", action="store_true")
     parser.add_argument("--noise-values", type=int, default=22_000_000, help="ViT-S/16 has about 22M")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.arch, args.image_size, args.batch, args.reps, args.warmup = "nano", 32, 2, 1, 0
+        args.noise_values, args.skip_ssl = 100_000, True
+    print_cpu()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus' secure-RNG and alpha-range notices
     spec = EncoderSpec(arch=args.arch, image_size=args.image_size, patch_size=16)

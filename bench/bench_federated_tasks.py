@@ -32,6 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench import add_smoke_flag, print_cpu  # noqa: E402
+
 from simulations.simulate import simulate  # noqa: E402
 from strategies.protocol.task_models import HEADLINE  # noqa: E402
 from strategies.protocol.task_sets import TASK_SETS, load_task_set  # noqa: E402
@@ -117,7 +119,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # one task, one round of one epoch, two hospitals (the three arms still run)
+        args.tasks, args.rounds, args.epochs, args.sites = "hrf-disc", 1, 1, 2
+    print_cpu()
     torch.set_num_threads(2)
     results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
     with tempfile.TemporaryDirectory(prefix="visionfm-bench-tasks-") as work:
@@ -127,6 +133,9 @@ def main() -> None:
             print(f"{name:12s} {entry['metric']:6s} federated {fed:.4f} (rounds {entry['federated']['per_round']}) "
                   f"centralized {entry['centralized']['test']:.4f} local mean {entry['local']['mean']:.4f} "
                   f"[{entry['local']['worst']:.4f} worst, {entry['local']['best']:.4f} best]", flush=True)
+            central = entry["centralized"]["test"]
+            print(f"{name:12s} ratio federated / centralized {entry['metric']} = "
+                  f"{fed / central if central else float('nan'):.3f}", flush=True)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

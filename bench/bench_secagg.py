@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from _bench import add_smoke_flag, print_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 R = TypeVar("R")
@@ -243,7 +244,10 @@ def main() -> None:
     parser.add_argument("--worker", choices=["plain", "secagg"])
     parser.add_argument("--shapes", type=Path)
     parser.add_argument("--workers", type=int, default=1, help="threads for SecAgg masking sweeps")
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.archs, args.sites, args.reps = ["nano"], [3], 1
     if args.worker:
         shapes = json.loads(args.shapes.read_text())
         if args.worker == "plain":
@@ -252,6 +256,8 @@ def main() -> None:
             print(json.dumps(worker_secagg(shapes, args.sites[0], args.workers)))
         return
 
+    print_cpu()
+    print("(time x, x avg, mem x, data x: ratios of SecAgg+ to the plain path measured in the same pair)")
     print(" ".join(f"{name:>{width}}" for name, width, _, _, _ in COLUMNS))
     print(" ".join(f"{unit:>{width}}" for _, width, unit, _, _ in COLUMNS))
     with tempfile.TemporaryDirectory() as folder:

@@ -13,6 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
+from _bench import add_smoke_flag, print_cpu
+
 from simulations.compare import comparison_rows, write_comparison
 from simulations.simulate import MODES, quiet_framework_logs, simulate
 
@@ -25,7 +27,11 @@ def main() -> None:
     parser.add_argument("--teacher-sync", choices=["ema", "reset"])
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=Path("runs/bench-modes"))
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # the quick scenario, one round of one step; the centralized arm needs no Ray
+        args.scenario, args.rounds, args.local_steps, args.modes = "quick", 1, 1, "centralized,local"
+    print_cpu()
     quiet_framework_logs()
     overrides = {"num-rounds": args.rounds, "local-steps": args.local_steps, "teacher-sync": args.teacher_sync}
     logs, seconds = {}, {}
@@ -41,8 +47,9 @@ def main() -> None:
             base, value = row[f"{metric}_round0"], row[metric]
             print(f"{row['mode']:12} {row['arm']:12} {row['modality']:8} {metric:16} {base:7.3f} {value:8.3f} "
                   f"{value - base:+7.3f}")
+    first = next(iter(seconds))
     for mode, secs in seconds.items():
-        print(f"{mode}: {secs:.0f}s wall")
+        print(f"{mode}: {secs:.0f}s wall, ratio to {first} {secs / seconds[first]:.2f}")
 
 
 if __name__ == "__main__":
