@@ -42,7 +42,8 @@ def simulate_command(
     sites: Annotated[int | None, typer.Option(help="number of sites, each holding every modality")] = None,
     partition: Annotated[str | None, typer.Option(help="iid | dirichlet (label skew) | quantity")] = None,
     alpha: Annotated[float | None, typer.Option(help="Dirichlet alpha: smaller = more skew")] = None,
-    rounds: Annotated[int | None, typer.Option(help="federated rounds")] = None,
+    num_rounds: Annotated[int | None, typer.Option(help="federated (pretraining) rounds")] = None,
+    rounds: Annotated[int | None, typer.Option(hidden=True, help="deprecated name of --num-rounds")] = None,
     local_steps: Annotated[int | None, typer.Option(help="local optimisation steps per round")] = None,
     objective: Annotated[str | None, typer.Option(help="dino | ibot")] = None,
     arch: Annotated[str | None, typer.Option(help="nano | micro | tiny | small | base")] = None,
@@ -98,8 +99,12 @@ def simulate_command(
                         format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         quiet_framework_logs()
+    if rounds is not None:
+        console.print("[yellow]note:[/] --rounds is deprecated: use --num-rounds (the run-config, job and "
+                      "scenario key is num-rounds)")
+        num_rounds = rounds if num_rounds is None else num_rounds
     overrides: dict[str, Any] = {
-        "num-rounds": rounds, "local-steps": local_steps, "objective": objective, "arch": arch,
+        "num-rounds": num_rounds, "local-steps": local_steps, "objective": objective, "arch": arch,
         "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
         "device": device, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,

@@ -43,7 +43,7 @@ class RunConfig:
     patch_size: int = 4
     modalities: str = "fundus"
     objective: str = "ibot"
-    # How a site's local teacher follows the new global student each round (see docs/DESIGN.md):
+    # How a site's local teacher follows the new global student each round (README: Design decisions):
     # "ema" keeps local knowledge (FedEMA-style), "reset" restarts it from the global model.
     teacher_sync: str = "ema"
     teacher_ema: float = 0.5

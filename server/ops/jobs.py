@@ -7,7 +7,7 @@ app = "path/to/project"       # optional: a Flower app project, relative to this
                               # deployment app, see server/ops/deploy_app.py: config only, installed code)
 phases = ["pretrain"]         # or ["pretrain", "fine-tune"] (then set finetune-rounds under [run-config])
 modalities = ["fundus"]
-rounds = 50
+num-rounds = 50               # ("rounds", its old name, is still read, with a deprecation note)
 strategy = "fedavg"
 min-sites = 2                 # a round goes on with this many replies; fewer fails the round
 round-timeout = 1800          # seconds a round waits for the slowest site
@@ -26,20 +26,20 @@ override keys when the run starts, so the job is checked here first and the erro
 from __future__ import annotations
 
 import json
+import logging
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from visionfm_core.errors import ConfigError
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_PHASES = ("pretrain", "fine-tune")
-# Job field -> the app's run-config key.
+# Job field -> the app's run-config key (one name for both: a job field is a run-config key).
 FIELD_KEYS = {
-    "rounds": "num-rounds",
+    "num-rounds": "num-rounds",
     "strategy": "strategy",
     "min-sites": "min-sites",
     "round-timeout": "round-timeout",
@@ -48,7 +48,10 @@ FIELD_KEYS = {
     "fraction-evaluate": "fraction-evaluate",
     "round-deadline": "round-deadline",
 }
+# Old job field names, still read: old name -> the one name the job, the run config and scenarios use.
+DEPRECATED_FIELDS = {"rounds": "num-rounds"}
 Scalar = str | int | float | bool
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,6 +90,13 @@ def parse_job(data: dict[str, Any], base_dir: Path, source: str = "<job>") -> Jo
     if not isinstance(phases, list) or not phases or not all(p in KNOWN_PHASES for p in phases):
         raise ConfigError("job.phases", f"a non-empty list of {', '.join(KNOWN_PHASES)}, got {phases!r}")
     overrides: dict[str, Scalar] = {}
+    job = dict(job)
+    for old, new in DEPRECATED_FIELDS.items():
+        if old in job:
+            if new in job:
+                raise ConfigError(f"job.{old}", f"set only job.{new} ({old} is its deprecated name)")
+            logger.warning("%s: job.%s is deprecated, use job.%s (the run-config key)", source, old, new)
+            job[new] = job.pop(old)
     extra = set(job) - {"name", "app", "phases", "modalities", *FIELD_KEYS}
     if extra:
         raise ConfigError(f"job.{sorted(extra)[0]}", "unknown key (put app settings under [run-config])")

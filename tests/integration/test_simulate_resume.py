@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 
 def _simulate(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--scenario", "quick", "--rounds", "3",
+    return [sys.executable, "-m", "simulations.cli", "simulate", "--scenario", "quick", "--num-rounds", "3",
             "--out", str(out), *extra]
 
 

@@ -6,7 +6,7 @@ Nothing is downloaded: users bring the files. Torch checkpoints are pickles; the
 anything else is refused with the names it asks for; only someone who trusts where the file came
 from should then re-run with ``trust=True`` (a full unpickle can run arbitrary code).
 
-Key mapping (verified layouts, see design/VISIONFM.md):
+Key mapping (the released checkpoints' layouts; tests/unit/models/test_importers.py builds each):
 - VisionFM pretraining: ``teacher`` with ``backbone.``/``module.`` prefixes; ``head.*`` and
   ``masked_embed`` dropped.
 - RETFound MAE: ``model``; decoder, ``mask_token`` and any classifier dropped.

@@ -244,7 +244,7 @@ def write_deploy_job(
     dp = "" if privacy is None else "[privacy]\n" + "".join(f"{k} = {v}\n" for k, v in privacy.items()) + "\n"
     run_config = "dp = true\n" if privacy is not None else ""
     job.write_text(
-        f'[job]\nname = "{name}"\nmodalities = ["fundus"]\nrounds = {rounds}\nmin-sites = {min_sites}\n'
+        f'[job]\nname = "{name}"\nmodalities = ["fundus"]\nnum-rounds = {rounds}\nmin-sites = {min_sites}\n'
         f"round-timeout = {round_timeout}\n\n{dp}[run-config]\n{run_config}"
         'local-steps = 1\nbatch-size = 8\narch = "nano"\nimage-size = 32\npatch-size = 8\nknn-k = 3\n'
         f"client-threads = 1\neval-every = {eval_every}\n{extra_run_config}"

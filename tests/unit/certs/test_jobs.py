@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from server.ops.deploy_app import write_deployment_app
 from server.ops.jobs import app_config_keys, check_against_app, load_job, toml_overrides
@@ -22,7 +23,7 @@ name = "fundus-pretrain"
 app = "{app}"
 phases = ["pretrain"]
 modalities = ["Fundus", "cfp"]
-rounds = 5
+num-rounds = 5
 strategy = "fedavg"
 min-sites = 2
 round-timeout = 600.5
@@ -41,6 +42,14 @@ def _job(tmp_path: Path, text: str = JOB) -> Path:
     path = tmp_path / "job.toml"
     path.write_text(text.replace("{app}", str(FIXTURE_APP)))
     return path
+
+
+def test_the_old_job_field_rounds_is_read_with_a_deprecation_note(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        job = load_job(_job(tmp_path, JOB.replace("num-rounds = 5", "rounds = 7")))
+    assert job.overrides["num-rounds"] == 7 and "rounds" not in job.overrides
+    assert "job.rounds is deprecated, use job.num-rounds" in caplog.text
 
 
 def test_job_fields_map_to_run_config_keys(tmp_path: Path) -> None:
@@ -111,7 +120,8 @@ def test_the_deployment_app_declares_every_run_config_key(tmp_path: Path) -> Non
         (lambda t: t.replace('phases = ["pretrain"]', 'phases = ["fine-tune"]'), "job.phases"),
         (lambda t: t.replace('phases = ["pretrain"]', 'phases = ["pretrain", "fine-tune"]'), "job.phases"),
         (lambda t: t.replace("local-steps = 3", "local-steps = 3\nfinetune-rounds = 2"), "job.phases"),
-        (lambda t: t.replace("rounds = 5", "rounds = 5\nepochs = 3"), "job.epochs"),
+        (lambda t: t.replace("num-rounds = 5", "num-rounds = 5\nepochs = 3"), "job.epochs"),
+        (lambda t: t.replace("num-rounds = 5", "num-rounds = 5\nrounds = 5"), "job.rounds"),
         (lambda t: t.replace('modalities = ["Fundus", "cfp"]', 'modalities = ["x-ray"]'), "modality"),
         (lambda t: t + "\n[extra]\na = 1\n", "extra"),
         (lambda t: t.replace("local-steps = 3", "local-steps = [1, 2]"), "run-config.local-steps"),
