@@ -28,7 +28,7 @@ def test_bench_smoke_runs_and_prints_its_ratio(bench: Path, tmp_path: Path) -> N
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     done = subprocess.run([sys.executable, str(bench), "--smoke"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
+                          text=True, timeout=1100, check=False)
     tail = f"\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
     assert done.returncode == 0, f"{bench.name} --smoke exited {done.returncode}{tail}"
     assert any("ratio" in line.lower() for line in done.stdout.splitlines()), f"no ratio line{tail}"
