@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 

@@ -89,8 +89,8 @@ def start(
     dashboard (loopback by default) shows hospitals online, round progress and timings, metric plots per
     round and site, epsilon spent, bytes per round and recent rejections.
     """
-    from server.ops.dashboard.serve import dashboard_factory
     from server.ops.coordinator import run_coordinator
+    from server.ops.dashboard.serve import dashboard_factory
 
     _configure_logging(state / "logs" / "coordinator.log")
 

@@ -5,12 +5,11 @@ with the package."""
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from strategies.protocol.datasets import load_dataset
 from strategies.protocol.partition import partition_indices

@@ -96,7 +96,8 @@ def command_line(pid: int) -> str:
 
 
 def processes_named(root_pid: int, name: str) -> list[int]:
-    return [p for p in descendants(root_pid) if name in command_line(p) and "strategies.protocol.processes" not in command_line(p)]
+    return [p for p in descendants(root_pid)
+            if name in command_line(p) and "strategies.protocol.processes" not in command_line(p)]
 
 
 def node_key_header(store: CertStore, hospital: str) -> dict[str, str]:

@@ -275,8 +275,8 @@ def test_the_fine_tuning_phase_rejects_the_same_attacks(tmp_path: Path, tamper: 
 
 @dataclass
 class SecureSite(HonestSite):
-    """A site under SecAgg+: keeps its update on the site (strategies/protocol/secagg_stages.py) and answers the protocol's
-    stages with the real client code; `count` overrides the example count it reports in the clear."""
+    """A site under SecAgg+: keeps its update on the site (strategies/protocol/secagg_stages.py) and answers
+    the protocol's stages with the real client code; `count` overrides the example count it reports in the clear."""
 
     count: float | None = None
 
