@@ -80,7 +80,10 @@ def test_per_sample_gradients_equal_a_loop_of_single_sample_backward_passes(batc
     assert set(result.grads) == set(names)
     for i, expected in enumerate(reference):
         for name, value in expected.items():
-            torch.testing.assert_close(result.grads[name][i], value, rtol=1e-4, atol=1e-6, msg=name)
+            # The vectorised and the looped passes sum in different orders: float32 rounding is relative to the
+            # largest term summed (gradients of ~10 differ by ~5e-6 on an AMD EPYC), not to each small entry.
+            scale = max(1.0, float(value.abs().max()))
+            torch.testing.assert_close(result.grads[name][i], value, rtol=1e-4, atol=1e-6 * scale, msg=name)
     losses = torch.stack([sample_loss(model, {k: v[i] for k, v in batch.items()})[0] for i in range(6)])
     torch.testing.assert_close(result.losses, losses.detach(), rtol=1e-5, atol=1e-6)
     assert result.aux["confidence"].shape == (6,)

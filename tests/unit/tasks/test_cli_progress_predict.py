@@ -56,8 +56,8 @@ def vessel_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pat
     manifest.write_text("\n".join(rows) + "\n")
     model = folder / "seg.safetensors"
     result = CliRunner().invoke(APP, ["finetune", str(manifest), "--task", "segmentation", "--out", str(model),
-                                      "--epochs", "2", "--val-fraction", "0.34", "--names", "background,vessel",
-                                      *TINY], catch_exceptions=False)
+                                      "--epochs", "2", "--min-steps", "2", "--val-fraction", "0.34",
+                                      "--names", "background,vessel", *TINY], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     yield model, result.output
     torch.set_num_threads(previous)
