@@ -44,7 +44,8 @@ class Processes:
 
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def launch(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def launch(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+               cwd: Path = REPO) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as handle:
             process = subprocess.Popen(
@@ -52,7 +53,7 @@ class Processes:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                cwd=REPO,
+                cwd=cwd,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,
             )

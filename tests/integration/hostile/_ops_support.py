@@ -130,23 +130,8 @@ def start_coordinator_with(
 def launch_in(processes: Processes, args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start `python ARGS` in `cwd` (relative paths resolve there), tracked for teardown like
     `Processes.launch`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as handle:
-        process = subprocess.Popen(
-            [sys.executable, *args],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=cwd,
-            env={
-                **os.environ,
-                "COLUMNS": "200",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            },
-            start_new_session=True,
-        )
-    processes.started.append(process)
-    return process
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return processes.launch(args, log, env={"COLUMNS": "200", "PYTHONPATH": pythonpath}, cwd=cwd)
 
 
 # Fixtures (the deployment suite's, under names a test module can import without shadowing): import

@@ -186,18 +186,23 @@ class SegmentationMeter(Meter):
             self.per_image.append(foreground_dice(counts))
 
     def compute(self) -> dict[str, float]:
-        results = {
-            "dice": foreground_dice(self.counts),
-            "iou": foreground_iou(self.counts),
-            "dice_per_image": mean_defined(self.per_image),
-            "count": float(len(self.per_image)),
-        }
-        for name, value in zip(self.task.class_names[1:], dice_per_class(self.counts)[1:], strict=True):
-            results[f"dice_{name}"] = value
-        return results
+        return overlap_scores(self.task, self.counts, self.per_image)
 
 
 THRESHOLD_BINS = 100
+
+
+def overlap_scores(task: SegmentationTask, counts: OverlapCounts, per_image: list[float]) -> dict[str, float]:
+    """Pooled Dice and IoU, the mean per-image Dice, the image count and each foreground class's Dice."""
+    results = {
+        "dice": foreground_dice(counts),
+        "iou": foreground_iou(counts),
+        "dice_per_image": mean_defined(per_image),
+        "count": float(len(per_image)),
+    }
+    for name, value in zip(task.class_names[1:], dice_per_class(counts)[1:], strict=True):
+        results[f"dice_{name}"] = value
+    return results
 
 
 class SourceSegmentationMeter:
@@ -238,14 +243,7 @@ class SourceSegmentationMeter:
         return best / THRESHOLD_BINS, float(dice[best])
 
     def compute(self) -> dict[str, float]:
-        results = {
-            "dice": foreground_dice(self.counts),
-            "iou": foreground_iou(self.counts),
-            "dice_per_image": mean_defined(self.per_image),
-            "count": float(len(self.per_image)),
-        }
-        for name, value in zip(self.task.class_names[1:], dice_per_class(self.counts)[1:], strict=True):
-            results[f"dice_{name}"] = value
+        results = overlap_scores(self.task, self.counts, self.per_image)
         if self.task.num_classes == 2:
             threshold, dice = self.best_threshold()
             results["best_threshold"], results["dice_at_best_threshold"] = threshold, dice
