@@ -11,12 +11,12 @@ field-of-view mask, and the CPU model (`lscpu`). Target: under 0.5 s per 15-mega
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _bench import cpu_model
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +26,6 @@ from visionfm_core.data.preprocess import fast_fundus_fov, fundus_fov_mask  # no
 from visionfm_core.data.readers import read_image  # noqa: E402
 
 HRF = ROOT / "simulations" / "data" / "hrf"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    models = (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    return next(models, "unknown")
 
 
 def seconds(function: object, image: np.ndarray, repeats: int) -> float:
@@ -60,7 +51,7 @@ def main() -> None:
     repeats = 1 if args.smoke else args.repeats
     fast = seconds(fast_fundus_fov, big, repeats)
     full = seconds(fundus_fov_mask, big, repeats)
-    print(f"cpu: {cpu_model()}")
+    print(f"CPU: {cpu_model()}")
     print(f"image: {size[0]}x{size[1]} ({size[0] * size[1] / 1e6:.1f} megapixels), best of {repeats}")
     print(f"fast thumbnail finder: {fast:.4f} s; full-resolution threshold (baseline): {full:.4f} s")
     print(f"ratio (baseline / fast): {full / fast:.1f}x")

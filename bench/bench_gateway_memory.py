@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from _bench import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -39,15 +41,6 @@ from certs.tls import client_context, server_context  # noqa: E402
 from strategies.protocol.processes import descendants, free_port, stop_tree, wait_for_port  # noqa: E402
 
 MIB = 1024 * 1024
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    models = (line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    return next(models, "unknown")
 
 
 def rss_mib(pid: int) -> float:
@@ -191,7 +184,7 @@ def main() -> None:
     parser.add_argument("--request-mb", type=int, default=900, help="size of each of the three requests (MB)")
     parser.add_argument("--bound-mib", type=int, default=32, help="the coordinator's --max-request-mb")
     args = parser.parse_args()
-    print(f"cpu: {cpu_model()}")
+    print(f"CPU: {cpu_model()}")
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
         if args.smoke:
             bound, size = 4, 12 * MIB

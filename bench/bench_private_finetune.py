@@ -22,7 +22,6 @@ import argparse
 import math
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import cpu_model
 from PIL import Image
 
 from client.finetuning import dp_finetune_steps, finetune_round
@@ -46,15 +46,6 @@ from visionfm_core.run_config import RunConfig
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.splits import TaskSplit
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown")
 
 
 def run_config(args: argparse.Namespace, encoder: str) -> RunConfig:
@@ -180,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.arch, args.image_size, args.images, args.batch, args.reps, args.history = "nano", 32, 16, 8, 1, 20
-    print(f"cpu: {cpu_model()}; torch threads {args.threads}; arch {args.arch}, {args.image_size} px, "
+    print(f"CPU: {cpu_model()}; torch threads {args.threads}; arch {args.arch}, {args.image_size} px, "
           f"{args.images} images, batch {args.batch}, {args.reps} reps")
     work = Path(tempfile.mkdtemp(prefix="bench-private-ft-"))
     try:

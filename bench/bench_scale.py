@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import cpu_model
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -84,13 +86,6 @@ objective = "dino"
 "ssl.head-bottleneck-dim" = 16
 "ssl.local-crops" = 2
 """
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def run(sites: int, rounds: int, per_round: int, eval_per_round: int, out: Path) -> dict[str, float]:

@@ -11,24 +11,16 @@ import argparse
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _bench import cpu_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "unit" / "data" / "oct_vendor"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown")
 
 
 def main() -> None:
@@ -62,7 +54,7 @@ def main() -> None:
             vendor_oct._cache.clear()  # the baseline: every B-scan parses its export
             item.load()
         parsed = time.perf_counter() - started
-    print(f"cpu: {cpu_model()}")
+    print(f"CPU: {cpu_model()}")
     print(f"{len(order)} B-scan loads in random order: parse each time {parsed * 1e3 / len(order):.2f} ms/B-scan, "
           f"decoded once {cached * 1e3 / len(order):.2f} ms/B-scan")
     print(f"ratio (parse each time / decoded once): {parsed / max(cached, 1e-9):.1f}x")
