@@ -84,10 +84,19 @@ def _site_seed(context: Context) -> int:
 def site_privacy(context: Context, cfg: RunConfig) -> tuple[PrivacyBudget | None, LedgerScope | None]:
     """Under DP: the site's own lifetime budget and its ledger (both from the node config, never the run's)."""
     if not cfg.dp:
+        refuse_unprivate_run(context, cfg)
         return None, None
     book = LedgerBook(ledger_folder(context.node_config, cfg))
     book.verify_all()  # a damaged ledger stops the site before anything trains
     return site_budget(context.node_config, cfg), LedgerScope(book, int(context.run_id))
+
+
+def refuse_unprivate_run(context: Context, cfg: RunConfig) -> None:
+    """A site that joined with a lifetime budget (`privacy-epsilon`) touches its images only under DP-SGD:
+    the coordinator's run config cannot turn its promise off (the budget is the site's, not the run's)."""
+    if not cfg.dp and "privacy-epsilon" in context.node_config:
+        raise ConfigError("dp", "this site joined with a lifetime privacy budget (privacy-epsilon): it trains and "
+                                "evaluates only in runs with dp = true, and this run has dp = false")
 
 
 @app.train()
@@ -220,6 +229,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = _run_config(msg, context)
     if cfg.dp:
         return Message(content=RecordDict({"metrics": MetricRecord({"dp-withheld": 1.0})}), reply_to=msg)
+    refuse_unprivate_run(context, cfg)
     site: dict[str, TaskSplit] | dict[str, ModalitySplit]
     with torch_threads(cfg.client_threads):
         global_arrays = record_to_tensors(msg.content.array_records["arrays"])

@@ -43,7 +43,9 @@ class OperatorPolicy:
 
     def __init__(self, store: CertStore) -> None:
         self.store = store
-        self.revocations = RevocationRegister(store.revoked_register)
+        # Checked at every request (a stat; re-read only when the file changed): a revoked operator is
+        # refused from the next request on, however soon it comes.
+        self.revocations = RevocationRegister(store.revoked_register, min_interval_s=0.0)
 
     def decide(self, cert_pem: str | None) -> AccessDecision:
         if not cert_pem:

@@ -4,6 +4,7 @@ would exceed the lifetime budget is refused before it trains; a damaged ledger s
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -101,3 +102,28 @@ def test_a_damaged_ledger_stops_the_site_with_a_clear_message(work: Path) -> Non
     assert str(work) not in reply.error.reason
     shown = CliRunner().invoke(cli_app, ["audit", "--privacy", "--work", str(work / "site")])
     assert shown.exit_code == 1 and "DAMAGED" in shown.output and "Restore the ledger" in " ".join(shown.output.split())
+
+
+def test_a_site_with_a_budget_refuses_a_run_without_dp(work: Path) -> None:
+    """The coordinator sets `dp`; the budget is the site's: a run with dp = false trains and scores nothing."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 505, 505, 7
+    plain = dataclasses.replace(CFG, dp=False)
+    arrays = arrays_to_record(initial_global_arrays(plain))
+    for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
+        context = Context(run_id=505, node_id=7, node_config=_node_config(work, 8.0), state=RecordDict(),
+                          run_config={})
+        config = ConfigRecord({**plain.to_flat(), "server-round": 1})
+        reply = client_app(Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
+                                   message_type=message_type), context)
+        assert reply.has_error(), message_type
+        assert "ConfigError" in reply.error.reason and str(work) not in reply.error.reason
+    assert not (work / "site" / "privacy").exists() or not summarise_ledgers(work / "site" / "privacy")
+    # Without a budget the same run trains as before.
+    context = Context(run_id=505, node_id=7, node_config={k: v for k, v in _node_config(work, 8.0).items()
+                                                          if not k.startswith("privacy-")},
+                      state=RecordDict(), run_config={})
+    config = ConfigRecord({**plain.to_flat(), "server-round": 1})
+    reply = client_app(Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
+                               message_type=MessageType.TRAIN), context)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert record_to_numpy(reply.content.array_records["arrays"])
