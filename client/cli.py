@@ -159,7 +159,10 @@ def join(
     if 0 < max_offline < MIN_MAX_OFFLINE_S:
         console.print(f"[red]error:[/red] --max-offline must be 0 (never give up) or at least {MIN_MAX_OFFLINE_S}s")
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: a library imported on the way (opacus) configures the root logger at import time, which would
+    # make this call a no-op and silence the site's INFO lines ("reachable again", "joined").
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

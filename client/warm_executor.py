@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--superexec-auth-secret-file", default=None, help="the SuperNode's SuperExec secret (raw bytes)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s warm-executor: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s warm-executor: %(message)s",
+                        force=True)  # opacus configures the root logger when it is imported
     logging.getLogger("httpx").setLevel(logging.WARNING)
     took = prewarm(m for m in args.prewarm.split(",") if m)
     logger.info("pre-imported %d modules in %.1fs", len(took), sum(took.values()))
