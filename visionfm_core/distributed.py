@@ -105,8 +105,22 @@ def _worker(rank: int, world_size: int, backend: str, port: int, threads: int,
         dist.barrier()
         if rank == 0:
             Path(result_path).write_bytes(pickle.dumps(result))
+    except Exception as exc:
+        # What this worker saw, for the one error of the run: a peer whose collective broke because this
+        # worker stopped first is a consequence, not the cause (whichever of the two torch reports first).
+        text = str(exc)
+        consequence = (isinstance(exc, getattr(dist, "DistBackendError", ()))
+                       or any(sign in text for sign in ("by peer", "remote worker", "gloo/transport")))
+        _error_path(result_path, rank).write_text(
+            f"{'consequence' if consequence else 'cause'}\t{_last_line(f'{type(exc).__name__}: {exc}')}"
+        )
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _error_path(result_path: str, rank: int) -> Path:
+    return Path(result_path).with_name(f"error-{rank}.txt")
 
 
 def launch(fn: Callable[..., Any], args: tuple[Any, ...], world_size: int, device: str = "cpu") -> Any:
@@ -125,19 +139,26 @@ def launch(fn: Callable[..., Any], args: tuple[Any, ...], world_size: int, devic
             while not context.join():
                 pass
         except ProcessException as exc:
-            raise _failure(context.processes, exc, world_size) from None
+            raise _failure(context.processes, exc, world_size, result_path) from None
         return pickle.loads(Path(result_path).read_bytes())
 
 
-def _failure(processes: Sequence[Any], exc: ProcessException, world_size: int) -> WorkerFailedError:
+def _failure(processes: Sequence[Any], exc: ProcessException, world_size: int,
+             result_path: str) -> WorkerFailedError:
     """One error for the whole run, about the worker that started it. A worker killed by a signal is the
     cause even when a peer noticed first (its collective failed when the connection closed); torch stops
-    the remaining workers with SIGTERM, so that signal never names the cause."""
+    the remaining workers with SIGTERM, so that signal never names the cause. Among workers that raised,
+    one whose own code failed wins over one whose collective broke because of it."""
     for index, process in enumerate(processes):
         code = process.exitcode
         if code is not None and code < 0 and -code != signal.SIGTERM:
             return WorkerFailedError(f"worker {index} of {world_size} was killed by {_signal_name(-code)}; "
                                      f"the other workers were stopped")
+    for index in range(world_size):
+        path = _error_path(result_path, index)
+        kind, _, error = path.read_text().partition("\t") if path.is_file() else ("", "", "")
+        if kind == "cause":
+            return WorkerFailedError(f"worker {index} of {world_size} failed: {error}; the other workers were stopped")
     if isinstance(exc, mp.ProcessRaisedException):
         return WorkerFailedError(f"worker {exc.error_index} of {world_size} failed: {_last_line(str(exc))}; "
                                  f"the other workers were stopped")

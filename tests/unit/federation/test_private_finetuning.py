@@ -40,10 +40,12 @@ def _global(cfg: RunConfig) -> dict[str, np.ndarray]:
     return finetune_arrays({k: v.numpy() for k, v in initial_global_arrays(cfg).items()}, cfg)
 
 
-def _context(work: Path, run: int = 1, epsilon: float = 50.0) -> Context:
+def _context(work: Path, run: int = 1, epsilon: float | None = 50.0) -> Context:
+    """A site's context; `epsilon=None`: a site without a DP budget (one with a budget joins DP runs only)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run, run, 3
-    config = {"partition-id": 0, "privacy-epsilon": epsilon, "privacy-delta": 1e-5,
-              "privacy-ledger-dir": str(work / "privacy")}
+    config: dict[str, str | int | float] = {"partition-id": 0, "privacy-ledger-dir": str(work / "privacy")}
+    if epsilon is not None:
+        config.update({"privacy-epsilon": epsilon, "privacy-delta": 1e-5})
     return Context(run_id=run, node_id=3, node_config=config, state=RecordDict(), run_config={})
 
 
@@ -100,7 +102,7 @@ def test_central_dp_clips_finetuning_updates_at_the_site(tmp_path: Path) -> None
     clip = 1e-3
     cfg = _config(**{"central-dp-clip": clip, "central-dp-noise": 1.0, "finetune-encoder": "trained"})
     arrays = _global(cfg)
-    reply = _call(cfg, arrays, _context(tmp_path))
+    reply = _call(cfg, arrays, _context(tmp_path, epsilon=None))
     sent = record_to_numpy(reply.content.array_records["arrays"])
     assert any("/backbone." in k for k in sent) and any("/classifier." in k for k in sent)
     norm = np.sqrt(sum(float(np.sum((sent[k].astype(np.float64) - arrays[k]) ** 2)) for k in sent))
@@ -109,7 +111,7 @@ def test_central_dp_clips_finetuning_updates_at_the_site(tmp_path: Path) -> None
 
 def test_secure_aggregation_keeps_the_finetuning_update_on_the_site(tmp_path: Path) -> None:
     cfg = _config(**{"secure-aggregation": True})
-    context = _context(tmp_path)
+    context = _context(tmp_path, epsilon=None)
     reply = _call(cfg, _global(cfg), context)
     assert record_to_numpy(reply.content.array_records["arrays"]) == {}
     pending = context.state.array_records[PENDING]
@@ -124,8 +126,10 @@ def test_evaluation_under_dp_sends_nothing_about_the_site(tmp_path: Path, phase:
     assert not reply.has_error()
     assert dict(reply.content.metric_records["metrics"]) == {"dp-withheld": 1.0}
     assert record_to_numpy(reply.content.array_records["arrays"]) == {} if reply.content.array_records else True
-    plain = _call(cfg.replace(dp=False), arrays, _context(tmp_path), MessageType.EVALUATE)
-    assert len(dict(plain.content.metric_records["metrics"])) > 2  # without DP the site does score
+    plain = _call(cfg.replace(dp=False), arrays, _context(tmp_path, epsilon=None), MessageType.EVALUATE)
+    assert len(dict(plain.content.metric_records["metrics"])) > 2  # without DP a site without a budget scores
+    refused = _call(cfg.replace(dp=False), arrays, _context(tmp_path), MessageType.EVALUATE)
+    assert refused.has_error()  # a site with a budget releases nothing outside DP
 
 
 def test_the_server_clips_again_under_central_dp_so_an_unclipped_site_cannot_break_epsilon(tmp_path: Path) -> None:
