@@ -40,7 +40,9 @@ def test_two_workers_write_one_encoder_and_report_world_size(tmp_path: Path) -> 
     assert summary["images"] == 1080 and summary["final_loss"] > 0
     state, meta = load_encoder(out)
     assert meta["steps"] == 2 and state
-    assert done.stderr.count("pretraining nano") == 1  # one voice: rank 0 reports progress, the other does not
+    # One voice: rank 0 reports the run, its steps and its end; the other worker says nothing.
+    assert done.stderr.count("pretraining nano (dino) on") == 1, done.stderr
+    assert done.stderr.count("step 2/2") == 1 and done.stderr.count("pretrained on") == 1, done.stderr
 
 
 def _workers(parent: int) -> list[int]:

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from client.app import REPLY_INFO, reply_info
 from server.federation.rounds import Federation
 from strategies.protocol.records import arrays_to_record
 from visionfm_core.run_config import RunConfig
@@ -38,7 +39,8 @@ def _echo(msg: Message, context: Context, value: float) -> Message:
     arrays = arrays_to_record({KEY: np.full(4, value, dtype=np.float32)})
     metrics = MetricRecord({"fundus/num-examples": 1, "fundus/loss": 1.0,
                             "site-index": float(context.node_config["partition-id"])})
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    # The reply names the round and global model it answers, as every site's does (stale replies are refused).
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics, REPLY_INFO: reply_info(msg)}), reply_to=msg)
 
 
 client_app = ClientApp()
@@ -57,7 +59,8 @@ def train(msg: Message, context: Context) -> Message:
     if server_round == 2:
         _wait_for(folder / "late-reply-sent")
         time.sleep(1.0)  # the late reply is stored before round 2's last reply
-    return _echo(msg, context, float(site + 1))
+    # A new value each round: the coordinator refuses a site's update that repeats one it already accepted.
+    return _echo(msg, context, float(site + 1 + 10 * max(0, server_round - 1)))
 
 
 def _server_app(cfg: RunConfig, folder: Path, results: dict[str, object]) -> ServerApp:
