@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visionfm_core.errors import ConfigError
+from visionfm_core.toml_files import read_toml
 
 NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 DEFAULT_LEAF_VALIDITY_DAYS = 397  # the CA/Browser Forum ceiling for TLS leaf certificates
@@ -160,10 +160,5 @@ def parse_participants(data: dict[str, Any], source: str = "<participants>") -> 
 def load_participants(path: str | Path) -> Participants:
     """Read and validate a participants TOML file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError("participants", f"file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("participants", f"{path} is not valid TOML ({exc})") from exc
+    data = read_toml(path, "participants")
     return parse_participants(data, source=str(path))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from visionfm_core.errors import ConfigError
+from visionfm_core.toml_files import read_toml
 
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 KNOWN_PHASES = ("pretrain", "fine-tune")
@@ -145,12 +146,7 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_job(path: str | Path) -> Job:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError("job", f"file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("job", f"{path} is not valid TOML ({exc})") from exc
+    data = read_toml(path, "job")
     return parse_job(data, path.resolve().parent, source=str(path))
 
 
