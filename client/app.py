@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.error_mod import safe_error_mod
-from client.finetuning import finetune_evaluate, finetune_round
+from client.finetuning import FineTuneResult, finetune_evaluate, finetune_round
 from client.privacy.accountant import PrivacyBudget
 from client.privacy.charging import LedgerScope
 from client.privacy.ledger import LedgerBook
@@ -155,6 +155,12 @@ def _train_worker(ctx: DistContext, site: dict[str, ModalitySplit], global_array
     return train_round(site, global_arrays, cfg, server_round, local_states, site_seed=site_seed, dist=ctx)
 
 
+def _finetune_worker(ctx: DistContext, site: dict[str, TaskSplit], global_arrays: dict[str, torch.Tensor],
+                     cfg: RunConfig, server_round: int, personal_heads: dict[str, dict[str, torch.Tensor]],
+                     site_seed: int) -> FineTuneResult:
+    return finetune_round(site, global_arrays, cfg, server_round, personal_heads, site_seed=site_seed, dist=ctx)
+
+
 def outgoing_arrays(cfg: RunConfig, context: Context, global_arrays: dict[str, torch.Tensor],
                     trained: dict[str, torch.Tensor], metrics: dict[str, float]) -> dict[str, np.ndarray]:
     """What the reply carries: the trained arrays; their encoded delta (compression); or nothing at all
@@ -192,9 +198,17 @@ def _finetune_train(msg: Message, context: Context, cfg: RunConfig, server_round
     site = load_site_tasks(context.node_config, cfg)
     global_arrays = record_to_tensors(msg.content.array_records["arrays"])
     budget, ledger = site_privacy(context, cfg)
-    with torch_threads(cfg.client_threads):
-        result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
-                                site_seed=_site_seed(context), budget=budget, ledger=ledger)
+    devices = site_devices(context)
+    if devices > 1:
+        if cfg.dp:
+            raise ConfigError("devices", "DP-SGD runs on one device per site: set devices = 1")
+        # N worker processes fine-tune together; rank 0's result (the same weights on every worker) is sent.
+        result = launch(_finetune_worker, (site, global_arrays, cfg, server_round, _personal_heads(context),
+                                           _site_seed(context)), devices, cfg.device)
+    else:
+        with torch_threads(cfg.client_threads):
+            result = finetune_round(site, global_arrays, cfg, server_round, _personal_heads(context),
+                                    site_seed=_site_seed(context), budget=budget, ledger=ledger)
     for modality, head in result.local_heads.items():
         SiteStateStore(context).save(PERSONAL_HEAD_PREFIX + modality, head)
     for modality, stats in result.local_stats.items():  # the site's own log only

@@ -27,11 +27,14 @@ from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
 from strategies.protocol.dp_config import DPConfig
 from strategies.protocol.task_models import CLASSIFIER_PREFIX, build_task_model, new_tuner, reported_scores, shareable
+from visionfm_core.distributed import DistContext, worker_device
+from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device, seed_everything
 from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.data_parallel import DistributedFineTuner
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.splits import TaskSplit
 from visionfm_core.tasks.trainer import FineTuner, get_weights
@@ -71,15 +74,22 @@ def finetune_round(
     site_seed: int = 0,
     budget: PrivacyBudget | None = None,
     ledger: LedgerScope | None = None,
+    dist: DistContext | None = None,
 ) -> FineTuneResult:
     """Fine-tune every modality this site holds task samples for (and the global model has).
 
     With `cfg.dp`, the head (and the encoder when trained) is trained with DP-SGD (`DPFineTuner`) for
     `finetune-epochs` expected passes over the train split, charged to the site's lifetime ledger before
     it runs; a modality whose budget would be exceeded is not trained and sends nothing. Only privacy
-    numbers are reported for it: its loss and validation scores are un-noised and stay on the site."""
+    numbers are reported for it: its loss and validation scores are un-noised and stay on the site.
+
+    `dist`: this process is one worker of a multi-device site (node config `devices`): each worker trains
+    on its shard of the train split, `finetune-batch-size` images per device (DDP), and every worker ends
+    with the same weights; the caller sends the main worker's result."""
+    if dist is not None and cfg.dp:  # per-example accounting across shards is not done
+        raise ConfigError("devices", "DP-SGD runs on one device per site: set devices = 1")
     require_ledger(cfg, budget, ledger)
-    device = resolve_device(cfg.device)
+    device = worker_device(cfg.device, dist.rank) if dist is not None else resolve_device(cfg.device)
     arrays: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     local_heads: dict[str, dict[str, Tensor]] = {}
@@ -90,6 +100,9 @@ def finetune_round(
         if not _encoder_of(shared) or not train:
             continue
         tuner = new_tuner(cfg, modality, device)
+        if dist is not None:
+            tuner = DistributedFineTuner.of(tuner, dist)
+            metrics[f"{modality}/devices"] = float(dist.world_size)
         tuner.task.check(train + val)
         head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
         model = build_task_model(tuner, cfg, shared, head)

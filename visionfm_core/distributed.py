@@ -15,6 +15,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from visionfm_core.errors import ConfigError, VisionFMError
+
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 class WorkerFailedError(VisionFMError):
@@ -98,8 +101,11 @@ def _worker(rank: int, world_size: int, backend: str, port: int, threads: int,
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    # Loopback rendezvous: the workers of a site never listen on a routable address.
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # Loopback rendezvous: the workers of a site never listen on a routable address. The others wait in a
+    # collective while rank 0 alone validates a fine-tuning epoch (minutes on a large set): a long timeout.
+    # A worker that dies is noticed at once by `launch`, not by this timeout.
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
     try:
         result = fn(DistContext(rank, world_size, backend), *args)
         dist.barrier()

@@ -73,11 +73,17 @@ def finetune_command(
     ] = "balanced",
     label_smoothing: float = 0.1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    devices: Annotated[int, typer.Option(help="worker processes, one per device (GPUs: NCCL; CPU: gloo); each "
+                                              "trains on its own shard, --batch-size is per device")] = 1,
     seed: int = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:
     """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
+    from visionfm_core.cli.finetune_workers import FinetuneJob, finetune_on_devices
+    from visionfm_core.distributed import validate_devices
+
+    validate_devices(devices, device)
     options = TaskOptions(
         task, mode, split_names(names), num_classes, mask_mode, mask_colours, class_weights, label_smoothing
     )
@@ -105,12 +111,18 @@ def finetune_command(
         threads=threads,
     )
     source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
-    console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}")
-    result = pipeline.finetune(
-        adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
-        announce=lambda line: console.print(line, markup=False, highlight=False),
-        progress=console_progress(console),
-    )
+    console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"
+                  + (f", on {devices} devices" if devices > 1 else ""))
+    if devices > 1:
+        job = FinetuneJob(adapter, source, modality, list(train_samples), list(val_samples), config, image_size,
+                          device, out)
+        result = finetune_on_devices(job, devices)
+    else:
+        result = pipeline.finetune(
+            adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
+            announce=lambda line: console.print(line, markup=False, highlight=False),
+            progress=console_progress(console),
+        )
     skipped = name_skipped(console, [*train_data.skipped, *result.skipped.items()])
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -119,7 +131,8 @@ def finetune_command(
             "model": str(out),
             "best_epoch": result.best_epoch,
             "steps": result.steps,
-            "batch_size": result.batch_size,
+            "batch_size": result.batch_size * devices,  # a step's whole batch, over all devices
+            "world_size": devices,
             "warnings": result.warnings,
             "selection_metric": result.selection_metric,
             "validation": result.best_validation,

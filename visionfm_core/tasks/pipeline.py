@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,9 +19,13 @@ from visionfm_core.models.importers import build_encoder, import_encoder, normal
 from visionfm_core.progress import NO_PROGRESS, ProgressReporter
 from visionfm_core.tasks.adapters import TaskAdapter
 from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.data_parallel import DistributedFineTuner
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, FitResult
+
+if TYPE_CHECKING:
+    from visionfm_core.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +96,21 @@ def finetune(
     preprocess_options: dict[str, Any] | None = None,
     announce: Callable[[str], None] | None = None,
     progress: ProgressReporter = NO_PROGRESS,
+    dist: DistContext | None = None,
 ) -> FitResult:
     """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given.
 
     Preprocessing starts from the task's defaults (tiles and augmentation for segmentation), finds
-    the field of view of fundus photographs, and ``preprocess_options`` override both."""
+    the field of view of fundus photographs, and ``preprocess_options`` override both. With ``dist``
+    this process is one data-parallel worker of several (``config.batch_size`` per worker); only the
+    main worker saves."""
     encoder, meta = prepare_encoder(source, modality, image_size, announce)
     options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
     preprocess = preprocess_for(meta, image_size, **options)
-    tuner = FineTuner(task, config, device)
+    tuner = FineTuner(task, config, device) if dist is None else DistributedFineTuner(task, config, device, dist)
     tuner.progress = progress
     result = tuner.fit(encoder, train, val, preprocess)
-    if out is not None:
+    if out is not None and (dist is None or dist.is_main):
         save_task_model(
             out,
             result.model,

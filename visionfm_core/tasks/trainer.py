@@ -438,6 +438,10 @@ class FineTuner:
 
     # --- the single-site entry point -----------------------------------------------------------------
 
+    def plan(self, examples: int) -> Schedule:
+        """How ``fit`` spends its steps on ``examples`` training inputs (a data-parallel tuner splits it)."""
+        return Schedule.plan(self.config, examples, self.task.max_batch_size)
+
     def fit(
         self,
         encoder: nn.Module,
@@ -454,7 +458,7 @@ class FineTuner:
         self.task.fit_to_data(train_samples)
         model = self.build_model(encoder, head)
         train_set = TaskDataset(train_samples, preprocess, self.task.prepare, train=True)
-        schedule = Schedule.plan(self.config, len(train_set), self.task.max_batch_size)
+        schedule = self.plan(len(train_set))
         train_loader = self.loader(train_samples, preprocess, train=True, batch_size=schedule.batch_size)
         val_loader = self.loader(val_samples, preprocess, train=False)
         state = self.init_state(model, schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch)
