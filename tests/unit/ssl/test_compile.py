@@ -167,3 +167,21 @@ def test_compiled_step_matches_eager_and_keeps_state_dict_keys() -> None:
     restored.load_local_state(compiled.local_state())
     restored.load_shared_state(compiled.shared_state(), teacher_sync="keep")
     assert restored.step == 3
+
+
+def test_fine_tuning_off_and_cpu_auto_train_the_model_itself() -> None:
+    """The fine-tuning step with `off` (and `auto` on CPU) calls the model as before; `on` wraps a compiled
+    forward beside it, the model and its state-dict keys untouched."""
+    from visionfm_core.models.encoders import create_encoder
+    from visionfm_core.tasks.adapters import ClassificationTask
+    from visionfm_core.tasks.trainer import FineTuner
+
+    for mode, compiled in (("off", False), ("auto", False), ("on", True)):
+        tuner = FineTuner(ClassificationTask(3), FineTuneConfig(batch_size=4, compile=mode))
+        model = tuner.build_model(create_encoder(SPEC))
+        keys = list(model.state_dict())
+        state = tuner.init_state(model, total_steps=2)
+        assert isinstance(state.forward, CompiledCall) is compiled
+        if not compiled:
+            assert state.forward is model
+        assert list(model.state_dict()) == keys
