@@ -151,12 +151,19 @@ def test_compiled_step_matches_eager_and_keeps_state_dict_keys() -> None:
     state dicts, shared state and checkpoint keys without `_orig_mod.`."""
     eager = SSLTrainer(SPEC, FUNDUS, tiny_cfg(), 3, compile="off")
     compiled = SSLTrainer(SPEC, FUNDUS, tiny_cfg(), 3, compile="on")
+    from torch._dynamo.utils import counters
+
     keys_before = (list(compiled.student.state_dict()), list(compiled.teacher.state_dict()))
+    graphs_after_first_step = 0
     for step in range(3):
         expected, got = eager.train_step(views(step), step), compiled.train_step(views(step), step)
         for key in ("loss", "loss_cls"):
             # fp32; inductor fuses and reorders reductions: differences ~1e-6 relative, 1e-4 is far above.
             assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), (step, key)
+        if step == 0:
+            graphs_after_first_step = counters["stats"]["unique_graphs"]
+    # One static graph per callable and crop size, all made in the first step: later steps recompile nothing.
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_step > 0
     assert compiled._student_encode.active, "the compiled path must have run, not the fallback"
     assert (list(compiled.student.state_dict()), list(compiled.teacher.state_dict())) == keys_before
     assert not any("_orig_mod" in k for k in [*compiled.shared_state(), *compiled.local_state()])
