@@ -31,6 +31,7 @@ from strategies.compression import encode, payload_bytes
 from strategies.fedavg import split_by_modality
 from strategies.protocol.records import arrays_to_record, record_to_tensors
 from strategies.protocol.secagg_stages import STAGE_KEY, handle_stage, keep_update, pack_groups, unpack_groups
+from visionfm_core.compile import check_compile_mode
 from visionfm_core.distributed import DistContext, launch
 from visionfm_core.errors import ConfigError
 from visionfm_core.memory import process_memory_mb
@@ -58,7 +59,11 @@ def _run_config(msg: Message, context: Context) -> RunConfig:
     flat.pop("server-round", None)
     flat.pop(MODEL_DIGEST_KEY, None)
     flat.pop(STAGE_KEY, None)
-    return RunConfig.from_flat(flat)
+    cfg = RunConfig.from_flat(flat)
+    site_compile = context.node_config.get("compile")
+    if site_compile is not None:  # the site knows its hardware: its node-config key wins over the run's
+        cfg = cfg.replace(compile=check_compile_mode(site_compile, "node config 'compile'"))
+    return cfg
 
 
 def reply_info(msg: Message) -> ConfigRecord:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from visionfm_core.compile import check_compile_mode
 from visionfm_core.errors import ConfigError
 
 app = typer.Typer(
@@ -140,6 +141,12 @@ def join(
         help="Worker processes that train this site together, one per device (GPUs from --gpu on: NCCL; "
         "CPU: gloo); the site still sends one update per round.",
     ),
+    compile_mode: str | None = typer.Option(
+        None,
+        "--compile",
+        help="torch.compile this site's training steps: auto (on CUDA, with CUDA graphs) | on | off "
+        "(node-config key `compile`; wins over the run's setting; default: the run's, itself auto).",
+    ),
     state_keep_hours: float = typer.Option(
         72.0,
         "--state-keep-hours",
@@ -183,7 +190,8 @@ def join(
         gpu,
         coordinator,
         warm=not cold,
-        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest, "devices": devices},
+        extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest, "devices": devices,
+                           **({"compile": check_compile_mode(compile_mode)} if compile_mode else {})},
         max_offline_s=max_offline,
     )
     try:

@@ -52,6 +52,8 @@ def simulate_command(
     teacher_sync: Annotated[str | None, typer.Option(help="ema (FedEMA-style) | reset")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (partition and training)")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    compile: Annotated[str | None, typer.Option(help="torch.compile the training steps: auto (on CUDA) | on | "
+                                                     "off")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run folder from its last complete round")] = False,
     strategy: Annotated[str | None, typer.Option(help="fedavg | median | trimmed-mean | krum | multi-krum")] = None,
     max_update_norm: Annotated[float | None, typer.Option(help="bound each site's update to this L2 norm")] = None,
@@ -106,7 +108,7 @@ def simulate_command(
     overrides: dict[str, Any] = {
         "num-rounds": num_rounds, "local-steps": local_steps, "objective": objective, "arch": arch,
         "image-size": image_size, "patch-size": patch_size, "teacher-sync": teacher_sync, "seed": seed,
-        "device": device, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
+        "device": device, "compile": compile, "progress": True, "resume": resume, "finetune-rounds": finetune_rounds,
         "finetune-epochs": finetune_epochs, "finetune-encoder": finetune_encoder, "finetune-head": finetune_head,
         "finetune-data": finetune_data, "init-encoders": str(init_encoders) if init_encoders else None,
         "strategy": strategy,

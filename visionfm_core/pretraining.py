@@ -40,7 +40,7 @@ def new_trainer(cfg: RunConfig, modality: str, device: torch.device, seed_offset
     """An SSL trainer for one modality with the run's architecture and schedules (`dist`: one worker of a
     multi-device site)."""
     return SSLTrainer(encoder_spec(cfg), get_modality(modality), ssl_config(cfg), total_steps=cfg.total_steps,
-                      device=device, seed=cfg.seed + seed_offset, dist=dist)
+                      device=device, seed=cfg.seed + seed_offset, dist=dist, compile=cfg.compile)
 
 
 def initial_global_arrays(cfg: RunConfig) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from visionfm_core.compile import check_compile_mode
 from visionfm_core.config_values import parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality
@@ -90,6 +91,9 @@ class RunConfig:
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "auto"
+    # torch.compile of the SSL and fine-tuning steps: "auto" (CUDA only), "on", "off"; a site's node-config
+    # key `compile` wins (it knows its hardware). See visionfm_core/compile.py.
+    compile: str = "auto"
     client_threads: int = 0
     num_workers: int = 0
     out_dir: str = "runs/latest"
@@ -158,6 +162,7 @@ class RunConfig:
             raise ConfigError("round-deadline", f"must be >= 0 seconds (0 = none), got {self.round_deadline}")
         if self.rejoin_grace < 0:
             raise ConfigError("rejoin-grace", f"must be >= 0 seconds, got {self.rejoin_grace}")
+        self.compile = check_compile_mode(self.compile, "compile")
         if self.objective not in ("dino", "ibot"):
             raise ConfigError("objective", f"must be 'dino' or 'ibot', got {self.objective!r}")
         if self.teacher_sync not in ("ema", "reset"):

@@ -64,6 +64,9 @@ class DPSSLTrainer(SSLTrainer):
     for tests only: by default the noise generator is seeded from the OS.
     """
 
+    compile_refusal = ("DP-SGD computes per-sample gradients (torch.func vmap) on its own path, which "
+                       "compilation would not cover; the step runs eagerly")
+
     def __init__(
         self,
         spec: EncoderSpec,

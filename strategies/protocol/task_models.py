@@ -34,7 +34,7 @@ def finetune_config(cfg: RunConfig) -> FineTuneConfig:
     return FineTuneConfig(regime="frozen" if cfg.finetune_encoder == "frozen" else "full",
                           epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
                           warmup_epochs=min(1.0, float(cfg.finetune_epochs)), seed=cfg.seed,
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers, compile=cfg.compile)
 
 
 def class_count(cfg: RunConfig, modality: str) -> int:

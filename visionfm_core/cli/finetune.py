@@ -77,6 +77,9 @@ def finetune_command(
                                               "trains on its own shard, --batch-size is per device")] = 1,
     seed: int = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    compile: Annotated[str, typer.Option(help="torch.compile the training step: auto (on CUDA, with CUDA "
+                                              "graphs) | on | off; a compiler failure falls back to eager")]
+    = "auto",
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:
     """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
@@ -109,6 +112,7 @@ def finetune_command(
         select_metric=select_metric,
         seed=seed,
         threads=threads,
+        compile=compile,
     )
     source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"

@@ -37,6 +37,7 @@ class PretrainJob:
     seed: int
     num_workers: int
     keep: str
+    compile: str = "auto"
 
 
 @reports_errors
@@ -59,6 +60,8 @@ def pretrain_command(
                                               "trains on its own shard of the images")] = 1,
     seed: int = 0,
     num_workers: Annotated[int, typer.Option(help="image-decoding worker processes")] = 0,
+    compile: Annotated[str, typer.Option(help="torch.compile the step: auto (on CUDA, with CUDA graphs) | on | "
+                                              "off; a compiler failure falls back to eager")] = "auto",
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
     keep: Annotated[
         str,
@@ -70,13 +73,14 @@ def pretrain_command(
 ) -> None:
     """Pretrain an encoder with DINO/iBOT on unlabelled images of this site and save one backbone
     (the teacher by default, as VisionFM releases) with its metadata."""
+    from visionfm_core.compile import check_compile_mode
     from visionfm_core.distributed import launch, validate_devices
 
     if keep not in ("teacher", "student"):
         raise ConfigError("keep", f"use 'teacher' or 'student', got {keep!r}")
     validate_devices(devices, device)
     job = PretrainJob(data, out, modality, arch, image_size, patch_size, objective, steps, batch_size,
-                      local_crops, lr, split, device, seed, num_workers, keep)
+                      local_crops, lr, split, device, seed, num_workers, keep, check_compile_mode(compile))
     summary = run_pretrain(None, job) if devices == 1 else launch(run_pretrain, (job,), devices, device)
     emit_json(summary, report)
 
@@ -110,7 +114,8 @@ def run_pretrain(ctx: DistContext | None, job: PretrainJob) -> dict[str, Any]:
     config = SSLConfig(objective=job.objective, batch_size=job.batch_size, local_crops=job.local_crops, lr=job.lr,
                        min_lr=min(1e-6, job.lr))
     device = worker_device(job.device, rank) if ctx is not None else resolve_device(job.device)
-    trainer = SSLTrainer(spec, mod, config, total_steps=job.steps, device=device, seed=job.seed, dist=ctx)
+    trainer = SSLTrainer(spec, mod, config, total_steps=job.steps, device=device, seed=job.seed, dist=ctx,
+                         compile=job.compile)
     multicrop = multicrop_transform(mod, config, job.image_size, job.patch_size)
     dataset = ImageDataset(items, multicrop.crop)
     # Every worker needs the same batch size (equal shards make the averaged gradient the whole batch's).

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionfm_core.compile import check_compile_mode, mark_step_begin, maybe_compile
 from visionfm_core.distributed import DistContext
 from visionfm_core.errors import CheckpointError, ConfigError, DataError, VisionFMError
 from visionfm_core.modalities import Modality
@@ -63,11 +64,17 @@ class _StepOutput:
 class SSLTrainer:
     """Self-supervised pretraining of one modality's encoder on one site (see module docstring)."""
 
+    # Why a subclass's step must not be compiled (None: it may be); see visionfm_core/compile.py.
+    compile_refusal: str | None = None
+
     def __init__(self, spec: EncoderSpec, modality: Modality, cfg: SSLConfig, total_steps: int,
-                 device: torch.device | str = "cpu", seed: int = 0, dist: DistContext | None = None) -> None:
+                 device: torch.device | str = "cpu", seed: int = 0, dist: DistContext | None = None,
+                 compile: str = "auto") -> None:
         """`dist`: this process is one worker of a multi-device site (its process group initialised): each
         worker trains on its own shard of the batch, gradients and the centres' batch statistics are
-        averaged over the workers, so every worker holds the same student, teacher and centres."""
+        averaged over the workers, so every worker holds the same student, teacher and centres.
+        `compile`: "auto" (CUDA only), "on" or "off": torch.compile of the encoders and heads of the
+        step (visionfm_core/compile.py); the networks and their state dicts are left as they are."""
         if total_steps < 1:
             raise ConfigError("total_steps", f"must be >= 1, got {total_steps}")
         self.spec = validate_spec(spec)
@@ -110,12 +117,20 @@ class SSLTrainer:
             set_fused_attention(network, use_fused)
             # bf16 keeps fp32's exponent range, so the residual stream may live in it; fp16 may not.
             network.token_dtype = torch.bfloat16 if self.amp_dtype == torch.bfloat16 else None
+        self.compile_mode = check_compile_mode(compile)
+        self._student_encode = self._compiled(self.student.encode, "the SSL student encoder")
+        self._teacher_encode = self._compiled(self.teacher.encode, "the SSL teacher encoder")
+        self._student_head = self._compiled(self.student.head, "the SSL student head")
+        self._teacher_head = self._compiled(self.teacher.head, "the SSL teacher head")
         if self.dist is not None:  # same seed, same weights; made certain, so the workers never drift
             self.dist.broadcast_([*self.student.state_dict().values(), *self.teacher.state_dict().values()])
         self.step = 0
         # A teacher that is still the untrained copy made above: an "ema" sync then acts as a reset,
         # otherwise the first round would blend the global model with random weights.
         self._teacher_fresh = True
+
+    def _compiled(self, fn: Any, what: str) -> Any:
+        return maybe_compile(fn, self.compile_mode, self.device, what, refuse=self.compile_refusal)
 
     def _new_head(self) -> ProjectionHead:
         c = self.cfg
@@ -237,6 +252,7 @@ class SSLTrainer:
         """One optimisation step on one multi-crop batch (global views first). Returns the loss terms."""
         schedule = schedule or schedule_at(self.cfg, step, self.total_steps)
         views = self._check_views(views)
+        mark_step_begin(self.compile_mode, self.device)
         step_seed = int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0])
         masks = self._draw_masks(views[0], np.random.default_rng(step_seed)) if self.ibot else None
         cuda_rng = [self.device] if self.device.type == "cuda" else []
@@ -299,10 +315,10 @@ class SSLTrainer:
 
         with autocast_context(self.device, self.amp_dtype):
             with torch.no_grad():
-                t_tokens = self.teacher.encode(global_images)
+                t_tokens = self._teacher_encode(global_images)
                 t_patch_mean = t_masked = None
                 if flat_masks is None:
-                    t_cls = self.teacher.head(t_tokens[:, 0])
+                    t_cls = self._teacher_head(t_tokens[:, 0])
                 else:
                     head = self.teacher.head
                     features = head.bottleneck(t_tokens.flatten(0, 1)).view(*t_tokens.shape[:2], -1)
@@ -314,15 +330,15 @@ class SSLTrainer:
                     t_patch_mean = head.last_layer(patch_features.float().mean(dim=(0, 1)))
 
             # Student: global views (masked for iBOT) then local views, one pass per resolution.
-            s_global = self.student.encode(global_images, image_masks)
+            s_global = self._student_encode(global_images, image_masks)
             cls_tokens = [s_global[:, 0]]
-            cls_tokens += [self.student.encode(group)[:, 0] for group in _resolution_groups(views[n_global:])]
+            cls_tokens += [self._student_encode(group)[:, 0] for group in _resolution_groups(views[n_global:])]
             head_in = torch.cat(cls_tokens)
             n_cls = head_in.shape[0]
             if flat_masks is not None:
                 # Only masked positions carry a patch loss, so only they go through the (large) head.
                 head_in = torch.cat([head_in, s_global[:, prefix:][flat_masks]])
-            s_out = self.student.head(head_in)
+            s_out = self._student_head(head_in)
 
         targets = teacher_probs(t_cls, self.center_cls, schedule.teacher_temp).view(n_global, batch, -1)
         student_cls = s_out[:n_cls].view(len(views), batch, -1)

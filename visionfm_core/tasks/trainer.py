@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from visionfm_core.compile import check_compile_mode, mark_step_begin, maybe_compile
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.models.heads import TaskHead, TaskModel, encoder_dims
 from visionfm_core.progress import NO_PROGRESS, EpochLine, ProgressReporter
@@ -63,6 +64,8 @@ class FineTuneConfig:
     eval_batch_size: int | None = None
     mixed_precision: bool = True
     threads: int | None = None
+    # torch.compile of the training forward: "auto" (CUDA only), "on", "off" (visionfm_core/compile.py).
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         if self.regime not in ("frozen", "full"):
@@ -76,6 +79,7 @@ class FineTuneConfig:
             raise ConfigError("lr", f"must be positive, got {self.lr}")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError("layer_decay", f"must lie in (0, 1], got {self.layer_decay}")
+        self.compile = check_compile_mode(self.compile)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +149,8 @@ class TrainState:
     warmup_steps: int
     step: int = 0
     scaler: torch.amp.GradScaler | None = None
+    # The model's training forward, compiled where FineTuneConfig.compile asks (the model itself unwrapped).
+    forward: Callable[[Tensor], Any] | None = None
 
 
 @dataclass
@@ -259,7 +265,8 @@ class FineTuner:
         scaler = None
         if self.config.mixed_precision and autocast_dtype(self.device) == torch.float16:
             scaler = torch.amp.GradScaler(self.device.type)  # fp16 needs loss scaling; bf16 does not
-        return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler)
+        forward = maybe_compile(model, self.config.compile, self.device, "the fine-tuning model")
+        return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler, forward)
 
     def loader(
         self,
@@ -301,8 +308,9 @@ class FineTuner:
                     for group in state.optimizer.param_groups:
                         group["lr"] = lr * group["lr_scale"]
                     batch = move(batch, self.device)
+                    mark_step_begin(config.compile, self.device)
                     with autocast_for(self.device, config.mixed_precision):
-                        outputs = model(batch["image"])
+                        outputs = (state.forward or model)(batch["image"])
                     loss = self.task.loss(outputs, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite training loss at step {state.step}; lower the lr")
