@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from visionfm_core.compile import maybe_compile
 from visionfm_core.distributed import DistContext
 from visionfm_core.errors import DataError
 from visionfm_core.models.heads import TaskModel
@@ -205,6 +206,8 @@ class DistributedFineTuner(FineTuner):
         # used in every forward pass (checked for every task), so no search for unused ones each step.
         ids = [self.device.index] if self.device.type == "cuda" else None
         state.model = DistributedDataParallel(model, device_ids=ids)  # type: ignore[assignment]
+        # The training forward must run through DDP (its hooks average the gradients), compiled or not.
+        state.forward = maybe_compile(state.model, self.config.compile, self.device, "the fine-tuning model")
         # Each worker draws its own augmentations, reproducibly (the model is already identical).
         seed_everything(self.config.seed + self.ctx.rank)
         return state
