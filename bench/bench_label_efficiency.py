@@ -2,32 +2,39 @@
 few labelled photographs.
 
     .venv/bin/python bench/bench_label_efficiency.py [--out runs/label-efficiency] [--seeds 0,1,2]
-        [--labels 2,4,8,all] [--rounds 6 --local-steps 20] [--finetune-steps 150] [--stage all]
+        [--labels 2,4,8,all] [--rounds 3 --local-steps 8] [--finetune-steps 50] [--report-into RUN_DIR]
+    # or stage by stage, side by side: --stage pretrain --arms local_ssl | federated_ssl | centralized_ssl,
+    # --stage finetune --arms ... --tasks vessels|disc, then --stage report
 
-Data: the bundled HRF photographs (vessel masks, experts' optic-disc centres) and IDRiD photographs, all
+Data: the bundled HRF photographs (vessel masks, expert A's optic-disc centres) and IDRiD photographs, all
 shrunk once to 438 px wide (HRF by 4). The held-out test set is the 11 photographs of the bundled
-`hrf-vessels` task set's test split; they are never pretrained or fine-tuned on (for both tasks).
+`hrf-vessels` task set's test split, for both tasks; they are never pretrained or fine-tuned on (they are not
+even written to the pretraining folder).
 
-Pretraining (iBOT, micro ViT, patch 8, every arm the same SSL settings and seed, all through
-`visionfm simulate`'s engine on a scenario this script writes: 3 hospitals, an IID share each of the other
-34 HRF and the 20 IDRiD photographs, the folder dataset `<out>/pretrain-data`):
+Pretraining (iBOT, micro ViT, patch 8, 64 px views of 2-12 % of a photograph, i.e. near the scale the vessel
+tiles are fine-tuned at; every arm the same SSL settings, seed and scenario, which this script writes:
+3 hospitals, an IID share each of the other 34 HRF and the 20 IDRiD photographs, unlabelled, in the folder
+dataset `<out>/pretrain-data`):
   (a) random init: no pretraining;
-  (b) local-only SSL: `simulate --mode local`; hospital-a's own encoder (its images only);
-  (c) federated SSL: `simulate --mode federated` (Flower's Ray simulation, FedAvg of the 3 hospitals);
-  (d) centralized SSL: `simulate --mode centralized` (the 3 hospitals' images pooled; as many steps per
-      round as the 3 hospitals together, so (c) and (d) spend the same compute).
-Fine-tuning (`visionfm finetune`'s library path, `pipeline.finetune`, then `pipeline.evaluate` on the saved
-model, as `visionfm evaluate` does): hospital-a fine-tunes on 2, 4, 8 or all of its labelled HRF
-photographs (a seeded draw per seed), validating on those same photographs (a hospital with 2 labels has no
-others), the same number of optimiser steps in every arm and at every label count. Tasks: vessel
-segmentation (Dice at each test photograph's own pixels, inside the field of view) and optic-disc centre
-localisation (landmark task; mean radial error in the bundled 1752x1168 pixels and in disc diameters).
+  (b) local-only SSL: hospital-a alone, rounds x local steps, through the code `visionfm simulate --mode local`
+      runs for each site (simulations.baselines), for hospital-a only;
+  (c) federated SSL: `visionfm simulate --mode federated` (Flower's Ray simulation, FedAvg of the 3 hospitals);
+  (d) centralized SSL: `visionfm simulate --mode centralized` (the 3 hospitals' images pooled; per round as
+      many steps as the 3 hospitals together, so (c) and (d) spend the same compute, (b) a third of it).
+Fine-tuning (`visionfm finetune`'s library path, `pipeline.finetune` with the task's default preprocessing,
+then `pipeline.evaluate` on the saved model, as `visionfm evaluate` does): hospital-a fine-tunes on 2, 4, 8
+or all of its labelled HRF photographs (a seeded draw per seed), validating on those same photographs (a
+hospital with 2 labels has no others), with the same number of optimiser steps in every arm and at every
+label count. Tasks: vessel segmentation (tiles at the photograph's own resolution; Dice at each test
+photograph's own pixels inside the field of view) and optic-disc centre localisation (the landmark task;
+mean radial error in the bundled 1752x1168 pixels and in disc diameters). Pretraining runs once (seed 0);
+the seeds vary the labelled draw and the fine-tuning.
 
 Writes `<out>/label_efficiency.json` (every number) and `<out>/label_efficiency.png` (the curves), prints
 `CPU: <lscpu model>` and `ratio` lines (fed-SSL / random-init Dice at 4 labels, and fed / local).
-`--smoke`: 1 seed, 2 label counts, a few steps, the federated arm through the in-process centralized
-engine's single-site equivalent is NOT used: smoke runs the real Ray simulation for 1 round x 1 step only if
-`--smoke-federated` is given, otherwise it says so and skips arm (c).
+`--smoke`: 1 seed, labels 2 and 4, 1 round x 1 step of pretraining on 9 photographs, 2 fine-tuning steps,
+2 test photographs; it skips arm (c), the Ray simulation (it does not start within seconds on a loaded
+machine), and says so; `--smoke-federated` includes it.
 """
 
 from __future__ import annotations
@@ -245,6 +252,7 @@ def finetune_once(task_name: str, encoder: str | None, train: Sequence[TaskSampl
 def finetune_all(args: argparse.Namespace, encoders: dict[str, str | None], sets: dict[str, Any],
                  tasks: Sequence[str]) -> dict[str, Any]:
     runs: dict[str, Any] = {}
+    done: dict[tuple[str, str, int, int], dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="label-eff-") as scratch:
         for task_name in tasks:
             site, test = sets[task_name]["site"], sets[task_name]["test"]
@@ -254,8 +262,11 @@ def finetune_all(args: argparse.Namespace, encoders: dict[str, str | None], sets
                     chosen = random.Random(seed).sample(site, n)
                     for arm, encoder in encoders.items():
                         started = time.perf_counter()
-                        scores = finetune_once(task_name, encoder, chosen, test, seed, args, Path(scratch))
-                        scores["seconds"] = round(time.perf_counter() - started, 1)
+                        key = (task_name, arm, n, seed)  # "all" may be no more than "8": the same run
+                        if key not in done:
+                            done[key] = finetune_once(task_name, encoder, chosen, test, seed, args, Path(scratch))
+                            done[key]["seconds"] = round(time.perf_counter() - started, 1)
+                        scores = dict(done[key])
                         runs.setdefault(task_name, {}).setdefault(arm, {}).setdefault(str(count), []).append(
                             {"seed": seed, "labelled": n, **{k: round(v, 4) for k, v in scores.items()}})
                         headline = scores.get("dice", scores.get("mre_px"))
