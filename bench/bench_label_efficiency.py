@@ -309,6 +309,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             axis.errorbar(xs, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o",
                           capsize=3, label=ARM_TITLES[arm])
         axis.set_xscale("log", base=2)
+        ticks = sorted({p["labelled"] for arm in summary[task_name].values() for p in arm.values()})
+        axis.set_xticks(ticks, [str(t) for t in ticks])
         axis.set_xlabel("labelled photographs at hospital-a")
         axis.set_ylabel("held-out vessel Dice" if task_name == "vessels" else "disc-centre error (px, 1752x1168)")
         axis.set_title("HRF vessels" if task_name == "vessels" else "HRF optic-disc centre")
@@ -325,8 +327,9 @@ def ratios(summary: dict[str, Any], count: str) -> list[str]:
     if count not in vessels.get("random_init", {}):
         count = next(iter(vessels.get("random_init", {"?": 0})))
     mean = {arm: vessels[arm][count]["mean"] for arm in vessels if count in vessels[arm]}
-    if "random_init" in mean:
-        best = "federated_ssl" if "federated_ssl" in mean else "centralized_ssl"
+    pretrained = [arm for arm in ("federated_ssl", "centralized_ssl", "local_ssl") if arm in mean]
+    if "random_init" in mean and pretrained:
+        best = pretrained[0]
         ratio = mean[best] / max(mean["random_init"], 1e-9)
         lines.append(f"ratio {best} Dice / random-init Dice at {count} labels = {ratio:.3f} "
                      f"({mean[best]:.4f} vs {mean['random_init']:.4f})")
