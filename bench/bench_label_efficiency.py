@@ -380,8 +380,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--labels", default="2,4,8,all")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--local-steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=8)
     parser.add_argument("--ssl-batch", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     # Global views of 2-12 % of the photograph (about 50-125 px of a 438-px-wide one, shown at 64 px): near
@@ -389,8 +389,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--global-scale", default="0.02,0.12")
     parser.add_argument("--local-scale", default="0.004,0.02")
     parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--finetune-steps", type=int, default=120)
-    parser.add_argument("--validations", type=int, default=3)
+    parser.add_argument("--finetune-steps", type=int, default=50)
+    parser.add_argument("--validations", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--disc-diameter", type=float, default=190.0,

@@ -60,10 +60,10 @@ def label_efficiency_lines(run_dir: Path) -> list[str]:
             lines += ["", f"![label efficiency]({PLOT_NAME})"]
         lines.append("")
     lines.append(f"The full curve (HRF vessel Dice and optic-disc centre error with 2, 4, 8 and all labelled "
-                 f"photographs, fine-tuned from random init, local-only, federated and centralized SSL, 3 seeds) is "
-                 f"drawn by `{COMMAND}` (about half an hour on 2 CPU cores); it writes `{RESULT_NAME}` and "
-                 f"`{PLOT_NAME}` to `runs/label-efficiency/`. With `--report-into <this run folder>` it copies "
-                 "both here and this section shows them.")
+                 "photographs, fine-tuned from random init, local-only, federated and centralized SSL, 3 seeds) "
+                 f"is drawn by `{COMMAND}` (about half an hour of one CPU core on an otherwise idle machine); "
+                 f"it writes `{RESULT_NAME}` and `{PLOT_NAME}` to `runs/label-efficiency/`. With "
+                 "`--report-into <this run folder>` it copies both here and this section shows them.")
     return lines
 
 
