@@ -144,6 +144,10 @@ def simulate(
         metrics = runner(scenario, cfg, scenario_test_evaluator(cfg))
     seconds = time.perf_counter() - started
     reference = write_reference(out, cfg)
+    if "fundus" in cfg.modality_list:
+        from simulations.label_efficiency import append_label_efficiency_section
+
+        append_label_efficiency_section(out)  # where the few-labels curve is (and it, when the bench put it here)
     return SimulationOutcome(mode, out, metrics, seconds, reference)
 
 

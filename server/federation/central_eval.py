@@ -9,11 +9,17 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from strategies.protocol.datasets import load_dataset
+from strategies.protocol.datasets import SimulationDataset, load_dataset
 from strategies.protocol.scenario import load_scenario
 from visionfm_core.pretraining import evaluate_encoder_arrays, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device
+
+
+def _scorable(dataset: SimulationDataset) -> bool:
+    """A probe needs labels on both sides: a folder dataset of unlabelled images (or without `test/`) has
+    nothing to score, so its encoders are not probed (pretraining itself needs no labels)."""
+    return any(i.label is not None for i in dataset.test) and any(i.label is not None for i in dataset.pool)
 
 
 def scenario_test_evaluator(cfg: RunConfig):
@@ -30,7 +36,9 @@ def scenario_test_evaluator(cfg: RunConfig):
             shared = modality_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, modality)
             if not shared:
                 continue
-            dataset = load_dataset(scenario.datasets[modality])
+            dataset = load_dataset(scenario.datasets[modality], modality)
+            if not _scorable(dataset):
+                continue
             results[modality] = evaluate_encoder_arrays(shared, modality, dataset.pool,
                                                         dataset.test, dataset.num_classes, cfg, device)
         return results
@@ -47,7 +55,9 @@ def scenario_colour_reference(cfg: RunConfig) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for modality in cfg.modality_list:
         if modality in scenario.datasets:
-            dataset = load_dataset(scenario.datasets[modality])
+            dataset = load_dataset(scenario.datasets[modality], modality)
+            if not _scorable(dataset):
+                continue
             results[modality] = colour_reference(dataset.pool, dataset.test, dataset.num_classes,
                                                  cfg.knn_k).as_metrics()
     return results

@@ -54,13 +54,37 @@ def _oct2017() -> SimulationDataset:
 
 
 BUNDLED = {"retinamnist": _retinamnist, "oct2017": _oct2017}
+TEST_FOLDER = "test"
+
+
+def folder_dataset(root: Path, modality: str = "fundus") -> SimulationDataset:
+    """A folder of images as a simulation dataset: the images under `<root>/test/` are the held-out test
+    split (never trained on), every other image is the pool shared out to sites. Labels come from
+    `<root>/labels.csv` (paths relative to `root`) when it exists, as for a site's folder."""
+    labels = root / "labels.csv"
+    scan = scan_image_folder(root, labels_csv=labels if labels.is_file() else None, modality=modality,
+                             salt=BUNDLED_SALT)
+    test_dir = (root / TEST_FOLDER).resolve()
+    is_test = [test_dir in Path(item.source).resolve().parents for item in scan.items]
+    pool = [item for item, held in zip(scan.items, is_test, strict=True) if not held]
+    if len(pool) < 2:
+        raise ConfigError("datasets", f"folder {root} has {len(pool)} image(s) outside {TEST_FOLDER}/; need 2+")
+    test = [item for item, held in zip(scan.items, is_test, strict=True) if held]
+    return SimulationDataset(root.name, modality, pool, test, scan.class_names or ["unlabelled"])
 
 
 @functools.cache
-def load_dataset(name: str) -> SimulationDataset:
-    """A bundled dataset by name (cached per process: simulated sites in one worker share it)."""
+def load_dataset(name: str, modality: str = "fundus") -> SimulationDataset:
+    """A bundled dataset by name, or a folder of `modality` images by path (see :func:`folder_dataset`);
+    cached per process: simulated sites in one worker share it."""
+    if name not in BUNDLED and ("/" in name or name.startswith(".")):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ConfigError("datasets", f"dataset folder {name!r} not found (or not a directory)")
+        return folder_dataset(folder, modality)
     try:
         factory = BUNDLED[name]
     except KeyError:
-        raise ConfigError("datasets", f"unknown bundled dataset {name!r}; known: {', '.join(BUNDLED)}") from None
+        raise ConfigError("datasets", f"unknown bundled dataset {name!r}; known: {', '.join(BUNDLED)}, "
+                                      "or a folder path") from None
     return factory()

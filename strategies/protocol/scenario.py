@@ -194,7 +194,7 @@ def _site_resources(raw: Any) -> SiteResources:
 
 def site_items(scenario: Scenario, modality: str) -> list[list[ImageItem]]:
     """The pool of `modality` divided between the sites that hold it (in site order)."""
-    dataset = load_dataset(scenario.datasets[modality])
+    dataset = load_dataset(scenario.datasets[modality], modality)
     holders = [s for s in scenario.sites if modality in s.modalities]
     parts = partition_indices([i.label for i in dataset.pool], len(holders), scenario.partition,
                               scenario.alpha, seed=scenario.seed + _stable_offset(modality))
@@ -216,7 +216,7 @@ def site_data(scenario: Scenario, site_index: int, val_fraction: float) -> dict[
         items = site_items(scenario, modality)[holders.index(site_index)]
         train_idx, val_idx = split_train_val(len(items), val_fraction, seed=scenario.seed + site_index,
                                              groups=[i.patient_key for i in items])
-        dataset = load_dataset(scenario.datasets[modality])
+        dataset = load_dataset(scenario.datasets[modality], modality)
         result[modality] = ModalitySplit(modality, [items[i] for i in train_idx], [items[i] for i in val_idx],
                                          dataset.num_classes)
     return result

@@ -44,7 +44,10 @@ def test_run_folder_holds_config_metrics_checkpoints_plots_and_report(quick_run)
     reference = json.loads((out / "reference.json").read_text())
     assert set(reference) == {"fundus", "oct"} and reference == quick_run.reference
     assert reference["fundus"]["num_eval"] == 400
-    assert "## Reference: colour statistics, no encoder" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Reference: colour statistics, no encoder" in report
+    # The last section says where the few-labels curve comes from (no bench JSON in this folder: no table).
+    assert report.rstrip().endswith("shows them.") and "bench/bench_label_efficiency.py" in report
 
 
 def test_weights_changed_and_exported_encoders_load_into_timm(quick_run) -> None:
