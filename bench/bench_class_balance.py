@@ -97,6 +97,8 @@ def write_manifest(path: Path, rows: list[tuple[Path, int]], patients: dict[Path
 
 # Options given on this bench's command line, passed on to `visionfm finetune` (empty: its defaults).
 OVERRIDES: dict[str, Any] = {}
+# torch CPU threads (one by default: on a shared, loaded CPU OpenMP's waits make two far slower).
+THREADS: list[int | None] = [1]
 
 
 def finetuned(train: Path, test: list[tuple[Path, int]], work: Path, modality: str, regime: str,
@@ -106,7 +108,7 @@ def finetuned(train: Path, test: list[tuple[Path, int]], work: Path, modality: s
     model, report = work / "model.safetensors", work / "finetune.json"
     tiny: dict[str, Any] = {"arch": "nano", "image_size": 32, "min_steps": 6, "epochs": 1} if smoke else {}
     finetune_command(train, model, task="classification", mode="binary", modality=modality, regime=regime,
-                     val=val, report=report, **{**tiny, **OVERRIDES})
+                     val=val, report=report, threads=THREADS[0], **{**tiny, **OVERRIDES})
     folder = work / "held_out"
     folder.mkdir(exist_ok=True)
     names = {}
@@ -115,7 +117,7 @@ def finetuned(train: Path, test: list[tuple[Path, int]], work: Path, modality: s
         shutil.copyfile(path, copy)
         names[copy.name] = label
     out = work / "predictions.csv"
-    predict_command(model, folder, out)
+    predict_command(model, folder, out, threads=THREADS[0])
     with out.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("class_id")]
     order = [names[Path(row["source"]).name] for row in rows]
@@ -200,10 +202,12 @@ def main() -> None:
     parser.add_argument("--sets", default="oct,retina")
     parser.add_argument("--regimes", default=None, help="full,frozen (default; --smoke: full)")
     parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     for option in ("image-size", "min-steps", "epochs"):
         parser.add_argument(f"--{option}", type=int, help=f"pass --{option} to finetune (default: its own)")
     args = parser.parse_args()
     args.regimes = args.regimes or ("full" if args.smoke else "full,frozen")
+    THREADS[0] = args.threads or None
     OVERRIDES.update({key: getattr(args, key) for key in ("image_size", "min_steps", "epochs")
                       if getattr(args, key) is not None})
     if OVERRIDES:
