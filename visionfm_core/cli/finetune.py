@@ -49,7 +49,16 @@ def finetune_command(
     arch: Annotated[str, typer.Option(help="architecture when training from scratch (no --encoder)")] = "micro",
     patch_size: Annotated[int, typer.Option(help="patch size when training from scratch")] = 16,
     trust: Annotated[bool, typer.Option(help="fully unpickle a .pth you trust (can run code from the file)")] = False,
-    image_size: Annotated[int, typer.Option(help="input size; images are letterboxed, any size works")] = 224,
+    image_size: Annotated[
+        int, typer.Option(help="input size (a square's side); images are letterboxed, any size works")
+    ] = 224,
+    input_aspect: Annotated[
+        str,
+        typer.Option(
+            help="input width:height. auto: OCT B-scans keep the training images' median aspect (as many "
+            "patches as the square), other modalities square | square | W:H | a number"
+        ),
+    ] = "auto",
     regime: Annotated[str, typer.Option(help="full (fine-tune everything) | frozen (VisionFM probe)")] = "full",
     epochs: Annotated[int, typer.Option(help="at least this many epochs (more when --min-steps needs them)")] = 10,
     min_steps: Annotated[
@@ -119,13 +128,14 @@ def finetune_command(
                   + (f", on {devices} devices" if devices > 1 else ""))
     if devices > 1:
         job = FinetuneJob(adapter, source, modality, list(train_samples), list(val_samples), config, image_size,
-                          device, out)
+                          device, out, aspect=input_aspect)
         result = finetune_on_devices(job, devices)
     else:
         result = pipeline.finetune(
             adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
             announce=lambda line: console.print(line, markup=False, highlight=False),
             progress=console_progress(console),
+            aspect=input_aspect,
         )
     skipped = name_skipped(console, [*train_data.skipped, *result.skipped.items()])
     for warning in result.warnings:

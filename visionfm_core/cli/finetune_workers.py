@@ -38,6 +38,7 @@ class FinetuneJob:
     image_size: int
     device: str
     out: Path
+    aspect: str | float = "auto"
 
 
 def finetune_on_devices(job: FinetuneJob, devices: int) -> FitResult:
@@ -63,6 +64,7 @@ def run_worker(ctx: DistContext, job: FinetuneJob) -> FitResult:
         announce=_say if ctx.is_main else None,
         progress=console_progress(console) if ctx.is_main else NO_PROGRESS,
         dist=ctx,
+        aspect=job.aspect,
     )
     skipped: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(skipped, result.skipped)

@@ -44,7 +44,7 @@ def export_timm_folder(state: dict[str, Tensor], metadata: dict[str, Any], folde
     folder.mkdir(parents=True, exist_ok=True)
     model = _model(state, metadata)
     model_args = {k: v for k, v in metadata["timm_kwargs"].items() if k != "pretrained"}
-    size = int(metadata["image_size"])
+    height, width = metadata.get("input_shape") or (metadata["image_size"], metadata["image_size"])
     save_for_hf(
         model,
         str(folder),
@@ -52,7 +52,7 @@ def export_timm_folder(state: dict[str, Tensor], metadata: dict[str, Any], folde
         safe_serialization=True,
         model_config={"visionfm": {k: metadata[k] for k in ("modality", "arch", "format_version") if k in metadata}},
         data_config={
-            "input_size": (3, size, size),
+            "input_size": (3, int(height), int(width)),
             "mean": tuple(metadata["mean"]),
             "std": tuple(metadata["std"]),
             "crop_pct": 1.0,

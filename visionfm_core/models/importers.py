@@ -22,7 +22,7 @@ import argparse
 import math
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -301,15 +301,37 @@ def infer_architecture(state: dict[str, Tensor], num_heads: int | None = None) -
     return InferredArchitecture(arch, timm_name, kwargs, grid * patch, patch)
 
 
-def resample_position_embedding(state: dict[str, Tensor], image_size: int, patch_size: int) -> dict[str, Tensor]:
-    """``pos_embed`` resampled (bicubic) to the grid of ``image_size``; other weights untouched."""
-    grid = image_size // patch_size
-    if image_size % patch_size:
-        raise ConfigError("image_size", f"{image_size} is not a multiple of patch size {patch_size}")
+InputSize = int | Sequence[int]
+
+
+def input_hw(size: InputSize) -> tuple[int, int]:
+    """(height, width) of an input size given as one side (square) or as (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    height, width = (int(v) for v in size)
+    return height, width
+
+
+def resample_position_embedding(
+    state: dict[str, Tensor], image_size: InputSize, patch_size: int, old_size: InputSize | None = None
+) -> dict[str, Tensor]:
+    """``pos_embed`` resampled (bicubic) from the patch grid of ``old_size`` (default: a square grid)
+    to that of ``image_size`` (a side, or (height, width) for a non-square input); other weights
+    untouched."""
+    height, width = input_hw(image_size)
+    if height % patch_size or width % patch_size:
+        raise ConfigError("image_size", f"{height}x{width} is not a multiple of patch size {patch_size}")
+    new_grid = [height // patch_size, width // patch_size]
     pos = state["pos_embed"]
-    if pos.shape[1] == grid * grid + 1:
+    if old_size is None:
+        side = round(math.sqrt(pos.shape[1] - 1))
+        old_grid = [side, side]
+    else:
+        old_h, old_w = input_hw(old_size)
+        old_grid = [old_h // patch_size, old_w // patch_size]
+    if old_grid == new_grid and pos.shape[1] == new_grid[0] * new_grid[1] + 1:
         return state
-    resized = resample_abs_pos_embed(pos.float(), new_size=[grid, grid], num_prefix_tokens=1)
+    resized = resample_abs_pos_embed(pos.float(), new_size=new_grid, old_size=old_grid, num_prefix_tokens=1)
     return {**state, "pos_embed": resized.to(pos.dtype)}
 
 
@@ -317,14 +339,19 @@ def build_encoder(
     state: dict[str, Tensor],
     timm_name: str,
     timm_kwargs: dict[str, Any],
-    image_size: int | None = None,
+    image_size: InputSize | None = None,
     source: str = "<checkpoint>",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A timm encoder holding ``state`` strictly, at ``image_size`` if given; returns the kwargs used."""
+    """A timm encoder holding ``state`` strictly, at ``image_size`` (a side, or (height, width)) if
+    given; returns the kwargs used (``img_size`` an int when square, [height, width] otherwise)."""
     kwargs = dict(timm_kwargs)
-    if image_size is not None and image_size != kwargs.get("img_size"):
-        state = resample_position_embedding(state, image_size, int(kwargs["patch_size"]))
-        kwargs["img_size"] = image_size
+    if image_size is not None:
+        height, width = input_hw(image_size)
+        wanted: int | list[int] = height if height == width else [height, width]
+        old = kwargs.get("img_size")
+        if old is None or input_hw(old) != (height, width):
+            state = resample_position_embedding(state, (height, width), int(kwargs["patch_size"]), old)
+            kwargs["img_size"] = wanted
     model: nn.Module = timm.create_model(timm_name, **kwargs)
     try:
         model.load_state_dict(state, strict=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,13 @@ class Preprocess:
     resolution; ``crops_per_image`` per epoch) and predict with overlapping tiles (``overlap``); the
     letterbox of the whole image otherwise. Augmentation: zoom (``max_zoom``, both ways in tiles
     mode), mirror, rotation (degrees), brightness/contrast (``jitter``), gamma and per-channel colour.
+
+    The input is ``image_size`` pixels wide and ``image_height`` high (0 = square): OCT B-scans keep
+    their aspect ratio (see :func:`visionfm_core.tasks.aspect.input_shape`); tiles stay square.
     """
 
     image_size: int = 224
+    image_height: int = 0
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     max_zoom: float = 1.15
@@ -65,6 +69,13 @@ class Preprocess:
             raise ConfigError("overlap", f"tile overlap must lie in [0, 1), got {self.overlap}")
         if self.crops_per_image < 1 or self.fov_diameter < 0 or self.image_size < 1:
             raise ConfigError("preprocess", "image_size and crops_per_image must be positive, fov_diameter >= 0")
+        if self.image_height < 0:
+            raise ConfigError("image_height", f"must be >= 0 (0 = square), got {self.image_height}")
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of a network input outside tiled training and prediction."""
+        return (self.image_height or self.image_size, self.image_size)
 
     @classmethod
     def for_modality(cls, modality: str, image_size: int, **options: Any) -> Preprocess:
@@ -84,8 +95,8 @@ class Preprocess:
         top, bottom, left, right = fov.box if fov is not None else (0, height, 0, width)
         if self.tiles and train:
             return self.tile_window(fov or FieldOfView(np.ones((height, width), bool), (0, height, 0, width)))
-        base = letterbox(bottom - top, right - left, self.image_size)
-        base = Window(base.x0 + left, base.y0 + top, base.side, base.size)
+        base = letterbox(bottom - top, right - left, self.image_size, self.image_height or None)
+        base = replace(base, x0=base.x0 + left, y0=base.y0 + top)
         if not train:
             return base
         return random_window_in(base, self.max_zoom, self.flip)
@@ -127,15 +138,7 @@ class Preprocess:
 def random_window_in(base: Window, max_zoom: float, flip: bool) -> Window:
     """``base`` zoomed in by up to ``max_zoom`` at a random place, mirrored half the time."""
     draws = torch.rand(4).tolist()
-    zoom = 1.0 + (max_zoom - 1.0) * draws[0]
-    side = base.side / zoom
-    return Window(
-        base.x0 + draws[1] * (base.side - side),
-        base.y0 + draws[2] * (base.side - side),
-        side,
-        base.size,
-        flip=flip and draws[3] < 0.5,
-    )
+    return base.zoomed(1.0 + (max_zoom - 1.0) * draws[0], draws[1], draws[2], flip and draws[3] < 0.5)
 
 
 def rotate_record(record: Batch, degrees: float) -> None:
@@ -154,7 +157,7 @@ def rotate_record(record: Batch, degrees: float) -> None:
 
 
 class TaskDataset(Dataset[Batch]):
-    """Samples -> dicts with ``image`` (3, S, S), ``window`` (5,), ``index``, ``valid`` and targets."""
+    """Samples -> dicts with ``image`` (3, H, W), ``window`` (6,), ``index``, ``valid`` and targets."""
 
     def __init__(
         self, samples: Sequence[TaskSample], preprocess: Preprocess, prepare: TargetPreparer, train: bool

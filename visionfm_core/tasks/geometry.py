@@ -1,10 +1,12 @@
 """Where a network input comes from in its source image, and resampling images and label maps there.
 
-Every input is a square window of the source (it may reach beyond the image; that part is black
-and not scored) resampled to ``size x size``. Evaluation uses the letterbox window (the whole image,
-aspect kept, centred), so photographs of any size and camera fit one model; training may zoom,
-shift and mirror the window. Because the window is kept, predictions map back to source pixels
-exactly: landmark and box coordinates, and masks at the source resolution.
+Every input is a window of the source (it may reach beyond the image; that part is black and not
+scored) resampled to ``rows x size`` input pixels with one scale for both axes: square for fundus
+photographs, as wide as the data for OCT B-scans (``rows`` < ``size``), so a B-scan is never shrunk
+into a square. Evaluation uses the letterbox window (the whole image, aspect kept, centred), so
+images of any size and camera fit one model; training may zoom, shift and mirror the window.
+Because the window is kept, predictions map back to source pixels exactly: landmark and box
+coordinates, and masks at the source resolution.
 """
 
 from __future__ import annotations
@@ -23,18 +25,30 @@ from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Window:
-    """Source square ``(x0, y0, side)`` in pixels shown on a ``size`` input, optionally mirrored."""
+    """Source rectangle from ``(x0, y0)``, ``side`` source pixels wide, shown on an input ``size``
+    pixels wide and ``rows`` high (``height``; 0 = square) at one scale, optionally mirrored."""
 
     x0: float
     y0: float
     side: float
     size: int
     flip: bool = False
+    height: int = 0
 
     @property
     def scale(self) -> float:
-        """Input pixels per source pixel."""
+        """Input pixels per source pixel (both axes)."""
         return self.size / self.side
+
+    @property
+    def rows(self) -> int:
+        """Input height in pixels."""
+        return self.height or self.size
+
+    @property
+    def source_height(self) -> float:
+        """Source pixels the window covers vertically."""
+        return self.rows / self.scale
 
     def to_input(self, points: np.ndarray) -> np.ndarray:
         """(..., 2) source x, y -> input x, y."""
@@ -60,18 +74,35 @@ class Window:
         return np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
 
     def as_tensor(self) -> Tensor:
-        return torch.tensor([self.x0, self.y0, self.side, float(self.size), float(self.flip)], dtype=torch.float64)
+        values = [self.x0, self.y0, self.side, float(self.size), float(self.flip), float(self.rows)]
+        return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, values: Tensor) -> Window:
-        x0, y0, side, size, flip = values.tolist()
-        return cls(x0, y0, side, int(size), bool(flip))
+        x0, y0, side, size, flip, *rows = values.tolist()
+        height = int(rows[0]) if rows and int(rows[0]) != int(size) else 0
+        return cls(x0, y0, side, int(size), bool(flip), height)
+
+    def zoomed(self, zoom: float, across: float, down: float, flip: bool) -> Window:
+        """This window ``zoom`` times closer (same input shape); ``across``/``down`` in [0, 1] place it
+        within the original."""
+        side = self.side / zoom
+        return Window(
+            self.x0 + across * (self.side - side),
+            self.y0 + down * (self.source_height - self.source_height / zoom),
+            side,
+            self.size,
+            flip,
+            self.height,
+        )
 
 
-def letterbox(height: int, width: int, size: int) -> Window:
-    """The whole image, aspect ratio kept, centred in a ``size`` square."""
-    side = float(max(height, width))
-    return Window((width - side) / 2.0, (height - side) / 2.0, side, size)
+def letterbox(height: int, width: int, size: int, rows: int | None = None) -> Window:
+    """The whole image, aspect ratio kept, centred in a ``rows`` x ``size`` input (square by default)."""
+    rows = rows or size
+    scale = min(size / width, rows / height)
+    side, covered = size / scale, rows / scale
+    return Window((width - side) / 2.0, (height - covered) / 2.0, side, size, height=0 if rows == size else rows)
 
 
 def random_window(
@@ -80,15 +111,7 @@ def random_window(
     """A training window: the letterbox zoomed in by up to ``max_zoom`` at a random place."""
     base = letterbox(height, width, size)
     draws = torch.rand(4, generator=generator).tolist()
-    zoom = 1.0 + (max_zoom - 1.0) * draws[0]
-    side = base.side / zoom
-    return Window(
-        base.x0 + draws[1] * (base.side - side),
-        base.y0 + draws[2] * (base.side - side),
-        side,
-        size,
-        flip=flip and draws[3] < 0.5,
-    )
+    return base.zoomed(1.0 + (max_zoom - 1.0) * draws[0], draws[1], draws[2], flip and draws[3] < 0.5)
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,7 @@ class _Placement:
 def _placement(window: Window, height: int, width: int) -> _Placement | None:
     left, top = max(0, math.floor(window.x0)), max(0, math.floor(window.y0))
     right = min(width, math.ceil(window.x0 + window.side))
-    bottom = min(height, math.ceil(window.y0 + window.side))
+    bottom = min(height, math.ceil(window.y0 + window.source_height))
     if right <= left or bottom <= top:
         return None
     scale = window.scale
@@ -137,8 +160,8 @@ def _placement(window: Window, height: int, width: int) -> _Placement | None:
 
 
 def resample_image(image: np.ndarray, window: Window) -> Tensor:
-    """(H, W, 3) uint8 -> (3, size, size) float in [0, 1]; outside the image is black."""
-    canvas = torch.zeros(3, window.size, window.size)
+    """(H, W, 3) uint8 -> (3, rows, size) float in [0, 1]; outside the image is black."""
+    canvas = torch.zeros(3, window.rows, window.size)
     place = _placement(window, image.shape[0], image.shape[1])
     if place is not None:
         crop = torch.from_numpy(np.array(image[place.top : place.bottom, place.left : place.right]))
@@ -155,9 +178,9 @@ def resample_image(image: np.ndarray, window: Window) -> Tensor:
 
 
 def resample_labels(labels: np.ndarray, window: Window, num_classes: int) -> Tensor:
-    """(H, W) class map -> (size, size) long; each output pixel takes the class covering most of it
+    """(H, W) class map -> (rows, size) long; each output pixel takes the class covering most of it
     (an area vote, so shrinking does not alias), outside the image = ignore."""
-    canvas = torch.full((window.size, window.size), IGNORE_INDEX, dtype=torch.long)
+    canvas = torch.full((window.rows, window.size), IGNORE_INDEX, dtype=torch.long)
     place = _placement(window, labels.shape[0], labels.shape[1])
     if place is not None:
         crop = labels[place.top : place.bottom, place.left : place.right]
@@ -179,7 +202,7 @@ def resample_labels(labels: np.ndarray, window: Window, num_classes: int) -> Ten
 
 
 def logits_to_source(logits: Tensor, window: Window, height: int, width: int) -> Tensor:
-    """(C, size, size) input-resolution scores -> (C, height, width) at the source's pixels."""
+    """(C, rows, size) input-resolution scores -> (C, height, width) at the source's pixels."""
     ys = torch.arange(height, dtype=torch.float64) + 0.5
     xs = torch.arange(width, dtype=torch.float64) + 0.5
     u = (xs - window.x0) * window.scale
@@ -187,7 +210,7 @@ def logits_to_source(logits: Tensor, window: Window, height: int, width: int) ->
     if window.flip:
         u = window.size - u
     grid_x = (2.0 * u / window.size - 1.0).float()
-    grid_y = (2.0 * v / window.size - 1.0).float()
+    grid_y = (2.0 * v / window.rows - 1.0).float()
     grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], dim=-1)[None]
     out: Tensor = F.grid_sample(
         logits[None].float(),

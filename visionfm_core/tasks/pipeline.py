@@ -8,16 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import timm
 import torch
 from torch import nn
 
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
-from visionfm_core.models.encoders import EncoderSpec, create_encoder
-from visionfm_core.models.importers import build_encoder, import_encoder, normalisation_name
+from visionfm_core.models.encoders import EncoderSpec, create_encoder, validate_spec
+from visionfm_core.models.importers import build_encoder, import_encoder, input_hw, normalisation_name
 from visionfm_core.progress import NO_PROGRESS, ProgressReporter
+from visionfm_core.runtime import seed_everything
 from visionfm_core.tasks.adapters import TaskAdapter
+from visionfm_core.tasks.aspect import choose_aspect, input_shape
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.data_parallel import DistributedFineTuner
 from visionfm_core.tasks.persistence import LoadedTaskModel, save_task_model
@@ -41,14 +44,28 @@ class EncoderSource:
 
 
 def prepare_encoder(
-    source: EncoderSource, modality: str, image_size: int, announce: Callable[[str], None] | None = None
+    source: EncoderSource,
+    modality: str,
+    image_size: int,
+    announce: Callable[[str], None] | None = None,
+    aspect: float = 1.0,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """An encoder at ``image_size`` (position embedding resampled when it was trained at another size)
-    and its metadata (``timm_name``, ``timm_kwargs``, ``mean``, ``std``, ...). ``announce`` hears one
-    line naming the weights' format and normalisation."""
+    """An encoder for inputs of width / height ``aspect`` with about as many patches as an
+    ``image_size`` square (:func:`~visionfm_core.tasks.aspect.input_shape`; position embedding
+    resampled when it was trained on another grid) and its metadata (``timm_name``, ``timm_kwargs``,
+    ``mean``, ``std``, ``input_shape`` = [height, width], ...). ``announce`` hears one line naming
+    the weights' format and normalisation."""
     if source.checkpoint is None:
         spec = EncoderSpec(arch=source.arch, image_size=image_size, patch_size=source.patch_size)
-        return create_encoder(spec), encoder_metadata(spec, modality, source_format="scratch")
+        meta = encoder_metadata(spec, modality, source_format="scratch")
+        shape = input_shape(aspect, image_size, source.patch_size)
+        if shape[0] == shape[1] == image_size:
+            return create_encoder(spec), {**meta, "input_shape": list(shape)}
+        kwargs = {**validate_spec(spec).timm_kwargs(), "img_size": list(shape)}
+        encoder: nn.Module = timm.create_model(spec.timm_name, **kwargs)
+        logger.info("input %dx%d px (height x width, aspect %.2f): %dx%d patches", *shape, aspect,
+                    shape[0] // source.patch_size, shape[1] // source.patch_size)
+        return encoder, {**meta, "timm_kwargs": kwargs, "image_size": shape[1], "input_shape": list(shape)}
     path = Path(source.checkpoint)
     if path.suffix == ".safetensors":
         state, meta = load_encoder(path)
@@ -56,23 +73,26 @@ def prepare_encoder(
         imported = import_encoder(path, modality, trust=source.trust)
         state, meta = imported.state, imported.metadata
     trained_at = meta["timm_kwargs"].get("img_size")
-    encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], image_size, str(path))
+    shape = input_shape(aspect, image_size, int(meta["timm_kwargs"]["patch_size"]))
+    encoder, kwargs = build_encoder(state, meta["timm_name"], meta["timm_kwargs"], shape, str(path))
     if announce is not None:
         announce(f"encoder {path}: {meta.get('source_format', 'visionfm-fed')} weights, "
                  f"{normalisation_name(meta['mean'])} normalisation")
-    if trained_at is not None and trained_at != image_size:
+    if trained_at is not None and input_hw(trained_at) != shape:
         patch = int(kwargs["patch_size"])
+        old_h, old_w = input_hw(trained_at)
         logger.warning(
-            "the encoder was pretrained at %s px and is used at %d px: its position embedding was resampled "
-            "from %sx%s to %dx%d patches (pretrain at the size you fine-tune at when you can)",
-            trained_at,
-            image_size,
-            int(trained_at) // patch,
-            int(trained_at) // patch,
-            image_size // patch,
-            image_size // patch,
+            "the encoder was pretrained at %s px and is used at %s px: its position embedding was resampled "
+            "from %dx%d to %dx%d patches (pretrain at the size you fine-tune at when you can)",
+            _pixels(old_h, old_w), _pixels(*shape), old_h // patch, old_w // patch, shape[0] // patch,
+            shape[1] // patch,
         )
-    return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
+    return encoder, {**meta, "timm_kwargs": kwargs, "image_size": shape[1], "input_shape": list(shape)}
+
+
+def _pixels(height: int, width: int) -> str:
+    """"224" for a square input, "144x352" (height x width) otherwise."""
+    return str(width) if height == width else f"{height}x{width}"
 
 
 def preprocess_for(encoder_meta: dict[str, Any], image_size: int, **options: Any) -> Preprocess:
@@ -97,16 +117,26 @@ def finetune(
     announce: Callable[[str], None] | None = None,
     progress: ProgressReporter = NO_PROGRESS,
     dist: DistContext | None = None,
+    aspect: str | float = "auto",
 ) -> FitResult:
     """Fine-tune on ``train``, select on ``val``, and save the task model to ``out`` when given.
 
     Preprocessing starts from the task's defaults (tiles and augmentation for segmentation), finds
-    the field of view of fundus photographs, and ``preprocess_options`` override both. With ``dist``
+    the field of view of fundus photographs, and ``preprocess_options`` override both. The input's
+    aspect ratio (width / height) is ``aspect``: ``auto`` takes the training images' median for a
+    modality that keeps it (OCT B-scans) and a square otherwise; tiles are always square. With ``dist``
     this process is one data-parallel worker of several (``config.batch_size`` per worker); only the
     main worker saves."""
-    encoder, meta = prepare_encoder(source, modality, image_size, announce)
     options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
-    preprocess = preprocess_for(meta, image_size, **options)
+    # A fresh encoder's initial weights come from the run's seed too, not from whatever the global
+    # generator holds (a second run in the same process would start elsewhere).
+    seed_everything(config.seed)
+    ratio = 1.0 if options.get("tiles") else choose_aspect(aspect, modality, [sample.item for sample in train])
+    encoder, meta = prepare_encoder(source, modality, image_size, announce, aspect=ratio)
+    height, width = meta["input_shape"]
+    if announce is not None and height != width:
+        announce(f"input {height}x{width} px (height x width), the training images' aspect ratio {ratio:.2f}")
+    preprocess = preprocess_for(meta, width, image_height=0 if height == width else height, **options)
     tuner = FineTuner(task, config, device) if dist is None else DistributedFineTuner(task, config, device, dist)
     tuner.progress = progress
     result = tuner.fit(encoder, train, val, preprocess)

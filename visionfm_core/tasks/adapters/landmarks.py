@@ -31,11 +31,14 @@ def cell_centres(length: int, stride: float, device: torch.device) -> Tensor:
 
 
 def soft_argmax(heatmaps: Tensor, image_size: int) -> tuple[Tensor, Tensor]:
-    """(B, K, h, w) logits -> ((B, K, 2) expected x, y in input pixels, (B, K, h*w) probabilities)."""
+    """(B, K, h, w) logits -> ((B, K, 2) expected x, y in input pixels, (B, K, h*w) probabilities).
+
+    ``image_size`` is the input's width; a cell is as tall as it is wide (non-square inputs too)."""
     height, width = heatmaps.shape[-2:]
     probs = torch.softmax(heatmaps.float().flatten(2), dim=2)
-    xs = cell_centres(width, image_size / width, heatmaps.device).repeat(height)
-    ys = cell_centres(height, image_size / height, heatmaps.device).repeat_interleave(width)
+    stride = image_size / width
+    xs = cell_centres(width, stride, heatmaps.device).repeat(height)
+    ys = cell_centres(height, stride, heatmaps.device).repeat_interleave(width)
     coords = torch.stack([(probs * xs).sum(2), (probs * ys).sum(2)], dim=2)
     return coords, probs
 
@@ -85,14 +88,15 @@ class LandmarkTask(TaskAdapter):
     def loss(self, outputs: HeadOutput, batch: Batch) -> Tensor:
         assert isinstance(outputs, Tensor)
         heatmaps = outputs.float()
-        size = batch["image"].shape[-1]
+        rows, size = batch["image"].shape[-2:]
         target = batch["points"].float()
-        inside = torch.isfinite(target).all(-1) & (target >= 0).all(-1) & (target < size).all(-1)
+        limits = torch.tensor([size, rows], device=target.device)
+        inside = torch.isfinite(target).all(-1) & (target >= 0).all(-1) & (target < limits).all(-1)
         if not bool(inside.any()):
             return heatmaps.sum() * 0.0
         coords, probs = soft_argmax(heatmaps, size)
         height, width = heatmaps.shape[-2:]
-        stride_x, stride_y = size / width, size / height
+        stride_x = stride_y = size / width
         xs = cell_centres(width, stride_x, heatmaps.device).repeat(height)
         ys = cell_centres(height, stride_y, heatmaps.device).repeat_interleave(width)
         safe = torch.where(inside[..., None], target, torch.zeros_like(target))
