@@ -177,7 +177,12 @@ class TaskDataset(Dataset[Batch]):
     """Samples -> dicts with ``image`` (3, S, S), ``window`` (5,), ``index``, ``valid`` and targets."""
 
     def __init__(
-        self, samples: Sequence[TaskSample], preprocess: Preprocess, prepare: TargetPreparer, train: bool
+        self,
+        samples: Sequence[TaskSample],
+        preprocess: Preprocess,
+        prepare: TargetPreparer,
+        train: bool,
+        keep_decoded: int | None = None,
     ) -> None:
         if len(samples) == 0:
             raise DataError("<dataset>", "no samples")
@@ -185,6 +190,9 @@ class TaskDataset(Dataset[Batch]):
         self.preprocess = preprocess
         self.prepare = prepare
         self.train = train
+        # How many decoded (and standardised) images to keep: tiled training revisits every image
+        # each epoch, and so does the validation set of a run; a one-pass prediction keeps none.
+        self.keep_decoded = (64 if self.tiled_training else 0) if keep_decoded is None else keep_decoded
         self.skipped: dict[str, str] = {}
         self._cache: dict[int, tuple[np.ndarray, FieldOfView | None]] = {}
 
@@ -199,7 +207,7 @@ class TaskDataset(Dataset[Batch]):
     def load(self, index: int) -> tuple[np.ndarray, FieldOfView | None]:
         """The sample's image (black outside its field of view when ``fov_crop``, contrast
         standardised when ``contrast`` asks) and that field of view (None without ``fov_crop``);
-        tiled training keeps a few decoded images in memory."""
+        up to ``keep_decoded`` of them stay in memory."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
@@ -210,7 +218,7 @@ class TaskDataset(Dataset[Batch]):
             image = np.where(fov.mask[..., None], image, np.uint8(0))
         if self.preprocess.contrast == "local" and fov is not None:
             image = local_contrast(image, fov.mask, fov.width)
-        if self.tiled_training and len(self._cache) < 64:
+        if len(self._cache) < self.keep_decoded:
             self._cache[index] = (image, fov)
         return image, fov
 
