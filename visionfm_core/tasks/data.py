@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
+from visionfm_core.data.preprocess_contrast import local_contrast
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
@@ -28,6 +30,8 @@ from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.tiles import FieldOfView, working_scale
 
 logger = logging.getLogger(__name__)
+
+CONTRAST_MODES = ("none", "local")
 
 Batch = dict[str, Any]
 TargetPreparer = Callable[[TaskSample, Window, tuple[int, int]], dict[str, Any]]
@@ -42,7 +46,12 @@ class Preprocess:
     at the working scale (the field of view ``fov_diameter`` pixels wide, 0 = each image's own
     resolution; ``crops_per_image`` per epoch) and predict with overlapping tiles (``overlap``); the
     letterbox of the whole image otherwise. Augmentation: zoom (``max_zoom``, both ways in tiles
-    mode), mirror, rotation (degrees), brightness/contrast (``jitter``), gamma and per-channel colour.
+    mode), mirror, rotation (degrees), brightness/contrast (``jitter``), gamma, per-channel colour
+    and Gaussian blur (``blur``: the largest sigma in input pixels, on half the crops). ``contrast``
+    "local" (fundus, with ``fov_crop``) standardises every channel against its neighbourhood inside
+    the field of view (:func:`~visionfm_core.data.preprocess_contrast.local_contrast`), so that
+    camera colour, exposure, gamma and illumination fall-off largely cancel before the network sees
+    the image; other modalities (no ``fov_crop``) are left as they are.
 
     The input is ``image_size`` pixels wide and ``image_height`` high (0 = square): OCT B-scans keep
     their aspect ratio (see :func:`visionfm_core.tasks.aspect.input_shape`); tiles stay square.
@@ -63,8 +72,14 @@ class Preprocess:
     rotate: float = 0.0
     gamma: float = 0.0
     colour: float = 0.0
+    blur: float = 0.0
+    contrast: str = "none"
 
     def __post_init__(self) -> None:
+        if self.contrast not in CONTRAST_MODES:
+            raise ConfigError("contrast", f"unknown contrast {self.contrast!r}; use {' or '.join(CONTRAST_MODES)}")
+        if self.blur < 0:
+            raise ConfigError("blur", f"the blur sigma must be >= 0, got {self.blur}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError("overlap", f"tile overlap must lie in [0, 1), got {self.overlap}")
         if self.crops_per_image < 1 or self.fov_diameter < 0 or self.image_size < 1:
@@ -122,7 +137,7 @@ class Preprocess:
         return (image - mean) / std
 
     def photometric(self, image: Tensor) -> Tensor:
-        """Random brightness/contrast, gamma and per-channel gain (cameras differ in all three)."""
+        """Random brightness/contrast, gamma, per-channel gain and blur (cameras differ in all four)."""
         draws = (torch.rand(6) * 2 - 1).tolist()
         if self.jitter > 0:
             mean = image.mean()
@@ -132,6 +147,11 @@ class Preprocess:
         if self.colour > 0:
             gains = 1 + torch.tensor(draws[3:6]).view(3, 1, 1) * self.colour
             image = (image * gains).clamp_(0, 1)
+        if self.blur > 0 and float(torch.rand(1)) < 0.5:
+            # Softer optics, or a low-resolution camera brought up to the working scale.
+            sigma = float(torch.empty(1).uniform_(0.1, self.blur))
+            radius = max(1, math.ceil(2.5 * sigma))
+            image = TF.gaussian_blur(image, [2 * radius + 1] * 2, [sigma, sigma]).clamp_(0, 1)
         return image
 
 
@@ -160,7 +180,12 @@ class TaskDataset(Dataset[Batch]):
     """Samples -> dicts with ``image`` (3, H, W), ``window`` (6,), ``index``, ``valid`` and targets."""
 
     def __init__(
-        self, samples: Sequence[TaskSample], preprocess: Preprocess, prepare: TargetPreparer, train: bool
+        self,
+        samples: Sequence[TaskSample],
+        preprocess: Preprocess,
+        prepare: TargetPreparer,
+        train: bool,
+        keep_decoded: int | None = None,
     ) -> None:
         if len(samples) == 0:
             raise DataError("<dataset>", "no samples")
@@ -168,6 +193,9 @@ class TaskDataset(Dataset[Batch]):
         self.preprocess = preprocess
         self.prepare = prepare
         self.train = train
+        # How many decoded (and standardised) images to keep: tiled training revisits every image
+        # each epoch, and so does the validation set of a run; a one-pass prediction keeps none.
+        self.keep_decoded = (64 if self.tiled_training else 0) if keep_decoded is None else keep_decoded
         self.skipped: dict[str, str] = {}
         self._cache: dict[int, tuple[np.ndarray, FieldOfView | None]] = {}
 
@@ -180,8 +208,9 @@ class TaskDataset(Dataset[Batch]):
         return len(self.samples) * (self.preprocess.crops_per_image if self.tiled_training else 1)
 
     def load(self, index: int) -> tuple[np.ndarray, FieldOfView | None]:
-        """The sample's image (black outside its field of view when ``fov_crop``) and that field
-        of view (None without ``fov_crop``); tiled training keeps a few decoded images in memory."""
+        """The sample's image (black outside its field of view when ``fov_crop``, contrast
+        standardised when ``contrast`` asks) and that field of view (None without ``fov_crop``);
+        up to ``keep_decoded`` of them stay in memory."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
@@ -190,7 +219,9 @@ class TaskDataset(Dataset[Batch]):
         if self.preprocess.fov_crop:
             fov = FieldOfView.of(image, detect=True)
             image = np.where(fov.mask[..., None], image, np.uint8(0))
-        if self.tiled_training and len(self._cache) < 64:
+        if self.preprocess.contrast == "local" and fov is not None:
+            image = local_contrast(image, fov.mask, fov.width)
+        if len(self._cache) < self.keep_decoded:
             self._cache[index] = (image, fov)
         return image, fov
 

@@ -165,10 +165,10 @@ class DistributedFineTuner(FineTuner):
                              max(1, examples // world))
 
     def loader(self, samples: Sequence[TaskSample], preprocess: Preprocess, train: bool, with_targets: bool = True,
-               batch_size: int | None = None) -> DataLoader[Any]:
+               batch_size: int | None = None, keep_decoded: int | None = None) -> DataLoader[Any]:
         """Training: this worker's shard of the single-process order. Evaluation: every sample (only the
         main worker evaluates)."""
-        whole = super().loader(samples, preprocess, train, with_targets, batch_size)
+        whole = super().loader(samples, preprocess, train, with_targets, batch_size, keep_decoded)
         if not train:
             return whole
         dataset: Any = whole.dataset

@@ -198,6 +198,10 @@ class Schedule:
         return cls(batch, per_epoch, epochs, max(1, math.ceil(epochs / config.max_validations)))
 
 
+# Validation images kept decoded between validations (a small-data run's whole validation set).
+VALIDATION_KEPT = 16
+
+
 def get_weights(model: TaskModel, part: WeightPart = "encoder") -> dict[str, Tensor]:
     """Detached CPU copies of the encoder's (timm keys), the head's, or both (prefixed) weights."""
     if part == "all":
@@ -275,10 +279,12 @@ class FineTuner:
         train: bool,
         with_targets: bool = True,
         batch_size: int | None = None,
+        keep_decoded: int | None = None,
     ) -> DataLoader[Any]:
-        """Batches of ``samples``; ``with_targets=False`` for unlabelled images (prediction only)."""
+        """Batches of ``samples``; ``with_targets=False`` for unlabelled images (prediction only);
+        ``keep_decoded`` images stay decoded in memory (default: a training set's first 64)."""
         prepare = self.task.prepare if with_targets else _no_targets
-        dataset = TaskDataset(samples, preprocess, prepare, train=train)
+        dataset = TaskDataset(samples, preprocess, prepare, train=train, keep_decoded=keep_decoded)
         if batch_size is None:
             batch_size = self.config.batch_size if train else (self.config.eval_batch_size or self.config.batch_size)
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -468,7 +474,8 @@ class FineTuner:
         train_set = TaskDataset(train_samples, preprocess, self.task.prepare, train=True)
         schedule = self.plan(len(train_set))
         train_loader = self.loader(train_samples, preprocess, train=True, batch_size=schedule.batch_size)
-        val_loader = self.loader(val_samples, preprocess, train=False)
+        # Validated up to 12 times: a small validation set stays decoded (and standardised) in memory.
+        val_loader = self.loader(val_samples, preprocess, train=False, keep_decoded=VALIDATION_KEPT)
         state = self.init_state(model, schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch)
         logger.info(
             "schedule: %d optimiser steps (%d epochs of %d, batch %d), warm-up %d steps",

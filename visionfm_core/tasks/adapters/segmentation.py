@@ -92,9 +92,14 @@ class SegmentationTask(TaskAdapter):
 
     def preprocess_defaults(self) -> dict[str, Any]:
         # Whole photographs at a common scale (field of view 1024 px wide, so cameras of 0.3 to 15
-        # megapixels show vessels at similar widths), trained on crops with the augmentations that
-        # differ between fundus cameras: scale, orientation, exposure, gamma and colour balance.
+        # megapixels show vessels at similar widths), each channel standardised against its
+        # neighbourhood inside the field of view (camera colour, exposure, gamma and uneven lighting
+        # cancel), trained on crops with the augmentations for what remains between cameras: scale,
+        # orientation, exposure, gamma, colour balance and sharpness (a low-resolution camera's
+        # photograph brought up to the working scale is soft).
         return {
+            "contrast": "local",
+            "blur": 1.0,
             "tiles": True,
             "fov_diameter": 1024,
             "crops_per_image": 8,
