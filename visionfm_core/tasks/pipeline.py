@@ -71,6 +71,13 @@ def prepare_encoder(
     return encoder, {**meta, "timm_kwargs": kwargs, "image_size": image_size}
 
 
+def task_preprocess_options(task: TaskAdapter, modality: str) -> dict[str, Any]:
+    """What every fine-tuning path (one site, a federated site, the pooled and local-only arms) sets up
+    for `task` on `modality`: the task's own defaults (tiles at the working scale and augmentation for
+    dense tasks) and, on fundus photographs, the field of view."""
+    return {**task.preprocess_defaults(), "fov_crop": modality == "fundus"}
+
+
 def preprocess_for(encoder_meta: dict[str, Any], image_size: int, **options: Any) -> Preprocess:
     """Normalisation from the encoder's metadata (what its weights were trained with)."""
     mean, std = encoder_meta.get("mean"), encoder_meta.get("std")
@@ -98,7 +105,7 @@ def finetune(
     Preprocessing starts from the task's defaults (tiles and augmentation for segmentation), finds
     the field of view of fundus photographs, and ``preprocess_options`` override both."""
     encoder, meta = prepare_encoder(source, modality, image_size, announce)
-    options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
+    options = {**task_preprocess_options(task, modality), **(preprocess_options or {})}
     preprocess = preprocess_for(meta, image_size, **options)
     tuner = FineTuner(task, config, device)
     tuner.progress = progress
