@@ -202,7 +202,9 @@ class TaskTestEvaluator:
             model = build_task_model(tuner, cfg, shared, head)
             preprocess = task_preprocess(cfg, tuner.task, modality)
             scores = tuner.evaluate(model, tuner.loader(test, preprocess, train=False))
-            results[modality] = reported_scores(cfg.finetune_task, scores)
+            # The test's own best threshold would be chosen on the test: only validation may choose it.
+            results[modality] = {k: v for k, v in reported_scores(cfg.finetune_task, scores).items()
+                                 if k not in ("best_threshold", "dice_at_best_threshold")}
             if hasattr(tuner.task, "threshold"):
                 results[modality]["threshold"] = float(tuner.task.threshold)
         return results

@@ -120,6 +120,7 @@ def test_the_server_scores_the_held_out_test_with_the_sites_validation_threshold
     evaluate.thresholds["fundus"] = 0.37
     scores = evaluate(arrays)["fundus"]
     assert scores["threshold"] == 0.37 and scores["count"] == len(evaluate.test_samples("fundus"))
+    assert "best_threshold" not in scores  # the test never picks its own threshold
 
 
 def test_bad_preprocessing_overrides_are_errors_naming_the_key() -> None:
