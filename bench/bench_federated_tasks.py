@@ -64,11 +64,18 @@ def random_encoder(folder: Path, size: int, seed: int) -> Path:
     return folder
 
 
+def image_size(name: str, args: argparse.Namespace) -> int:
+    return int(args.image_size or SIZES[name])
+
+
 def run_overrides(name: str, args: argparse.Namespace, encoders: Path) -> dict[str, Any]:
-    return {"arch": "micro", "patch-size": 16, "image-size": SIZES[name], "modalities": "fundus",
+    # Every arm fine-tunes through `visionfm finetune`'s pipeline (the task's preprocessing defaults:
+    # dense tasks on tiles, scored on whole photographs at their own resolution with the threshold the
+    # arm's validation chose); the held-out test is scored every `--eval-every` rounds and at the end.
+    return {"arch": "micro", "patch-size": 16, "image-size": image_size(name, args), "modalities": "fundus",
             "num-rounds": 1, "local-steps": 1, "finetune-rounds": args.rounds, "finetune-epochs": args.epochs,
             "finetune-batch-size": args.batch, "finetune-lr": args.lr, "finetune-data": name,
-            "init-encoders": str(encoders), "seed": args.seed}
+            "init-encoders": str(encoders), "seed": args.seed, "eval-every": args.eval_every or args.rounds}
 
 
 def held_out_series(rows: list[dict[str, Any]], metric: str) -> dict[str, list[float]]:
@@ -86,10 +93,10 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     folder = work / name
     folder.mkdir()
     scenario = scenario_file(folder, args.sites)
-    encoders = random_encoder(folder / "init", SIZES[name], args.seed)
+    encoders = random_encoder(folder / "init", image_size(name, args), args.seed)
     overrides = run_overrides(name, args, encoders)
     headline = HEADLINE[task_set.task][0]
-    result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": SIZES[name],
+    result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": image_size(name, args),
                               "pool": len(task_set.pool), "test": len(task_set.test)}
     for mode in ("federated", "centralized", "local"):
         started = time.perf_counter()
@@ -118,6 +125,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=0, help="tile / input size (default: per task)")
+    parser.add_argument("--eval-every", type=int, default=0, help="score the held-out test every N rounds "
+                                                                   "(default: only after the last)")
     parser.add_argument("--out", type=Path)
     add_smoke_flag(parser)
     args = parser.parse_args()

@@ -26,7 +26,14 @@ from client.privacy.dp_finetune import DPFineTuner
 from client.privacy.ledger import image_digests
 from client.privacy.reporting import releasable_metrics
 from strategies.protocol.dp_config import DPConfig
-from strategies.protocol.task_models import CLASSIFIER_PREFIX, build_task_model, new_tuner, reported_scores, shareable
+from strategies.protocol.task_models import (
+    CLASSIFIER_PREFIX,
+    build_task_model,
+    new_tuner,
+    reported_scores,
+    shareable,
+    task_preprocess,
+)
 from visionfm_core.distributed import DistContext, worker_device
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
@@ -106,7 +113,7 @@ def finetune_round(
         tuner.task.check(train + val)
         head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
         model = build_task_model(tuner, cfg, shared, head)
-        preprocess = Preprocess.for_modality(modality, cfg.image_size)
+        preprocess = task_preprocess(cfg, tuner.task, modality)
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
         tuner.config.seed = seed  # a different shuffle each round and site
@@ -186,7 +193,7 @@ def finetune_evaluate(
         tuner = new_tuner(cfg, modality, device)
         tuner.task.check(val)
         model = build_task_model(tuner, cfg, shared, head)
-        scores = tuner.evaluate(model, tuner.loader(val, Preprocess.for_modality(modality, cfg.image_size),
+        scores = tuner.evaluate(model, tuner.loader(val, task_preprocess(cfg, tuner.task, modality),
                                                     train=False))
         metrics[f"{modality}/num-examples"] = float(len(val))
         metrics.update(_reported(cfg.finetune_task, scores, modality))

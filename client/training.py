@@ -51,8 +51,8 @@ def ssl_loader(split: ModalitySplit, cfg: RunConfig, seed: int, dist: DistContex
     `dist`, this worker's shard, in batches of the same size on every worker."""
     transform = multicrop_transform(get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size)
     generator = torch.Generator().manual_seed(seed)
-    items = dist.shard(split.train) if dist is not None else split.train
-    batch = min(cfg.batch_size, len(split.train) // (dist.world_size if dist is not None else 1))
+    items = dist.shard(split.ssl_items) if dist is not None else split.ssl_items
+    batch = min(cfg.batch_size, len(split.ssl_items) // (dist.world_size if dist is not None else 1))
     return DataLoader(ImageDataset(items, transform.crop), batch_size=max(batch, 1),
                       shuffle=True, drop_last=True, collate_fn=BatchedMultiCrop(transform), num_workers=cfg.num_workers,
                       generator=generator, persistent_workers=False,
@@ -88,7 +88,7 @@ def train_round(
     new_states: dict[str, dict[str, torch.Tensor]] = {}
     for modality, split in site.items():
         shared = modality_arrays(global_arrays, modality)
-        if not shared or not split.train:
+        if not shared or not split.ssl_items:
             continue
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
@@ -111,7 +111,7 @@ def train_round(
             trainer.load_shared_state(shared, teacher_sync="reset")
         try:
             if isinstance(trainer, DPSSLTrainer) and isinstance(loader, PoissonLoader) and budget and ledger:
-                members = image_digests(list(split.train) + list(split.val), ledger.book.folder)
+                members = image_digests([*split.train, *split.val, *split.pretrain], ledger.book.folder)
                 trainer.accountant = charge_round(ledger, budget, dp, modality, members, "pretrain", server_round,
                                                   trainer.effective_noise_multiplier(), loader, cfg.local_steps)
             stats = trainer.train_steps(loader, cfg.local_steps, start_step=(server_round - 1) * cfg.local_steps)
@@ -123,7 +123,7 @@ def train_round(
             stats = releasable_metrics(stats)
         arrays.update({f"{modality}/{k}": v for k, v in trainer.shared_state().items()})
         new_states[modality] = trainer.local_state()
-        metrics[f"{modality}/num-examples"] = float(len(split.train))
+        metrics[f"{modality}/num-examples"] = float(len(split.ssl_items))
         for name, value in stats.items():
             metrics[f"{modality}/{name}"] = float(value)
         if dist is not None:  # the site's throughput and images: all workers'

@@ -9,7 +9,7 @@ loss ("finetune"), and scores ("finetune-evaluate") on the site's validation spl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +21,18 @@ from client.finetuning import dp_finetune_round
 from client.privacy.accountant import PrivacyBudgetExceeded
 from client.privacy.reporting import releasable_metrics
 from client.site import load_site_tasks
-from server.federation.finetune_phase import resolve_finetune_task, task_test_evaluator
+from server.federation.finetune_phase import TaskTestEvaluator, resolve_finetune_task, task_test_evaluator
 from server.federation.report import MetricsLog
 from simulations.arm_privacy import ArmPrivacy
 from strategies.protocol.scenario import Scenario
-from strategies.protocol.task_models import CLASSIFIER_PREFIX, build_task_model, new_tuner, reported_scores, shareable
+from strategies.protocol.task_models import (
+    CLASSIFIER_PREFIX,
+    build_task_model,
+    new_tuner,
+    reported_scores,
+    shareable,
+    task_preprocess,
+)
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
 from visionfm_core.run_config import RunConfig
@@ -33,8 +40,6 @@ from visionfm_core.runtime import resolve_device, seed_everything
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.splits import TaskSplit
 from visionfm_core.tasks.trainer import FineTuner, TrainState, get_weights
-
-TestEvaluator = Callable[[dict[str, np.ndarray]], dict[str, dict[str, float]]]
 
 
 @dataclass
@@ -71,7 +76,7 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
     held-out test split is scored."""
     cfg = resolve_finetune_task(cfg)
     device = resolve_device(cfg.device)
-    evaluator: TestEvaluator | None = task_test_evaluator(cfg) if cfg.server_eval == "scenario" else None
+    evaluator: TaskTestEvaluator | None = task_test_evaluator(cfg) if cfg.server_eval == "scenario" else None
     encoders = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in pretrained.items()
                 if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
     runs: dict[str, _Run] = {}
@@ -84,7 +89,7 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
         model = build_task_model(tuner, cfg, shared, None)  # the same seeded head a federation starts from
         tuner.config.seed = cfg.seed + seed_offset
         seed_everything(tuner.config.seed)
-        preprocess = Preprocess.for_modality(modality, cfg.image_size)
+        preprocess = task_preprocess(cfg, tuner.task, modality)
         loader = tuner.loader(split.train, preprocess, train=True)
         total = cfg.finetune_rounds * cfg.finetune_epochs * len(loader)
         runs[modality] = _Run(tuner, model, tuner.init_state(model, total, start_step=0, steps_per_epoch=len(loader)),
@@ -116,6 +121,9 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
             for modality, run in runs.items():
                 if run.split.val and privacy is None:
                     scores = run.tuner.evaluate(run.model, run.tuner.loader(run.split.val, run.preprocess, train=False))
+                    if evaluator is not None and "best_threshold" in scores:
+                        # The arm's own validation picks the threshold its held-out test is scored with.
+                        evaluator.thresholds[modality] = float(scores["best_threshold"])
                     log.add(row_round, label, modality, "finetune-evaluate",
                             {**reported_scores(cfg.finetune_task, scores), "finetune-round": finetune_round})
             if evaluator is not None:

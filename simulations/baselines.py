@@ -58,7 +58,7 @@ def _train_steps(trainer: SSLTrainer, split: ModalitySplit, run_cfg: RunConfig, 
         return trainer.train_steps(ssl_loader(split, run_cfg, seed), run_cfg.local_steps, start_step=start)
     dp = DPConfig.from_dict(run_cfg.privacy)
     loader = dp_ssl_loader(split, run_cfg, dp)
-    members = image_digests([*split.train, *split.val], privacy.ledger.book.folder)
+    members = image_digests([*split.train, *split.val, *split.pretrain], privacy.ledger.book.folder)
     budget = privacy.budget_for(split.modality)
     trainer.accountant = charge_round(privacy.ledger, budget, dp, split.modality, members, "pretrain", server_round,
                                       trainer.effective_noise_multiplier(), loader, run_cfg.local_steps)
@@ -108,7 +108,7 @@ def _train_alone(
                 logger.warning("%s: %s", label, refused)
                 log.add(server_round, label, modality, "train", {"budget-exhausted": 1.0})
                 continue
-            stats["num-examples"] = float(len(split.train))
+            stats["num-examples"] = float(len(split.ssl_items))
             log.add(server_round, label, modality, "train", stats)
             arrays.update({f"{modality}/{k}": v.numpy() for k, v in trainer.shared_state().items()})
         if server_round % cfg.eval_every == 0 or server_round == cfg.num_rounds:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulations.compare import SCORES, comparison_rows, reference_rows, test_scores, write_comparison
+from simulations.compare import SCORES, comparison_rows, finetune_rows, reference_rows, test_scores, write_comparison
 from simulations.simulate import MODES, quiet_framework_logs, simulate
 from visionfm_core.errors import VisionFMError
 
@@ -149,7 +149,7 @@ def simulate_command(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     if len(logs) > 1:
-        path = write_comparison(root, comparison_rows(logs) + reference_rows(reference))
+        path = write_comparison(root, comparison_rows(logs) + reference_rows(reference), finetune_rows(logs))
         console.print(f"comparison: {path}")
 
 

@@ -44,6 +44,29 @@ def comparison_rows(logs: dict[str, MetricsLog]) -> list[dict[str, Any]]:
     return rows
 
 
+# The fine-tuned task's held-out scores compared across arms (the first of each is its headline).
+FINETUNE_SCORES = {"dice": "Dice", "iou": "IoU", "threshold": "threshold", "mre": "MRE (px)", "map50": "mAP@0.5",
+                   "accuracy": "accuracy", "auc": "AUC", "mae": "MAE"}
+
+
+def finetune_rows(logs: dict[str, MetricsLog]) -> list[dict[str, Any]]:
+    """One row per mode, arm and modality: the fine-tuned task model's scores on the held-out test data
+    after the last fine-tune round (federated; pooled at one site; each hospital alone)."""
+    rows = []
+    for mode, log in logs.items():
+        tested = [r for r in log.rows if r["phase"] == "finetune-evaluate" and str(r["site"]).endswith("global-test")]
+        if not tested:
+            continue
+        last = max(int(r["round"]) for r in tested)
+        for row in tested:
+            if int(row["round"]) == last:
+                arm = str(row["site"]).removesuffix("global-test").rstrip(":") or "federated"
+                scores = {k: float(row[k]) for k in FINETUNE_SCORES if isinstance(row.get(k), (int, float))}
+                rows.append({"mode": mode, "arm": arm, "modality": str(row["modality"]),
+                             "finetune_round": int(row.get("finetune_round", 0)), **scores})
+    return rows
+
+
 def reference_rows(reference: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     """Rows for the colour-statistics reference (no encoder, so no round 0)."""
     return [{"mode": "reference", "arm": "colour statistics", "modality": modality,
@@ -51,8 +74,10 @@ def reference_rows(reference: dict[str, dict[str, float]]) -> list[dict[str, Any
             for modality, scores in reference.items()]
 
 
-def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """comparison.json and comparison.md in `out_dir`."""
+def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]],
+                     tuned: Sequence[dict[str, Any]] = ()) -> Path:
+    """comparison.json and comparison.md in `out_dir`; with fine-tuning rows (`finetune_rows`) also
+    comparison-finetune.json and a second table: the task's held-out scores per arm."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.json").write_text(json.dumps(list(rows), indent=1))
     lines = ["# Federated vs centralized vs local-only (held-out test split)", "",
@@ -62,6 +87,17 @@ def write_comparison(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path:
         cells = [f"{r[k]:.3f}" if r[k + "_round0"] is None else f"{r[k + '_round0']:.3f} → {r[k]:.3f}"
                  for k in SCORES]
         lines.append(f"| {r['mode']} | {r['arm']} | {r['modality']} | " + " | ".join(cells) + " |")
+    if tuned:
+        (out_dir / "comparison-finetune.json").write_text(json.dumps(list(tuned), indent=1))
+        keys = [k for k in FINETUNE_SCORES if any(k in r for r in tuned)]
+        lines += ["", "## Fine-tuned task on the held-out test data (last fine-tune round)", "",
+                  "federated: the averaged model; centralized: every hospital's training data pooled at one "
+                  "site; local: each hospital alone on its own share. Same task, schedule and held-out images.",
+                  "", "| mode | arm | modality | " + " | ".join(FINETUNE_SCORES[k] for k in keys) + " |",
+                  "|---|---|---|" + "---|" * len(keys)]
+        for r in tuned:
+            cells = [f"{r[k]:.3f}" if k in r else "" for k in keys]
+            lines.append(f"| {r['mode']} | {r['arm']} | {r['modality']} | " + " | ".join(cells) + " |")
     path = out_dir / "comparison.md"
     path.write_text("\n".join(lines) + "\n")
     return path

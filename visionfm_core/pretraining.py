@@ -28,10 +28,23 @@ def encoder_spec(cfg: RunConfig) -> EncoderSpec:
                        drop_path_rate=float(cfg.ssl.get("drop_path_rate", 0.0)))
 
 
+DENSE = "dense"
+
+
+def dense_fov_diameter() -> int:
+    """The working scale of the dense fundus tasks: the field-of-view width their tiles are cut at."""
+    from visionfm_core.tasks.adapters.segmentation import SegmentationTask
+
+    return int(SegmentationTask().preprocess_defaults().get("fov_diameter", 0))
+
+
 def ssl_config(cfg: RunConfig) -> SSLConfig:
-    """The SSL hyperparameters of the run (run-level keys win over `ssl.*` ones)."""
+    """The SSL hyperparameters of the run (run-level keys win over `ssl.*` ones). `ssl.fov-diameter =
+    "dense"` cuts fundus views at the segmentation task's working scale, whatever its default is."""
     options = {k: v for k, v in cfg.ssl.items() if k != "drop_path_rate"}
     options.update(objective=cfg.objective, batch_size=cfg.batch_size, share_head=cfg.share_head)
+    if str(options.get("fov_diameter", "")).strip().lower() == DENSE:
+        options["fov_diameter"] = dense_fov_diameter()
     return SSLConfig.from_dict(options)
 
 

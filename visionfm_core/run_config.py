@@ -116,6 +116,9 @@ class RunConfig:
     # Any task but classification: the task's settings as JSON (what its adapter's `to_config` gives,
     # e.g. {"num_classes": 2, "class_names": ["background", "vessel"]}); every site builds the same head.
     finetune_task_config: str = ""
+    # Preprocessing overrides as JSON on top of the task's own defaults (`visionfm finetune`'s: tiles at
+    # the working scale for dense tasks, the fundus field of view), e.g. {"fov_diameter": 512}.
+    finetune_preprocess: str = ""
     # Simulation only: a bundled labelled task set shared out to the sites (strategies/protocol/task_sets.py,
     # e.g. "hrf-vessels"); it sets the task and its settings. Deployed sites name a `task-manifest`.
     finetune_data: str = ""
@@ -215,6 +218,7 @@ class RunConfig:
                 raise ConfigError(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         self.finetune_class_counts()  # parses, or names the bad entry
         self.finetune_task_settings()  # parses, or names the key
+        self.finetune_preprocess_options()
         if self.init_encoders and self.finetune_rounds == 0:
             raise ConfigError("init-encoders", "only the fine-tuning phase uses it: set finetune-rounds > 0")
         if self.finetune_rounds > 0 and self.compression != "none":
@@ -245,6 +249,20 @@ class RunConfig:
         if not isinstance(settings, dict):
             raise ConfigError("finetune-task-config", "must be a JSON object of task settings")
         return settings
+
+    def finetune_preprocess_options(self) -> dict[str, Any]:
+        """`finetune-preprocess` as a dict of preprocessing settings ({} when unset)."""
+        if not self.finetune_preprocess.strip():
+            return {}
+        try:
+            options = json.loads(self.finetune_preprocess)
+        except json.JSONDecodeError as exc:
+            raise ConfigError("finetune-preprocess", f"not valid JSON ({exc.msg} at char {exc.pos})") from exc
+        fixed = {"image_size", "mean", "std"}  # the run's image size and the encoder's normalisation
+        if not isinstance(options, dict) or fixed & set(options):
+            raise ConfigError("finetune-preprocess", "must be a JSON object of preprocessing settings other than "
+                                                     "image_size, mean and std")
+        return options
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,6 +18,14 @@ class ModalitySplit:
     train: list[ImageItem]
     val: list[ImageItem]
     num_classes: int
+    # Unlabelled images that self-supervised pretraining uses instead of `train` (empty: it uses `train`),
+    # e.g. high-resolution photographs while `train`/`val` are the labelled set the probes score on.
+    pretrain: list[ImageItem] = field(default_factory=list)
+
+    @property
+    def ssl_items(self) -> list[ImageItem]:
+        """The images SSL trains on: `pretrain` when given, else the training split."""
+        return self.pretrain or self.train
 
 
 def split_train_val(num_items: int, val_fraction: float, seed: int,

@@ -53,4 +53,4 @@ def dp_ssl_loader(
     transform = multicrop_transform(
         get_modality(split.modality), ssl_config(cfg), cfg.image_size, cfg.patch_size
     )
-    return ssl_poisson_loader(split.train, transform, dp.expected_batch_size, num_workers=cfg.num_workers)
+    return ssl_poisson_loader(split.ssl_items, transform, dp.expected_batch_size, num_workers=cfg.num_workers)

@@ -51,6 +51,7 @@ from strategies.protocol.task_models import (
     new_tuner,
     reported_scores,
     task_adapter,
+    task_preprocess,
     task_samples,
 )
 from strategies.validation import validate_reply
@@ -59,7 +60,6 @@ from visionfm_core.models.checkpoint import atomic_write_bytes, encoder_metadata
 from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, encoder_spec, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device
-from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.samples import TaskSample
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,11 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
         cfg = cfg.replace(finetune_task=task_set.task,
                           finetune_task_config=cfg.finetune_task_config or json.dumps(task_set.settings))
     if cfg.finetune_task != "classification":
-        task_adapter(cfg, cfg.modality_list[0])  # raises naming finetune-task-config
+        task_preprocess(cfg, task_adapter(cfg, cfg.modality_list[0]), cfg.modality_list[0])  # names the bad key
         return cfg.replace(phase="finetune")
-    return _resolve_class_counts(cfg)
+    resolved = _resolve_class_counts(cfg)
+    task_preprocess(resolved, task_adapter(resolved, resolved.modality_list[0]), resolved.modality_list[0])
+    return resolved
 
 
 def finetune_modalities(cfg: RunConfig) -> list[str]:
@@ -113,7 +115,7 @@ def _resolve_class_counts(cfg: RunConfig) -> RunConfig:
         from strategies.protocol.scenario import load_scenario
 
         datasets = load_scenario(cfg.scenario).datasets
-        counts.update({m: load_dataset(datasets[m]).num_classes for m in missing if m in datasets})
+        counts.update({m: load_dataset(datasets[m], m).num_classes for m in missing if m in datasets})
     for modality in cfg.modality_list:
         class_count(cfg.replace(finetune_classes=_format(counts)), modality)  # names a missing modality
     return cfg.replace(finetune_classes=_format(counts), phase="finetune")
@@ -162,39 +164,66 @@ def digest(arrays: Mapping[str, np.ndarray]) -> str:
     return hasher.hexdigest()
 
 
-def task_test_evaluator(cfg: RunConfig) -> CentralEvaluator:
-    """Score the global task model (encoder + shared head) of every modality on held-out public data:
+class TaskTestEvaluator:
+    """Scores the global task model (encoder + shared head) of every modality on held-out public data:
     the bundled task set's test part, or (classification) the simulation dataset's test split. Neither
-    is ever trained or selected on."""
-    from strategies.protocol.datasets import load_dataset
-    from strategies.protocol.scenario import load_scenario
-    from strategies.protocol.task_sets import load_task_set
+    is ever trained or selected on. Preprocessing is `visionfm finetune`'s (field of view; dense tasks
+    scored on whole photographs at their own resolution). `thresholds` holds, per modality, the decision
+    threshold chosen on validation data (the sites' or the arm's own) that the test is scored with."""
 
-    device = resolve_device(cfg.device)
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.thresholds: dict[str, float] = {}
 
-    def test_samples(modality: str) -> list[TaskSample]:
-        if cfg.finetune_data:
-            task_set = load_task_set(cfg.finetune_data)
+    def test_samples(self, modality: str) -> list[TaskSample]:
+        from strategies.protocol.datasets import load_dataset
+        from strategies.protocol.scenario import load_scenario
+        from strategies.protocol.task_sets import load_task_set
+
+        if self.cfg.finetune_data:
+            task_set = load_task_set(self.cfg.finetune_data)
             return task_set.test if modality == task_set.modality else []
-        datasets = load_scenario(cfg.scenario).datasets
-        return task_samples(load_dataset(datasets[modality]).test) if modality in datasets else []
+        datasets = load_scenario(self.cfg.scenario).datasets
+        return task_samples(load_dataset(datasets[modality], modality).test) if modality in datasets else []
 
-    def evaluate(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    def __call__(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        cfg = self.cfg
         results: dict[str, dict[str, float]] = {}
         for modality in finetune_modalities(cfg):
             shared = modality_arrays({k: torch.from_numpy(v) for k, v in arrays.items()}, modality)
             head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
-            test = test_samples(modality)
+            test = self.test_samples(modality)
             if not head or not test:
                 continue
-            tuner = new_tuner(cfg, modality, device)
+            tuner = new_tuner(cfg, modality, self.device)
+            if modality in self.thresholds and hasattr(tuner.task, "threshold"):
+                tuner.task.threshold = self.thresholds[modality]
             model = build_task_model(tuner, cfg, shared, head)
-            scores = tuner.evaluate(model, tuner.loader(test, Preprocess.for_modality(modality, cfg.image_size),
-                                                        train=False))
-            results[modality] = reported_scores(cfg.finetune_task, scores)
+            preprocess = task_preprocess(cfg, tuner.task, modality)
+            scores = tuner.evaluate(model, tuner.loader(test, preprocess, train=False))
+            # The test's own best threshold would be chosen on the test: only validation may choose it.
+            results[modality] = {k: v for k, v in reported_scores(cfg.finetune_task, scores).items()
+                                 if k not in ("best_threshold", "dice_at_best_threshold")}
+            if hasattr(tuner.task, "threshold"):
+                results[modality]["threshold"] = float(tuner.task.threshold)
         return results
 
-    return evaluate
+
+def task_test_evaluator(cfg: RunConfig) -> TaskTestEvaluator:
+    """The held-out test scorer of the run's fine-tuning task (see `TaskTestEvaluator`)."""
+    return TaskTestEvaluator(cfg)
+
+
+def validation_threshold(replies: Iterable[tuple[float, float]]) -> float | None:
+    """The decision threshold for the global model: the mean of the sites' validation-best thresholds,
+    weighted by their validation images. A site's value is a claim: anything outside (0, 1), non-finite,
+    or with a non-positive count is ignored. None when no site sent a usable one."""
+    usable = [(t, n) for t, n in replies if np.isfinite(t) and 0.0 < t < 1.0 and np.isfinite(n) and n > 0]
+    if not usable:
+        return None
+    weights = np.array([n for _, n in usable])
+    return float(np.dot([t for t, _ in usable], weights) / weights.sum())
 
 
 class FineTunePhase(Federation):
@@ -208,6 +237,8 @@ class FineTunePhase(Federation):
         super().__init__(grid, cfg, initial, central_evaluator, site_names, poll_interval)
         self.round_offset = round_offset
         self.start_digest = digest(initial)
+        # Per modality: the decision threshold the sites' validation chose (dense binary tasks).
+        self.thresholds: dict[str, float] = {}
         self.progress = RoundProgress(cfg.finetune_rounds, enabled=cfg.progress)
 
     def _row_round(self, finetune_round: int) -> int:
@@ -258,6 +289,7 @@ class FineTunePhase(Federation):
         """Every site scores the new global classifier (or its personalised one) on its validation split;
         with a shared head the server scores the global classifier on public test data."""
         row_round = self._row_round(server_round)
+        thresholds: dict[str, list[tuple[float, float]]] = {}
 
         def record(reply: Message) -> None:
             site = _site_label(reply, self.node_names, self.site_names, self.destinations)
@@ -268,9 +300,19 @@ class FineTunePhase(Federation):
             for modality, values in _modality_metrics(dict(reply.content.metric_records["metrics"])).items():
                 self.metrics.add(row_round, site, modality, "finetune-evaluate",
                                  {**values, "finetune-round": server_round})
+                if "best_threshold" in values:
+                    thresholds.setdefault(modality, []).append(
+                        (float(values["best_threshold"]), float(values.get("count", values.get("num-examples", 0)))))
 
         if self._federated_evaluation():
             self._exchange(MessageType.EVALUATE, server_round, record)
+        chosen = getattr(self.central_evaluator, "thresholds", None)
+        for modality, replies in thresholds.items():
+            threshold = validation_threshold(replies)
+            if threshold is not None:
+                self.thresholds[modality] = threshold
+                if isinstance(chosen, dict):
+                    chosen[modality] = threshold
         if self.central_evaluator is not None and self.cfg.finetune_head == "shared":
             for modality, values in self.central_evaluator(self.arrays).items():
                 self.metrics.add(row_round, "global-test", modality, "finetune-evaluate",
@@ -299,6 +341,8 @@ class FineTunePhase(Federation):
             save_encoder(folder / f"{modality}.safetensors", backbone, metadata)
             if head:
                 task = task_adapter(self.cfg, modality)
+                if modality in self.thresholds and hasattr(task, "threshold"):
+                    task.threshold = self.thresholds[modality]  # travels with the model, as finetune's does
                 save_encoder(folder / f"{modality}.classifier.safetensors", head,
                              {**metadata, "part": "classifier", "task": task.kind,
                               "task_config": json.dumps(task.to_config()), **self._classification_meta(modality),

@@ -8,13 +8,16 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from strategies.protocol.bundled_data import DATA_DIR
+from strategies.protocol.task_sets import held_out_sources
+from visionfm_core.data.files import read_any_image
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.sources import load_npz_split, scan_image_folder
 from visionfm_core.errors import ConfigError
 from visionfm_core.splits import split_train_val
 
-# The bundled data ships inside the simulations package folder (package data), beside this package.
-DATA_DIR = Path(__file__).resolve().parents[2] / "simulations" / "data"
 BUNDLED_SALT = b"visionfm-fed bundled public data"
 
 
@@ -53,7 +56,34 @@ def _oct2017() -> SimulationDataset:
                              scan.class_names)
 
 
-BUNDLED = {"retinamnist": _retinamnist, "oct2017": _oct2017}
+@functools.lru_cache(maxsize=96)
+def _decoded(path: str) -> np.ndarray:
+    """A bundled photograph decoded once per process (read-only): an SSL round draws every view of a
+    batch from a dozen photographs, again and again, and a 2-megapixel JPEG takes ~16 ms to decode."""
+    image = read_any_image(path)
+    image.flags.writeable = False
+    return image
+
+
+def _cached_load(item: ImageItem) -> np.ndarray:
+    return _decoded(item.source)
+
+
+def _fundus_photos() -> SimulationDataset:
+    """The bundled high-resolution fundus photographs (HRF 1752x1168, IDRiD 1072x712) as unlabelled
+    pretraining images, without any photograph that a bundled task set holds out for its test split:
+    the encoder the tasks fine-tune never saw the photographs they are scored on."""
+    held_out = held_out_sources("fundus")
+    photos = [*sorted((DATA_DIR / "hrf" / "images").glob("*.jpg")),
+              *sorted((DATA_DIR / "idrid_seg" / "images").glob("*.jpg"))]
+    # One photograph per person in both sets, so the file name is the patient key.
+    items = [ImageItem(str(path), modality="fundus", patient_key=path.stem, _loader=_cached_load)
+             for path in photos if str(path) not in held_out]
+    return SimulationDataset("fundus-photos", "fundus", items, [], [])
+
+
+
+BUNDLED = {"retinamnist": _retinamnist, "oct2017": _oct2017, "fundus-photos": _fundus_photos}
 TEST_FOLDER = "test"
 
 

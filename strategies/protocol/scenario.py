@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from strategies.protocol.datasets import load_dataset
 from strategies.protocol.partition import partition_indices
 from visionfm_core.data.items import ImageItem
@@ -48,13 +50,16 @@ class Scenario:
 
     name: str
     sites: tuple[SiteSpec, ...]
-    datasets: dict[str, str]  # modality -> bundled dataset name
+    datasets: dict[str, str]  # modality -> bundled dataset name (labelled: the probes and their test split)
     partition: str = "dirichlet"
     alpha: float = 0.5
     seed: int = 0
     run: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     resources: SiteResources = field(default_factory=SiteResources)
+    # modality -> bundled dataset that SSL pretrains on instead of the `datasets` pool (unlabelled images,
+    # shared out in equal seeded shares); the `datasets` entry stays the probes' labelled data.
+    pretrain_data: dict[str, str] = field(default_factory=dict)
 
     @property
     def modalities(self) -> list[str]:
@@ -128,6 +133,7 @@ def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
                    **({"privacy-delta": s.privacy_delta} if s.privacy_delta is not None else {})}
                   for s in scenario.sites],
         "datasets": dict(scenario.datasets),
+        **({"pretrain-data": dict(scenario.pretrain_data)} if scenario.pretrain_data else {}),
         "partition": {"kind": scenario.partition, "alpha": scenario.alpha, "seed": scenario.seed},
         "run": dict(scenario.run),
         "resources": {"num-cpus": scenario.resources.num_cpus, "num-gpus": scenario.resources.num_gpus},
@@ -138,13 +144,17 @@ def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> 
     """Validate a scenario mapping (the parsed TOML). A `[privacy]` table (epsilon, delta) gives every site
     that budget; a site's own `privacy-epsilon` / `privacy-delta` wins over it. A `[resources]` table sets
     what each simulated site reserves on the Ray cluster."""
-    known = {"name", "description", "sites", "datasets", "partition", "run", "privacy", "resources"}
+    known = {"name", "description", "sites", "datasets", "pretrain-data", "partition", "run", "privacy", "resources"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown scenario key")
     datasets = {canonical_modality(m): str(d) for m, d in dict(raw.get("datasets", {})).items()}
     if not datasets:
         raise ConfigError("datasets", "the scenario names no dataset per modality")
+    pretrain_data = {canonical_modality(m): str(d) for m, d in dict(raw.get("pretrain-data", {})).items()}
+    stray = [m for m in pretrain_data if m not in datasets]
+    if stray:
+        raise ConfigError(f"pretrain-data.{stray[0]}", "no labelled dataset for this modality in [datasets]")
     partition = dict(raw.get("partition", {}))
     sites_raw = raw.get("sites", [])
     if isinstance(sites_raw, int):
@@ -172,6 +182,7 @@ def scenario_from_dict(raw: Mapping[str, Any], default_name: str = "custom") -> 
         seed=int(partition.get("seed", 0)),
         run=dict(raw.get("run", {})),
         resources=_site_resources(raw.get("resources", {})),
+        pretrain_data=pretrain_data,
     )
 
 
@@ -201,6 +212,32 @@ def site_items(scenario: Scenario, modality: str) -> list[list[ImageItem]]:
     return [[dataset.pool[i] for i in part] for part in parts]
 
 
+def site_pretrain_items(scenario: Scenario, modality: str) -> list[list[ImageItem]] | None:
+    """The `pretrain-data` pool of `modality` in equal seeded shares between the sites that hold it
+    (None when the scenario pretrains on the labelled `datasets` pool). Patients are dealt out in turn
+    after a seeded shuffle within each source folder, so every site gets its part of every camera."""
+    name = scenario.pretrain_data.get(modality)
+    if name is None:
+        return None
+    pool = load_dataset(name, modality).pool
+    holders = [s for s in scenario.sites if modality in s.modalities]
+    patients: dict[str, list[ImageItem]] = {}
+    for item in pool:
+        patients.setdefault(item.patient_key or item.source, []).append(item)
+    order = sorted(patients, key=lambda key: (str(Path(patients[key][0].source).parent), key))
+    rng = np.random.default_rng(scenario.seed + _stable_offset(modality))
+    folders: dict[str, list[str]] = {}
+    for key in order:
+        folders.setdefault(str(Path(patients[key][0].source).parent), []).append(key)
+    shares: list[list[ImageItem]] = [[] for _ in holders]
+    turn = 0
+    for keys in folders.values():
+        for index in rng.permutation(len(keys)):
+            shares[turn % len(holders)].extend(patients[keys[int(index)]])
+            turn += 1
+    return shares
+
+
 def _stable_offset(text: str) -> int:
     return sum(ord(c) for c in text)
 
@@ -217,8 +254,10 @@ def site_data(scenario: Scenario, site_index: int, val_fraction: float) -> dict[
         train_idx, val_idx = split_train_val(len(items), val_fraction, seed=scenario.seed + site_index,
                                              groups=[i.patient_key for i in items])
         dataset = load_dataset(scenario.datasets[modality], modality)
+        pretrain = site_pretrain_items(scenario, modality)
         result[modality] = ModalitySplit(modality, [items[i] for i in train_idx], [items[i] for i in val_idx],
-                                         dataset.num_classes)
+                                         dataset.num_classes,
+                                         pretrain=pretrain[holders.index(site_index)] if pretrain else [])
     return result
 
 
@@ -231,6 +270,7 @@ def pooled_data(scenario: Scenario, val_fraction: float) -> dict[str, ModalitySp
                 pooled[modality] = ModalitySplit(modality, [], [], split.num_classes)
             pooled[modality].train.extend(split.train)
             pooled[modality].val.extend(split.val)
+            pooled[modality].pretrain.extend(split.pretrain)
     return pooled
 
 

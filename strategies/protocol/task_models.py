@@ -18,13 +18,16 @@ from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import seed_everything
 from visionfm_core.tasks.adapters import ClassificationTask, TaskAdapter, task_from_config
 from visionfm_core.tasks.adapters.classification import Mode
+from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.pipeline import task_preprocess_options
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
 
 CLASSIFIER_PREFIX = "classifier."
 # What a task's evaluation reports every round; per-class entries (`dice_vessel`, `mre_fovea`) are named
 # after the task settings' class or point names, never after the site's data.
-HEADLINE = {"classification": ("accuracy", "auc", "kappa", "f1"), "segmentation": ("dice", "iou", "dice_per_image"),
+HEADLINE = {"classification": ("accuracy", "auc", "kappa", "f1"),
+            "segmentation": ("dice", "iou", "dice_per_image", "best_threshold", "dice_at_best_threshold"),
             "landmarks": ("mre",), "detection": ("map50",), "regression": ("mae", "rmse")}
 PER_NAME = {"segmentation": "dice_", "landmarks": "mre_", "detection": "ap50_", "regression": "mae_"}
 
@@ -62,7 +65,25 @@ def task_adapter(cfg: RunConfig, modality: str) -> TaskAdapter:
 
 
 def new_tuner(cfg: RunConfig, modality: str, device: torch.device) -> FineTuner:
-    return FineTuner(task_adapter(cfg, modality), finetune_config(cfg), device)
+    """A fine-tuner for the run's task; its batch is at most what the task trains well with (a dense
+    task's batch of tiles), as `visionfm finetune` caps it."""
+    task = task_adapter(cfg, modality)
+    config = finetune_config(cfg)
+    if task.max_batch_size is not None:
+        config.batch_size = min(config.batch_size, task.max_batch_size)
+    return FineTuner(task, config, device)
+
+
+def task_preprocess(cfg: RunConfig, task: TaskAdapter, modality: str) -> Preprocess:
+    """The preprocessing of `visionfm finetune` for `task`: on fundus photographs the field of view, for
+    dense tasks tiles at the working scale in training and whole photographs scored at their own
+    resolution (sliding windows) in evaluation; `finetune-preprocess` overrides. Every fine-tuning path
+    of a federation (sites, server, pooled and local-only arms) uses it."""
+    options = {**task_preprocess_options(task, modality), **cfg.finetune_preprocess_options()}
+    try:
+        return Preprocess.for_modality(modality, cfg.image_size, **options)
+    except (TypeError, ConfigError) as exc:
+        raise ConfigError("finetune-preprocess", f"not a valid preprocessing setting: {exc}") from exc
 
 
 def shareable(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from strategies.protocol.datasets import DATA_DIR
+from strategies.protocol.bundled_data import DATA_DIR
 from visionfm_core.errors import ConfigError
 from visionfm_core.tasks.adapters import DetectionTask, LandmarkTask, SegmentationTask, TaskAdapter
 from visionfm_core.tasks.public_sets import hrf_optic_disc, hrf_samples, idrid_optic_disc
@@ -70,6 +70,13 @@ def load_task_set(name: str) -> TaskSet:
     except KeyError:
         raise ConfigError("finetune-data", f"unknown task set {name!r}; bundled: {', '.join(TASK_SETS)}") from None
     return factory()
+
+
+def held_out_sources(modality: str) -> frozenset[str]:
+    """Every image that some bundled task set of `modality` holds out as its test split: pretraining in
+    simulation leaves them out, so no fine-tuned model is scored on a photograph its encoder saw."""
+    return frozenset(sample.source for name in TASK_SETS for sample in load_task_set(name).test
+                     if load_task_set(name).modality == modality)
 
 
 def _label_rank(sample: TaskSample) -> int:

@@ -51,7 +51,13 @@ class Photometric:
             chosen = _draw(batch, self.grayscale_prob).to(x.device)
             x = torch.where(chosen[:, None, None, None], _grey(x).expand_as(x), x)
         if self.blur_prob > 0:
-            x = self._blur(x, _draw(batch, self.blur_prob))
+            chosen = _draw(batch, self.blur_prob)
+            if bool(chosen.all()):
+                x = self._blur(x, chosen)
+            elif bool(chosen.any()):  # blur only the chosen images: at 224 px the blur is the costliest step
+                picked = chosen.to(x.device)
+                blurred = self._blur(x[picked], torch.ones(int(chosen.sum()), dtype=torch.bool))
+                x = x.index_put((picked,), blurred)  # a new tensor: the caller's batch is never changed
         if self.solarize_prob > 0:
             chosen = _draw(batch, self.solarize_prob).to(x.device)[:, None, None, None]
             x = torch.where(chosen & (x >= _SOLARIZE_THRESHOLD), 1.0 - x, x)

@@ -121,6 +121,67 @@ class Geometry:
         return crop
 
 
+class ScaledGeometry:
+    """Per image: a crop of ``size`` pixels at a given working scale (source pixels per view pixel fixed
+    by the caller), zoomed by up to ``zoom`` either way, with the modality's aspect jitter and flips.
+    Parts of the crop outside the image are black (the normalised background outside the fundus)."""
+
+    def __init__(self, policy: AugmentationPolicy, size: int, zoom: float) -> None:
+        self.size = size
+        self.log_zoom = float(np.log(zoom))
+        self.log_ratio = (float(np.log(policy.aspect_ratio[0])), float(np.log(policy.aspect_ratio[1])))
+        self.horizontal_flip = policy.horizontal_flip
+        self.vertical_flip = policy.vertical_flip
+
+    def side(self, scale: float) -> float:
+        """The source side of an unzoomed view at working scale ``scale`` (working px per source px)."""
+        return self.size / scale
+
+    def __call__(self, image: torch.Tensor, scale: float, centre: tuple[float, float]) -> torch.Tensor:
+        draws = torch.rand(4).tolist()
+        zoom = float(np.exp((2 * draws[0] - 1) * self.log_zoom))
+        ratio = float(np.exp(self.log_ratio[0] + draws[1] * (self.log_ratio[1] - self.log_ratio[0])))
+        side = self.side(scale) / zoom
+        width, height = max(1, round(side * ratio**0.5)), max(1, round(side / ratio**0.5))
+        top, left = round(centre[0] - height / 2), round(centre[1] - width / 2)
+        crop = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
+                               interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if self.horizontal_flip and draws[2] < 0.5:
+            crop = crop.flip(-1)
+        if self.vertical_flip and draws[3] < 0.5:
+            crop = crop.flip(-2)
+        return crop
+
+
+_WORKING_MEMO: dict[tuple[int, int], tuple[np.ndarray, torch.Tensor, torch.Tensor]] = {}
+_WORKING_MEMO_SIZE = 64
+
+
+def working_fov(image: np.ndarray, fov_diameter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, h, w) uint8 field-of-view box of a fundus photograph resampled so that the field of view is
+    `fov_diameter` pixels wide, black outside the field of view, and its (h, w) bool mask. A read-only
+    image (a decoded photograph a loader caches) is remembered: its views are drawn round after round."""
+    key = (id(image), fov_diameter)
+    hit = _WORKING_MEMO.get(key)
+    if hit is not None and hit[0] is image:
+        return hit[1], hit[2]
+    fov = fast_fundus_fov(image)
+    top, bottom, left, right = mask_box(fov)
+    source = _to_chw_uint8(image)[:, top:bottom, left:right]
+    inside = torch.from_numpy(np.ascontiguousarray(fov[top:bottom, left:right]))
+    scale = fov_diameter / max(1, right - left)
+    size = [max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))]
+    if size != list(source.shape[-2:]):
+        source = TF.resize(source, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        inside = TF.resize(inside[None], size, interpolation=InterpolationMode.NEAREST)[0]
+    source = source * inside
+    if not image.flags.writeable:
+        if len(_WORKING_MEMO) >= _WORKING_MEMO_SIZE:
+            _WORKING_MEMO.pop(next(iter(_WORKING_MEMO)))
+        _WORKING_MEMO[key] = (image, source, inside)
+    return source, inside
+
+
 class MultiCrop:
     """(H, W, 3) uint8 -> [global crops..., local crops...] as normalised float tensors.
 
@@ -132,8 +193,12 @@ class MultiCrop:
 
     def __init__(self, global_geometry: list[Geometry], local_geometry: Geometry, local_crops: int,
                  global_photometric: list[Photometric], local_photometric: Photometric,
-                 fov_crop: bool = False) -> None:
+                 fov_crop: bool = False, scaled: tuple[list[ScaledGeometry], ScaledGeometry] | None = None,
+                 fov_diameter: int = 0) -> None:
         self.fov_crop = fov_crop
+        # Views at the dense tasks' working scale (fundus, `fov_diameter` > 0) instead of resized crops.
+        self.scaled = scaled if fov_crop and fov_diameter > 0 else None
+        self.fov_diameter = fov_diameter
         self.global_geometry = global_geometry
         self.local_geometry = local_geometry
         self.local_crops = local_crops
@@ -148,6 +213,8 @@ class MultiCrop:
     def crop(self, image: np.ndarray) -> list[torch.Tensor]:
         """The geometric views of one image, uint8 (3, h, w); with ``fov_crop`` (fundus) they are
         drawn from the field of view's box, black outside the field of view (no crop of the border)."""
+        if self.scaled is not None:
+            return self._scaled_views(*working_fov(image, self.fov_diameter))
         source = _to_chw_uint8(image)
         if self.fov_crop:
             fov = fast_fundus_fov(image)
@@ -156,6 +223,35 @@ class MultiCrop:
             source = source[:, top:bottom, left:right] * inside
         views = [view(source) for view in self.global_geometry]
         return views + [self.local_geometry(source) for _ in range(self.local_crops)]
+
+    def _scaled_views(self, source: torch.Tensor, inside: torch.Tensor) -> list[torch.Tensor]:
+        """Every view of the field of view's box at the working scale (`source`, black outside the field of
+        view, `inside` its mask), centred near one anchor inside the field of view (so the views show
+        overlapping parts of one region, as DINO's crops of a small image do)."""
+        assert self.scaled is not None
+        global_views, local_view = self.scaled
+        scale = 1.0
+        height, width = inside.shape
+        anchor = (height / 2, width / 2)
+        for _ in range(16):  # a random point of the field of view (the box's corners are black)
+            y, x = (float(v) for v in torch.rand(2))
+            if bool(inside[int(y * (height - 1)), int(x * (width - 1))]):
+                anchor = (y * (height - 1), x * (width - 1))
+                break
+        spread = global_views[0].side(scale) / 2
+
+        def near() -> tuple[float, float]:
+            # A centre near the anchor that is itself inside the field of view (a few tries, else the anchor).
+            for _ in range(8):
+                dy, dx = ((2 * float(v) - 1) * spread for v in torch.rand(2))
+                y = min(max(anchor[0] + dy, 0.0), height - 1.0)
+                x = min(max(anchor[1] + dx, 0.0), width - 1.0)
+                if bool(inside[int(y), int(x)]):
+                    return y, x
+            return anchor
+
+        views = [view(source, scale, near()) for view in global_views]
+        return views + [local_view(source, scale, near()) for _ in range(self.local_crops)]
 
     def finish(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-view batches [B, 3, h, w] uint8 -> normalised float32, each view with its own photometrics."""
@@ -172,7 +268,8 @@ def multicrop_transform(modality: Modality, cfg: SSLConfig, image_size: int,
     """(H, W, 3) uint8 -> [global crops..., local crops...] normalised float tensors (a `MultiCrop`).
 
     Crop sizes come from `cfg` (global defaults to `image_size`, local to about 3/7 of it rounded to a
-    multiple of `patch_size`).
+    multiple of `patch_size`). With `cfg.fov_diameter` > 0, fundus views are cut at that working scale
+    (the pixels the dense tasks' tiles see) rather than resized from the whole field of view.
     """
     policy = augmentation_policy(modality)
     global_size, local_size = resolve_crop_sizes(cfg, image_size, patch_size)
@@ -195,6 +292,9 @@ def multicrop_transform(modality: Modality, cfg: SSLConfig, image_size: int,
          for i in range(cfg.global_crops)],
         photometric(local_size, blur_local, 0.0),
         fov_crop=modality.name == "fundus",
+        scaled=([ScaledGeometry(policy, global_size, cfg.view_zoom) for _ in range(cfg.global_crops)],
+                ScaledGeometry(policy, local_size, cfg.view_zoom)),
+        fov_diameter=cfg.fov_diameter,
     )
 
 

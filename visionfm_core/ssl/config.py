@@ -34,6 +34,13 @@ class SSLConfig:
     local_crop_size: int | None = None
     global_crop_scale: tuple[float, float] = (0.32, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.32)
+    # Fundus photographs: 0 = views are random resized crops of the whole field of view (the crop scales
+    # above); > 0 = views are cut at the working scale where the field of view is this many pixels wide
+    # (what the dense tasks' tiles see), near one another; "dense" in a run config = the segmentation
+    # task's working scale.
+    fov_diameter: int = 0
+    # With fov_diameter > 0: each view is zoomed by a random factor up to this either way.
+    view_zoom: float = 1.25
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
@@ -75,6 +82,10 @@ class SSLConfig:
             raise ConfigError("ssl.local_crops", f"must be >= 0, got {self.local_crops}")
         if self.global_crops + self.local_crops < 2:
             raise ConfigError("ssl.local_crops", "DINO needs at least two crops per image (global + local)")
+        if self.fov_diameter < 0:
+            raise ConfigError("ssl.fov_diameter", f"must be >= 0 (0 = whole field of view), got {self.fov_diameter}")
+        if not self.view_zoom >= 1.0:
+            raise ConfigError("ssl.view_zoom", f"must be >= 1, got {self.view_zoom}")
         for name in ("global_crop_size", "local_crop_size"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:

@@ -95,6 +95,13 @@ def _pixels(height: int, width: int) -> str:
     return str(width) if height == width else f"{height}x{width}"
 
 
+def task_preprocess_options(task: TaskAdapter, modality: str) -> dict[str, Any]:
+    """What every fine-tuning path (one site, a federated site, the pooled and local-only arms) sets up
+    for `task` on `modality`: the task's own defaults (tiles at the working scale and augmentation for
+    dense tasks) and, on fundus photographs, the field of view."""
+    return {**task.preprocess_defaults(), "fov_crop": modality == "fundus"}
+
+
 def preprocess_for(encoder_meta: dict[str, Any], image_size: int, **options: Any) -> Preprocess:
     """Normalisation from the encoder's metadata (what its weights were trained with)."""
     mean, std = encoder_meta.get("mean"), encoder_meta.get("std")
@@ -127,7 +134,7 @@ def finetune(
     modality that keeps it (OCT B-scans) and a square otherwise; tiles are always square. With ``dist``
     this process is one data-parallel worker of several (``config.batch_size`` per worker); only the
     main worker saves."""
-    options = {**task.preprocess_defaults(), "fov_crop": modality == "fundus", **(preprocess_options or {})}
+    options = {**task_preprocess_options(task, modality), **(preprocess_options or {})}
     # A fresh encoder's initial weights come from the run's seed too, not from whatever the global
     # generator holds (a second run in the same process would start elsewhere).
     seed_everything(config.seed)

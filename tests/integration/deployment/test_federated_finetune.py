@@ -62,7 +62,9 @@ def test_two_hospitals_fine_tune_vessel_segmentation_from_their_own_manifests(
     settings = json.dumps({"num_classes": 2, "class_names": ["background", "vessel"], "features": 4})
     job = write_deploy_job(tmp_path, "vessels", rounds=1, min_sites=2, round_timeout=120, eval_every=10,
                            extra_run_config=f"finetune-rounds = 2\nfinetune-task = \"segmentation\"\n"
-                                            f"finetune-task-config = '{settings}'\nfinetune-batch-size = 4\n")
+                                            f"finetune-task-config = '{settings}'\nfinetune-batch-size = 4\n"
+                                            # 32 px tiles: a small working scale keeps them few
+                                            "finetune-preprocess = '{\"fov_diameter\": 64}'\n")
     text = job.read_text().replace('name = "vessels"', 'name = "vessels"\nphases = ["pretrain", "fine-tune"]')
     job.write_text(text)
     result = coordinator.cli("run", str(job), timeout=420)

@@ -19,7 +19,7 @@ from visionfm_core.data.transforms import (
     eval_transform,
     multicrop_transform,
 )
-from visionfm_core.errors import DataError
+from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.modalities import MODALITIES, get_modality
 from visionfm_core.ssl.config import SSLConfig
 
@@ -160,3 +160,64 @@ def test_fundus_views_come_from_the_field_of_view_not_the_black_border() -> None
             assert float(view.float().mean()) > 60  # every view lies inside the bright field
     oct_views = multicrop_transform(get_modality("oct"), cfg, image_size=32, patch_size=8)
     assert not oct_views.fov_crop  # only fundus photographs have a circular field of view
+
+
+def _striped_fundus(size: int = 600, diameter: int = 560, period: int = 16) -> np.ndarray:
+    """A round bright field of view of `diameter` px with vertical stripes of `period` px, black around."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    inside = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= (diameter / 2) ** 2
+    stripes = np.where((xx // (period // 2)) % 2 == 0, 220, 90)
+    image = np.where(inside, stripes, 0).astype(np.uint8)
+    return np.repeat(image[:, :, None], 3, axis=2)
+
+
+def _stripe_edges(view: torch.Tensor) -> float:
+    """Mean number of bright/dark changes along a row of a (3, h, w) uint8 view, inside the field."""
+    row_bright = view[0].float() > 155
+    changes = (row_bright[:, 1:] != row_bright[:, :-1]).sum(dim=1).float()
+    return float(changes[view[0].float().mean(dim=1) > 40].mean())
+
+
+def test_fundus_views_at_a_working_scale_show_the_dense_tasks_pixels_not_the_shrunken_photograph() -> None:
+    # The field of view is 560 px wide with a stripe every 16 px. At fov_diameter 1120 (2x) a 64 px view
+    # spans 32 source px (2 stripe periods, ~4 edges a row); at 280 (0.5x) it spans 128 (~16 edges). A view
+    # resized from the whole field of view would cram 35 periods into 64 px.
+    image = _striped_fundus()
+    edges = {}
+    for diameter in (1120, 280):
+        cfg = SSLConfig(global_crops=2, local_crops=2, fov_diameter=diameter, view_zoom=1.0)
+        fundus = multicrop_transform(get_modality("fundus"), cfg, image_size=64, patch_size=8)
+        torch.manual_seed(0)
+        views = [fundus.crop(image) for _ in range(6)]
+        assert all(v.shape[-2:] == (64, 64) for vs in views for v in vs[:2])
+        assert all(v.shape[-2:] == (24, 24) for vs in views for v in vs[2:])  # local: 3/7, a patch multiple
+        edges[diameter] = float(np.mean([_stripe_edges(v) for vs in views for v in vs[:2]]))
+    assert 3.0 <= edges[1120] <= 5.5
+    assert 13.0 <= edges[280] <= 19.0
+
+
+def test_working_scale_views_lie_in_the_field_of_view_and_overlap() -> None:
+    # A small bright field in the corner of a black frame: every view is centred near one anchor inside
+    # it, so no view is black border only, and the views of one image share content.
+    image = np.zeros((300, 300, 3), np.uint8)
+    yy, xx = np.mgrid[0:300, 0:300]
+    image[(yy - 80) ** 2 + (xx - 90) ** 2 <= 60**2] = (200, 120, 60)
+    cfg = SSLConfig(global_crops=2, local_crops=4, fov_diameter=240)
+    fundus = multicrop_transform(get_modality("fundus"), cfg, image_size=64, patch_size=8)
+    for _ in range(10):
+        for view in fundus.crop(image):
+            assert float((view[0] > 0).float().mean()) > 0.2
+
+
+def test_a_cached_read_only_photograph_is_resampled_once_and_gives_the_same_views() -> None:
+    image = _striped_fundus(200, 180, 8)
+    image.flags.writeable = False
+    cfg = SSLConfig(global_crops=2, local_crops=2, fov_diameter=120)
+    fundus = multicrop_transform(get_modality("fundus"), cfg, image_size=32, patch_size=8)
+    torch.manual_seed(1)
+    first = fundus.crop(image)
+    torch.manual_seed(1)
+    fresh = fundus.crop(np.array(image))  # a writable copy: resampled again, not remembered
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh, strict=True))
+    with pytest.raises(ConfigError):
+        SSLConfig(fov_diameter=-1)
