@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _bench import add_smoke_flag, print_cpu  # noqa: E402
+from _shrink import shrink  # noqa: E402
 
 import simulations  # noqa: E402
 from strategies.protocol.partition import partition_indices  # noqa: E402
@@ -63,7 +63,7 @@ from visionfm_core.tasks.adapters import ClassificationTask, LandmarkTask, Segme
 from visionfm_core.tasks.data import Preprocess  # noqa: E402
 from visionfm_core.tasks.manifests import read_classification_csv  # noqa: E402
 from visionfm_core.tasks.public_sets import hrf_optic_disc, hrf_samples, idrid_optic_disc  # noqa: E402
-from visionfm_core.tasks.samples import MaskEncoding, TaskSample, decode_mask  # noqa: E402
+from visionfm_core.tasks.samples import TaskSample  # noqa: E402
 from visionfm_core.tasks.splits import split_samples  # noqa: E402
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, FitResult  # noqa: E402
 
@@ -87,32 +87,6 @@ def fit_and_test(
     tuner = FineTuner(task, config, "cpu")
     result = tuner.fit(encoder, train, val, preprocess)
     return result, tuner.evaluate(result.model, tuner.loader(test, preprocess, train=False))
-
-
-def _vote(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A 0/1 mask shrunk to ``size`` by majority, as the 0/255 pixels a mask file holds."""
-    shares = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).resize(size, Image.Resampling.BOX))
-    return ((shares >= 128) * 255).astype(np.uint8)
-
-
-def shrink(sample: TaskSample, factor: int) -> TaskSample:
-    """The sample with its photograph reduced ``factor`` times in memory (binary masks by vote, points scaled)."""
-    with Image.open(sample.source) as image:
-        size = (image.width // factor, image.height // factor)
-        array = np.asarray(image.convert("RGB").reduce(factor))[: size[1], : size[0]]
-    changes: dict[str, Any] = {
-        "item": ImageItem(
-            sample.source, sample.label, patient_key=sample.item.patient_key, _array=np.ascontiguousarray(array)
-        )
-    }
-    # Masks stay raw pixel values (0/255), decoded by the task like a mask file would be.
-    if sample.mask is not None:
-        changes["mask"] = _vote(decode_mask(sample.mask, MaskEncoding(), 2), size)
-    if sample.fov is not None:
-        changes["fov"] = _vote(decode_mask(sample.fov, MaskEncoding(), 2), size)
-    if sample.points is not None:
-        changes["points"] = tuple((x / factor, y / factor) for x, y in sample.points)
-    return replace(sample, **changes)
 
 
 def ssl_pretrain(

@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +56,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from _bench import add_smoke_flag, cpu_model, print_cpu  # noqa: E402
+from _shrink import shrink  # noqa: E402
 
 from strategies.protocol.datasets import DATA_DIR  # noqa: E402
 from strategies.protocol.scenario import load_scenario, site_items  # noqa: E402
 from strategies.protocol.task_sets import load_task_set  # noqa: E402
-from visionfm_core.data.items import ImageItem  # noqa: E402
 from visionfm_core.tasks import pipeline  # noqa: E402
 from visionfm_core.tasks.adapters import LandmarkTask, SegmentationTask, TaskAdapter  # noqa: E402
 from visionfm_core.tasks.persistence import load_task_model  # noqa: E402
 from visionfm_core.tasks.public_sets import hrf_optic_disc, hrf_samples  # noqa: E402
-from visionfm_core.tasks.samples import MaskEncoding, TaskSample, decode_mask  # noqa: E402
+from visionfm_core.tasks.samples import TaskSample  # noqa: E402
 from visionfm_core.tasks.trainer import FineTuneConfig  # noqa: E402
 
 WIDTH = 438  # every photograph's width after shrinking (HRF's bundled 1752 px / 4)
@@ -80,28 +79,6 @@ PLOT_NAME = "label_efficiency.png"
 
 
 # --- data ----------------------------------------------------------------------------------------------
-
-
-def _vote(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A 0/1 mask shrunk to ``size`` by majority, as the 0/255 pixels a mask file holds."""
-    shares = np.asarray(Image.fromarray((binary * 255).astype(np.uint8)).resize(size, Image.Resampling.BOX))
-    return ((shares >= 128) * 255).astype(np.uint8)
-
-
-def shrink(sample: TaskSample, factor: int) -> TaskSample:
-    """The sample with its photograph reduced ``factor`` times in memory (masks by vote, points scaled)."""
-    with Image.open(sample.source) as image:
-        size = (image.width // factor, image.height // factor)
-        array = np.asarray(image.convert("RGB").reduce(factor))[: size[1], : size[0]]
-    changes: dict[str, Any] = {"item": ImageItem(sample.source, sample.label, patient_key=sample.item.patient_key,
-                                                 _array=np.ascontiguousarray(array))}
-    if sample.mask is not None:
-        changes["mask"] = _vote(decode_mask(sample.mask, MaskEncoding(), 2), size)
-    if sample.fov is not None:
-        changes["fov"] = _vote(decode_mask(sample.fov, MaskEncoding(), 2), size)
-    if sample.points is not None:
-        changes["points"] = tuple((x / factor, y / factor) for x, y in sample.points)
-    return replace(sample, **changes)
 
 
 def held_out_names() -> set[str]:

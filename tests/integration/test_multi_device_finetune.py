@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.integration.worker_kill import KILLED_WORKER_ERROR, kill_second_worker
 from visionfm_core.tasks.persistence import load_task_model
 
 pytestmark = pytest.mark.integration
@@ -61,33 +60,10 @@ def test_two_workers_write_one_task_model_and_report_world_size(tmp_path: Path) 
     assert done.stderr.count("epoch 2/2") == 1, done.stderr
 
 
-def _workers(parent: int) -> list[int]:
-    children = Path(f"/proc/{parent}/task/{parent}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
-
-
 def test_a_killed_worker_stops_the_run_with_one_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "model.safetensors"
-    proc = subprocess.Popen(_command(_class_folders(tmp_path / "data"), out, 100_000), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_environment(tmp_path))
-    try:
-        workers: list[int] = []
-        while proc.poll() is None and len(workers) < 2:
-            time.sleep(0.5)
-            # The spawn start method adds a resource tracker child too: the workers run spawn_main.
-            workers = [p for p in _workers(proc.pid)
-                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        time.sleep(5.0)  # into training, the usual moment for a worker to die (out of memory, a GPU fault)
-        workers.sort()  # spawned in rank order
-        os.kill(workers[1], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 2, output[-2000:]
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == ["error: worker 1 of 2 was killed by SIGKILL; the other workers were stopped"], output[-2000:]
-    assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
+    run = kill_second_worker(_command(_class_folders(tmp_path / "data"), out, 100_000), _environment(tmp_path))
+    assert run.returncode == 2, run.output[-2000:]
+    assert run.errors == [KILLED_WORKER_ERROR], run.output[-2000:]
+    assert run.survivor_gone
     assert not out.exists()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.worker_kill import KILLED_WORKER_ERROR, kill_second_worker
 from visionfm_core.models.checkpoint import load_encoder
 
 pytestmark = pytest.mark.integration
@@ -45,32 +44,9 @@ def test_two_workers_write_one_encoder_and_report_world_size(tmp_path: Path) -> 
     assert done.stderr.count("step 2/2") == 1 and done.stderr.count("pretrained on") == 1, done.stderr
 
 
-def _workers(parent: int) -> list[int]:
-    children = Path(f"/proc/{parent}/task/{parent}/children")
-    return [int(p) for p in children.read_text().split()] if children.exists() else []
-
-
 def test_a_killed_worker_stops_the_site_with_one_clear_error(tmp_path: Path) -> None:
-    proc = subprocess.Popen(_command(tmp_path / "encoder.safetensors", 100_000), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_environment(tmp_path))
-    try:
-        workers: list[int] = []
-        while proc.poll() is None and len(workers) < 2:
-            time.sleep(0.5)
-            # The spawn start method adds a resource tracker child too: the workers run spawn_main.
-            workers = [p for p in _workers(proc.pid)
-                       if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="ignore")]
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-        time.sleep(5.0)  # into training, the usual moment for a worker to die (out of memory, a GPU fault)
-        workers.sort()  # spawned in rank order
-        os.kill(workers[1], signal.SIGKILL)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 2, output[-2000:]
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == ["error: worker 1 of 2 was killed by SIGKILL; the other workers were stopped"], output[-2000:]
-    assert not Path(f"/proc/{workers[0]}").exists() or "zombie" in Path(f"/proc/{workers[0]}/status").read_text()
+    run = kill_second_worker(_command(tmp_path / "encoder.safetensors", 100_000), _environment(tmp_path))
+    assert run.returncode == 2, run.output[-2000:]
+    assert run.errors == [KILLED_WORKER_ERROR], run.output[-2000:]
+    assert run.survivor_gone
     assert not (tmp_path / "encoder.safetensors").exists()

@@ -24,6 +24,7 @@ from server.federation.report import MetricsLog
 from simulations.compare import finetune_rows, write_comparison
 from strategies.protocol.task_models import build_task_model, new_tuner, task_preprocess
 from tests.csv_files import write_csv
+from tests.synthetic_fundus import synthetic_fundus
 from visionfm_core.data.preprocess import fast_fundus_fov
 from visionfm_core.data.readers import read_image
 from visionfm_core.errors import ConfigError
@@ -42,18 +43,7 @@ SIZES = [(60, 80), (72, 64), (50, 90), (64, 64), (56, 72), (70, 70)]
 
 def _photograph(folder: Path, number: int, size: tuple[int, int]) -> dict[str, str]:
     """A bright disc (the field of view) on black with dark horizontal 'vessels', and their mask."""
-    rng = np.random.default_rng(number)
-    height, width = size
-    ys, xs = np.mgrid[:height, :width]
-    inside = (ys - height / 2) ** 2 + (xs - width / 2) ** 2 < (0.45 * min(height, width)) ** 2
-    image = np.zeros((height, width, 3), np.uint8)
-    image[inside] = (170, 90, 40)
-    vessels = np.zeros((height, width), bool)
-    for _ in range(4):
-        row = int(rng.integers(5, height - 5))
-        vessels[row : row + 2] = True
-    vessels &= inside
-    image[vessels] = (90, 40, 20)
+    image, vessels = synthetic_fundus(size, number)
     Image.fromarray(image).save(folder / f"eye{number}.png")
     Image.fromarray((vessels * 255).astype(np.uint8)).save(folder / f"eye{number}_mask.png")
     return {"image": f"eye{number}.png", "mask": f"eye{number}_mask.png"}

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.synthetic_fundus import synthetic_fundus
 from tests.unit.tasks.helpers import DATA, tiny_encoder
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.preprocess import fast_fundus_fov
@@ -56,18 +57,7 @@ def test_sliding_window_on_one_tile_is_the_model_itself() -> None:
 
 def _fundus(path: Path, size: tuple[int, int], seed: int) -> tuple[str, str]:
     """A synthetic photograph: a bright disc (the field of view) on black, with dark 'vessel' lines."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    ys, xs = np.mgrid[:height, :width]
-    inside = (ys - height / 2) ** 2 + (xs - width / 2) ** 2 < (0.45 * min(height, width)) ** 2
-    image = np.zeros((height, width, 3), np.uint8)
-    image[inside] = (170, 90, 40)
-    vessels = np.zeros((height, width), bool)
-    for _ in range(4):
-        row = int(rng.integers(5, height - 5))
-        vessels[row : row + 2] = True
-    vessels &= inside
-    image[vessels] = (90, 40, 20)
+    image, vessels = synthetic_fundus(size, seed)
     Image.fromarray(image).save(path.with_suffix(".png"))
     Image.fromarray((vessels * 255).astype(np.uint8)).save(path.with_name(path.stem + "_mask.png"))
     return str(path.with_suffix(".png")), str(path.with_name(path.stem + "_mask.png"))
