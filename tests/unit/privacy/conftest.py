@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import simulations
+from tests.unit.tasks.helpers import single_torch_thread  # noqa: F401  (autouse fixture)
 from visionfm_core.data.items import ImageItem
 from visionfm_core.data.sources import load_npz_split
 
 RETINAMNIST = Path(simulations.__file__).parent / "data" / "retinamnist" / "retinamnist.npz"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
+from tests.unit.tasks.helpers import single_torch_thread  # noqa: F401  (autouse fixture)
 from visionfm_core.compile import CompiledCall, check_compile_mode, compile_wanted, maybe_compile
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import get_modality
@@ -37,14 +37,6 @@ def views(seed: int) -> list[torch.Tensor]:
     """Two 16 px global views and two 8 px local ones: two resolutions, hence two graphs per encoder."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(2, 3, s, s, generator=generator) for s in (16, 16, 8, 8)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_modes_parse_and_auto_compiles_on_cuda_only() -> None:
