@@ -215,11 +215,13 @@ def task_test_evaluator(cfg: RunConfig) -> TaskTestEvaluator:
     return TaskTestEvaluator(cfg)
 
 
-def validation_threshold(replies: Iterable[tuple[float, float]]) -> float | None:
+def validation_threshold(replies: Iterable[tuple[float, float]], max_count: float) -> float | None:
     """The decision threshold for the global model: the mean of the sites' validation-best thresholds,
     weighted by their validation images. A site's value is a claim: anything outside (0, 1), non-finite,
-    or with a non-positive count is ignored. None when no site sent a usable one."""
-    usable = [(t, n) for t, n in replies if np.isfinite(t) and 0.0 < t < 1.0 and np.isfinite(n) and n > 0]
+    or with a count that is not in (0, `max_count`] (the coordinator's `max-site-examples`, so no site
+    buys all the weight) is ignored. None when no site sent a usable one."""
+    usable = [(t, n) for t, n in replies
+              if np.isfinite(t) and 0.0 < t < 1.0 and np.isfinite(n) and 0 < n <= max_count]
     if not usable:
         return None
     weights = np.array([n for _, n in usable])
@@ -308,7 +310,7 @@ class FineTunePhase(Federation):
             self._exchange(MessageType.EVALUATE, server_round, record)
         chosen = getattr(self.central_evaluator, "thresholds", None)
         for modality, replies in thresholds.items():
-            threshold = validation_threshold(replies)
+            threshold = validation_threshold(replies, self.cfg.max_site_examples)
             if threshold is not None:
                 self.thresholds[modality] = threshold
                 if isinstance(chosen, dict):

@@ -99,10 +99,12 @@ def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photogr
 
 def test_the_server_scores_the_held_out_test_with_the_sites_validation_threshold() -> None:
     # Weighted by validation images; a site's hostile or broken claim is ignored, not trusted.
-    assert validation_threshold([(0.3, 1), (0.6, 2)]) == pytest.approx(0.5)
+    assert validation_threshold([(0.3, 1), (0.6, 2)], 100) == pytest.approx(0.5)
     hostile = [(0.4, 3), (7.0, 5), (float("nan"), 2), (0.9, -1), (0.2, float("inf"))]
-    assert validation_threshold(hostile) == pytest.approx(0.4)
-    assert validation_threshold([]) is None
+    assert validation_threshold(hostile, 100) == pytest.approx(0.4)
+    # A count above the coordinator's cap would buy the whole weight: that claim is ignored too.
+    assert validation_threshold([(0.4, 3), (0.9, 1e12)], 100) == pytest.approx(0.4)
+    assert validation_threshold([], 100) is None
     cfg = _config(finetune_data="hrf-vessels", finetune_task_config="", scenario="quick",
                   finetune_preprocess='{"fov_diameter": 48}')
     evaluate = task_test_evaluator(cfg)
