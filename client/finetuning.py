@@ -112,7 +112,7 @@ def finetune_round(
             metrics[f"{modality}/devices"] = float(dist.world_size)
         tuner.task.check(train + val)
         head = personal_heads.get(modality) if cfg.finetune_head == "personal" else _head_of(shared)
-        model = build_task_model(tuner, cfg, shared, head)
+        model = build_task_model(tuner, cfg, shared, head, modality)
         preprocess = task_preprocess(cfg, tuner.task, modality)
         seed = cfg.seed + 1000 * server_round + site_seed
         seed_everything(seed)
@@ -192,7 +192,7 @@ def finetune_evaluate(
             continue
         tuner = new_tuner(cfg, modality, device)
         tuner.task.check(val)
-        model = build_task_model(tuner, cfg, shared, head)
+        model = build_task_model(tuner, cfg, shared, head, modality)
         scores = tuner.evaluate(model, tuner.loader(val, task_preprocess(cfg, tuner.task, modality),
                                                     train=False))
         metrics[f"{modality}/num-examples"] = float(len(val))

@@ -6,6 +6,7 @@ would not work). File names of unreadable images are shown on the local console 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from certs.verify import verify_bundle
 from client.uplink import probe_coordinator
 from visionfm_core.data.problems import ProblemKind
 from visionfm_core.errors import VisionFMError
-from visionfm_core.modalities import canonical_modality
+from visionfm_core.modalities import canonical_modality, get_modality
 
 MIN_FREE_DISK_GB = 5.0
 MIN_AVAILABLE_MEMORY_GB = 4.0
@@ -83,7 +84,23 @@ def check_data(data_path: Path, modalities: list[str], decode: bool = True) -> l
         elif report.unreadable or report.label_problems:
             verdict = "warn"
         checks.append(Check(f"data:{modality}", verdict, message, problems))
+        if report.median_aspect is not None:
+            checks.append(aspect_check(modality, report.median_aspect))
     return checks
+
+
+def aspect_check(modality: str, median: float) -> Check:
+    """How this site's images compare with the input shape federated fine-tuning uses by default
+    (`finetune-input-aspect = auto`): the coordinator cannot measure it, so the hospital is told here,
+    on its own console, and may pass the number on to the coordinator."""
+    default = get_modality(modality).federated_aspect
+    message = (f"images {median:.2f}:1 (width:height, median); federated fine-tuning's default input is "
+               f"{default:g}:1")
+    if abs(math.log(median / default)) <= math.log(1.25):
+        return Check(f"aspect:{modality}", "ok", message)
+    return Check(f"aspect:{modality}", "warn", message + f" (fits, with less detail): a coordinator whose sites "
+                                                          f"scan alike can set finetune-input-aspect = "
+                                                          f"\"{modality}={median:.2f}\"")
 
 
 def check_task_manifest(spec: str, kind: str, modalities: list[str], data_path: Path | None = None) -> list[Check]:

@@ -331,7 +331,8 @@ def export(
         -1, "--round", help="Export a checkpointed round instead of the final encoders."
     ),
 ) -> None:
-    """Copy a run's final encoders (timm-loadable safetensors with metadata) to --out."""
+    """Copy a run's final encoders (timm-loadable safetensors with metadata) and fine-tuned task models
+    (`<modality>.task.safetensors`, for `visionfm evaluate` / `predict`) to --out."""
     from server.ops.runs import RunRegistry, export_encoders
 
     try:

@@ -28,6 +28,7 @@ from strategies.protocol.scenario import Scenario
 from strategies.protocol.task_models import (
     CLASSIFIER_PREFIX,
     build_task_model,
+    finetune_encoder_arrays,
     new_tuner,
     reported_scores,
     shareable,
@@ -77,8 +78,10 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
     cfg = resolve_finetune_task(cfg)
     device = resolve_device(cfg.device)
     evaluator: TaskTestEvaluator | None = task_test_evaluator(cfg) if cfg.server_eval == "scenario" else None
-    encoders = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in pretrained.items()
-                if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
+    # On the fine-tuning input's patch grid, as the federated arm's global model is.
+    grid = finetune_encoder_arrays({k: np.asarray(v, dtype=np.float32) for k, v in pretrained.items()
+                                    if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}, cfg)
+    encoders = {k: torch.from_numpy(v) for k, v in grid.items()}
     runs: dict[str, _Run] = {}
     for modality, split in tasks.items():
         shared = modality_arrays(encoders, modality)
@@ -86,7 +89,7 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
             continue
         tuner = new_tuner(cfg, modality, device)
         tuner.task.check(split.train + split.val)
-        model = build_task_model(tuner, cfg, shared, None)  # the same seeded head a federation starts from
+        model = build_task_model(tuner, cfg, shared, None, modality)  # the same seeded head a federation starts from
         tuner.config.seed = cfg.seed + seed_offset
         seed_everything(tuner.config.seed)
         preprocess = task_preprocess(cfg, tuner.task, modality)

@@ -26,6 +26,10 @@ class Modality:
     # Inputs take the images' own aspect ratio (OCT B-scans are wide rectangles; a fundus photograph's
     # field of view is round, so it stays square).
     native_aspect: bool = False
+    # The input's width / height when a federation says `auto`: no site may send statistics of its
+    # images, so the aspect cannot be measured there as `visionfm finetune` does; it is fixed per
+    # modality (see visionfm_core/tasks/aspect.py) and a coordinator sets W:H for other scanners.
+    federated_aspect: float = 1.0
 
 
 def _grey(value: float) -> tuple[float, float, float]:
@@ -38,7 +42,7 @@ MODALITIES: dict[str, Modality] = {
         Modality("fundus", "Fundus photography", (0.4237, 0.2609, 0.1284), (0.2948, 0.2017, 0.1367),
                  aliases=("cfp", "colour_fundus", "color_fundus", "fundus_photo", "op")),
         Modality("oct", "Optical coherence tomography", _grey(0.2109), _grey(0.1760), grayscale=True,
-                 aliases=("opt", "oct_bscan", "b_scan_oct"), native_aspect=True),
+                 aliases=("opt", "oct_bscan", "b_scan_oct"), native_aspect=True, federated_aspect=2.0),
         Modality("ffa", "Fundus fluorescein angiography", (0.2020, 0.2021, 0.2020), (0.1741, 0.1740, 0.1740),
                  grayscale=True, aliases=("fa", "fluorescein_angiography")),
         Modality("slit_lamp", "Slit-lamp photography", (0.5557, 0.4029, 0.3886), (0.2652, 0.2331, 0.2390),

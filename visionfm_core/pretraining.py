@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import timm
 import torch
 
 from visionfm_core.data.items import ImageItem
@@ -13,7 +14,7 @@ from visionfm_core.data.transforms import eval_transform
 from visionfm_core.distributed import DistContext
 from visionfm_core.evaluation.ssl_eval import probe_scores
 from visionfm_core.modalities import get_modality
-from visionfm_core.models.encoders import EncoderSpec, create_encoder
+from visionfm_core.models.encoders import EncoderSpec, create_encoder, validate_spec
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import seed_everything
 from visionfm_core.ssl.config import SSLConfig
@@ -72,9 +73,22 @@ def modality_arrays(arrays: Mapping[str, torch.Tensor], modality: str) -> dict[s
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
-def encoder_from_arrays(arrays: Mapping[str, torch.Tensor], cfg: RunConfig) -> torch.nn.Module:
-    """A timm encoder holding the `backbone.*` part of one modality's arrays (strict load)."""
-    encoder = create_encoder(encoder_spec(cfg))
+def new_encoder(cfg: RunConfig, input_shape: tuple[int, int] | None = None) -> torch.nn.Module:
+    """A freshly initialised encoder of the run's architecture, for a square input or `input_shape`."""
+    spec = encoder_spec(cfg)
+    if input_shape is None or tuple(input_shape) == (cfg.image_size, cfg.image_size):
+        return create_encoder(spec)
+    model: torch.nn.Module = timm.create_model(spec.timm_name, **{**validate_spec(spec).timm_kwargs(),
+                                                                  "img_size": list(input_shape)})
+    return model
+
+
+def encoder_from_arrays(arrays: Mapping[str, torch.Tensor], cfg: RunConfig,
+                        input_shape: tuple[int, int] | None = None) -> torch.nn.Module:
+    """A timm encoder holding the `backbone.*` part of one modality's arrays (strict load). With
+    `input_shape` (height, width) it is built for that input, and the arrays' position embedding must
+    already be on its patch grid (the fine-tuning phase resamples it once, at the server)."""
+    encoder = new_encoder(cfg, input_shape)
     encoder.load_state_dict({k[len(BACKBONE_PREFIX):]: torch.as_tensor(v) for k, v in arrays.items()
                              if k.startswith(BACKBONE_PREFIX)}, strict=True)
     return encoder

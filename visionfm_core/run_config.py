@@ -119,6 +119,11 @@ class RunConfig:
     # Preprocessing overrides as JSON on top of the task's own defaults (`visionfm finetune`'s: tiles at
     # the working scale for dense tasks, the fundus field of view), e.g. {"fov_diameter": 512}.
     finetune_preprocess: str = ""
+    # The fine-tuning input's width:height, the same at every site (they share the weights): "auto" (OCT
+    # 2:1, other modalities square; nothing is measured on a site's images), "square", "W:H" or a number,
+    # or per modality, e.g. "oct=550:224,fundus=square" (unlisted modalities: auto). Tiled dense tasks
+    # train on square tiles whatever it says.
+    finetune_input_aspect: str = "auto"
     # Simulation only: a bundled labelled task set shared out to the sites (strategies/protocol/task_sets.py,
     # e.g. "hrf-vessels"); it sets the task and its settings. Deployed sites name a `task-manifest`.
     finetune_data: str = ""
@@ -219,6 +224,7 @@ class RunConfig:
         self.finetune_class_counts()  # parses, or names the bad entry
         self.finetune_task_settings()  # parses, or names the key
         self.finetune_preprocess_options()
+        self.finetune_input_aspects()
         if self.init_encoders and self.finetune_rounds == 0:
             raise ConfigError("init-encoders", "only the fine-tuning phase uses it: set finetune-rounds > 0")
         if self.finetune_rounds > 0 and self.compression != "none":
@@ -258,11 +264,40 @@ class RunConfig:
             options = json.loads(self.finetune_preprocess)
         except json.JSONDecodeError as exc:
             raise ConfigError("finetune-preprocess", f"not valid JSON ({exc.msg} at char {exc.pos})") from exc
-        fixed = {"image_size", "mean", "std"}  # the run's image size and the encoder's normalisation
+        # The run's image size, its input aspect (finetune-input-aspect) and the encoder's normalisation.
+        fixed = {"image_size", "image_height", "mean", "std"}
         if not isinstance(options, dict) or fixed & set(options):
             raise ConfigError("finetune-preprocess", "must be a JSON object of preprocessing settings other than "
-                                                     "image_size, mean and std")
+                                                     "image_size, image_height (set finetune-input-aspect), mean "
+                                                     "and std")
         return options
+
+    def finetune_input_aspects(self) -> dict[str, str]:
+        """`finetune-input-aspect` per canonical modality ({"*": setting} when one setting serves all);
+        every setting is checked (auto, square, W:H or a positive number)."""
+        from visionfm_core.tasks.aspect import parse_aspect
+
+        text = self.finetune_input_aspect.strip()
+        entries = [part.strip() for part in text.split(",")] if "=" in text else [f"*={text or 'auto'}"]
+        settings: dict[str, str] = {}
+        for entry in entries:
+            name, sep, value = entry.partition("=")
+            try:
+                if not sep or not name.strip() or not value.strip():
+                    raise ConfigError("finetune-input-aspect", "")
+                modality = "*" if name.strip() == "*" else canonical_modality(name.strip())
+                parse_aspect(value)
+            except ConfigError as exc:
+                raise ConfigError("finetune-input-aspect", f"expected auto, square, W:H or a positive number, "
+                                                           f"or '<modality>=<one of those>' entries, got "
+                                                           f"{entry if sep else text!r}") from exc
+            settings[modality] = value.strip()
+        return settings
+
+    def finetune_aspect_setting(self, modality: str) -> str:
+        """The `finetune-input-aspect` setting that applies to `modality` ("auto" when it is not listed)."""
+        settings = self.finetune_input_aspects()
+        return settings.get(canonical_modality(modality), settings.get("*", "auto"))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> RunConfig:

@@ -47,6 +47,9 @@ from strategies.protocol.task_models import (
     HEADLINE,
     build_task_model,
     class_count,
+    finetune_config,
+    finetune_encoder_arrays,
+    finetune_input_shape,
     initial_head,
     new_tuner,
     reported_scores,
@@ -60,6 +63,7 @@ from visionfm_core.models.checkpoint import atomic_write_bytes, encoder_metadata
 from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, encoder_spec, modality_arrays
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import resolve_device
+from visionfm_core.tasks.persistence import save_task_model
 from visionfm_core.tasks.samples import TaskSample
 
 logger = logging.getLogger(__name__)
@@ -89,11 +93,9 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
                                                f"modalities are {', '.join(cfg.modality_list)}")
         cfg = cfg.replace(finetune_task=task_set.task,
                           finetune_task_config=cfg.finetune_task_config or json.dumps(task_set.settings))
-    if cfg.finetune_task != "classification":
-        task_preprocess(cfg, task_adapter(cfg, cfg.modality_list[0]), cfg.modality_list[0])  # names the bad key
-        return cfg.replace(phase="finetune")
-    resolved = _resolve_class_counts(cfg)
-    task_preprocess(resolved, task_adapter(resolved, resolved.modality_list[0]), resolved.modality_list[0])
+    resolved = cfg.replace(phase="finetune") if cfg.finetune_task != "classification" else _resolve_class_counts(cfg)
+    for modality in finetune_modalities(resolved):  # names the bad key (preprocessing, input aspect)
+        task_preprocess(resolved, task_adapter(resolved, modality), modality)
     return resolved
 
 
@@ -146,8 +148,10 @@ def load_init_encoders(cfg: RunConfig) -> dict[str, np.ndarray]:
 
 def finetune_arrays(pretrained: Mapping[str, np.ndarray], cfg: RunConfig) -> dict[str, np.ndarray]:
     """The fine-tune phase's global model: each modality's encoder, plus a seeded head when shared."""
-    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in pretrained.items()
-              if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}
+    # Each position embedding is resampled once, here, to the fine-tuning input's patch grid
+    # (`finetune-input-aspect`): every site then trains and returns arrays of the same shapes.
+    arrays = finetune_encoder_arrays({k: np.asarray(v, dtype=np.float32) for k, v in pretrained.items()
+                                      if k.split("/", 1)[1].startswith(BACKBONE_PREFIX)}, cfg)
     if cfg.finetune_head == "shared":
         for modality in finetune_modalities(cfg):
             head = initial_head(cfg, modality)
@@ -199,7 +203,7 @@ class TaskTestEvaluator:
             tuner = new_tuner(cfg, modality, self.device)
             if modality in self.thresholds and hasattr(tuner.task, "threshold"):
                 tuner.task.threshold = self.thresholds[modality]
-            model = build_task_model(tuner, cfg, shared, head)
+            model = build_task_model(tuner, cfg, shared, head, modality)
             preprocess = task_preprocess(cfg, tuner.task, modality)
             scores = tuner.evaluate(model, tuner.loader(test, preprocess, train=False))
             # The test's own best threshold would be chosen on the test: only validation may choose it.
@@ -332,14 +336,19 @@ class FineTunePhase(Federation):
         atomic_write_bytes(folder / MARKER, lambda tmp: Path(tmp).write_bytes(payload))
         return folder
 
-    def _save_models(self, folder: Path, **meta: Any) -> None:
-        """Per modality: the encoder (timm keys) and, when shared, the head, as safetensors files."""
+    def _save_models(self, folder: Path, task_model: bool = False, **meta: Any) -> None:
+        """Per modality: the encoder (timm keys) and, when shared, the head, as safetensors files (their
+        metadata gives the fine-tuning input shape); with `task_model`, also the whole task model
+        `<modality>.task.safetensors` that `visionfm evaluate` / `predict` load."""
         spec = encoder_spec(self.cfg)
         for modality in self.cfg.modality_list:
             shared = modality_arrays({k: torch.from_numpy(v) for k, v in self.arrays.items()}, modality)
             backbone = {k[len(BACKBONE_PREFIX):]: v for k, v in shared.items() if k.startswith(BACKBONE_PREFIX)}
             head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
-            metadata = encoder_metadata(spec, modality, phase="finetune", **meta)
+            shape = finetune_input_shape(self.cfg, task_adapter(self.cfg, modality), modality)
+            metadata = encoder_metadata(spec, modality, phase="finetune", input_shape=list(shape), **meta)
+            if shape != (self.cfg.image_size, self.cfg.image_size):  # the grid its position embedding is on
+                metadata.update(timm_kwargs={**metadata["timm_kwargs"], "img_size": list(shape)}, image_size=shape[1])
             save_encoder(folder / f"{modality}.safetensors", backbone, metadata)
             if head:
                 task = task_adapter(self.cfg, modality)
@@ -349,6 +358,23 @@ class FineTunePhase(Federation):
                              {**metadata, "part": "classifier", "task": task.kind,
                               "task_config": json.dumps(task.to_config()), **self._classification_meta(modality),
                               "finetune_encoder": self.cfg.finetune_encoder})
+                if task_model:
+                    self._save_task_model(folder / f"{modality}.task.safetensors", modality, shared, metadata)
+
+    def _save_task_model(self, path: Path, modality: str, shared: Mapping[str, torch.Tensor],
+                         metadata: dict[str, Any]) -> None:
+        """The global task model as `visionfm finetune` writes one (encoder, head, the task with its
+        validation-chosen threshold, preprocessing with the federation's input shape), so that
+        `visionfm evaluate` and `visionfm predict` run it as they run a single site's."""
+        tuner = new_tuner(self.cfg, modality, torch.device("cpu"))
+        if modality in self.thresholds and hasattr(tuner.task, "threshold"):
+            tuner.task.threshold = self.thresholds[modality]
+        head = {k[len(CLASSIFIER_PREFIX):]: v for k, v in shared.items() if k.startswith(CLASSIFIER_PREFIX)}
+        model = build_task_model(tuner, self.cfg, shared, head, modality)
+        save_task_model(path, model, tuner.task, task_preprocess(self.cfg, tuner.task, modality), metadata,
+                        extra={"finetune": finetune_config(self.cfg).to_dict(), "federated": {
+                            "rounds": self.cfg.finetune_rounds, "finetune_encoder": self.cfg.finetune_encoder,
+                            "input_aspect": self.cfg.finetune_aspect_setting(modality)}})
 
     def _classification_meta(self, modality: str) -> dict[str, Any]:
         if self.cfg.finetune_task != "classification":
@@ -405,7 +431,7 @@ class FineTunePhase(Federation):
                     self.evaluate(finetune_round)
                 self.metrics.save()  # before the marker, as in pretraining
                 self._save_round(finetune_round)
-        self._save_models(self.out_dir / "finetuned", round=self.cfg.finetune_rounds)
+        self._save_models(self.out_dir / "finetuned", task_model=True, round=self.cfg.finetune_rounds)
         plots = plot_metrics(self.metrics.rows, self.out_dir / "plots")
         plots += plot_metrics([r for r in self.metrics.rows if r["phase"] in PHASES], self.out_dir / "plots", PLOTTED)
         write_report(self.out_dir, "visionfm-fed federated pretraining and fine-tuning", self.cfg.to_flat(),

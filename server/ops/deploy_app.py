@@ -43,6 +43,13 @@ def declared_config() -> dict[str, Any]:
     return flat
 
 
+def check_run_config(overrides: dict[str, Any]) -> RunConfig:
+    """The job's run config as the ServerApp and every site will parse it (the deployment app's
+    defaults updated with `overrides`): a bad value fails here, before Flower sees the run, with a
+    ConfigError naming its key (the ServerApp and each site check again on their side)."""
+    return RunConfig.from_flat({**declared_config(), **overrides})
+
+
 def package_version() -> str:
     try:
         return metadata.version("visionfm-fed")

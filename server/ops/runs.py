@@ -20,7 +20,7 @@ from typing import Any
 from certs.store import CertStore
 from server.ops.control import ControlPlane, RunInfo
 from server.ops.coordinator import CoordinatorState, running_state
-from server.ops.deploy_app import write_deployment_app
+from server.ops.deploy_app import check_run_config, write_deployment_app
 from server.ops.jobs import Job, check_against_app, toml_overrides
 from server.ops.superlink import LOOPBACK
 from strategies.protocol.processes import flower_env, flower_script
@@ -97,7 +97,10 @@ def completed_rounds(out_dir: Path) -> list[int]:
 
 
 def submit(state_dir: Path, job: Job, resume: bool = False) -> RunRecord:
-    """Start `job` on the running coordinator (or resume it); returns the submission record."""
+    """Start `job` on the running coordinator (or resume it); returns the submission record. A job for the
+    deployment app has its values checked first (a ConfigError names the key)."""
+    if job.app is None:
+        check_run_config(dict(job.overrides))
     state = running_state(state_dir)
     out_dir = job_dir(state_dir, job.name).resolve()
     done = completed_rounds(out_dir)
@@ -252,4 +255,19 @@ def export_encoders(out_dir: Path, dest: Path, server_round: int | None = None) 
         copied.append(target)
     if not copied:
         raise ConfigError("run", f"no encoder files in {source}")
+    if server_round is None:
+        # The fine-tuned global task models, which `visionfm evaluate` and `visionfm predict` load.
+        for path in sorted((out_dir / "finetuned").glob("*.task.safetensors")):
+            _refuse_non_finite_tensors(path)
+            target = dest / path.name
+            shutil.copy2(path, target)
+            copied.append(target)
     return copied
+
+
+def _refuse_non_finite_tensors(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    for key, tensor in load_file(str(path)).items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ConfigError("run", f"{path.name} is not finite ({key} holds NaN or Inf): refusing to export it")

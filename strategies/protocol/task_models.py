@@ -5,19 +5,22 @@ must agree on these (a site and the server building different heads could not av
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
-from visionfm_core.pretraining import encoder_from_arrays
+from visionfm_core.models.importers import resample_position_embedding
+from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, new_encoder
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import seed_everything
 from visionfm_core.tasks.adapters import ClassificationTask, TaskAdapter, task_from_config
 from visionfm_core.tasks.adapters.classification import Mode
+from visionfm_core.tasks.aspect import federated_aspect, input_shape
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.pipeline import task_preprocess_options
 from visionfm_core.tasks.samples import TaskSample
@@ -79,11 +82,47 @@ def task_preprocess(cfg: RunConfig, task: TaskAdapter, modality: str) -> Preproc
     dense tasks tiles at the working scale in training and whole photographs scored at their own
     resolution (sliding windows) in evaluation; `finetune-preprocess` overrides. Every fine-tuning path
     of a federation (sites, server, pooled and local-only arms) uses it."""
-    options = {**task_preprocess_options(task, modality), **cfg.finetune_preprocess_options()}
+    options = _preprocess_options(cfg, task, modality)
+    height, width = finetune_input_shape(cfg, task, modality)
     try:
-        return Preprocess.for_modality(modality, cfg.image_size, **options)
+        return Preprocess.for_modality(modality, width, image_height=0 if height == width else height, **options)
     except (TypeError, ConfigError) as exc:
         raise ConfigError("finetune-preprocess", f"not a valid preprocessing setting: {exc}") from exc
+
+
+def _preprocess_options(cfg: RunConfig, task: TaskAdapter, modality: str) -> dict[str, Any]:
+    return {**task_preprocess_options(task, modality), **cfg.finetune_preprocess_options()}
+
+
+def finetune_input_shape(cfg: RunConfig, task: TaskAdapter, modality: str) -> tuple[int, int]:
+    """(height, width) of the fine-tuning input of `modality`, the same at every site and the server:
+    `finetune-input-aspect` (auto: the modality's fixed federated aspect, never measured on a site's
+    images) with as many patches as the `image-size` square; square tiles for tiled dense tasks."""
+    if _preprocess_options(cfg, task, modality).get("tiles"):
+        return cfg.image_size, cfg.image_size
+    try:
+        ratio = federated_aspect(cfg.finetune_aspect_setting(modality), modality)
+        return input_shape(ratio, cfg.image_size, cfg.patch_size)
+    except ConfigError as exc:
+        raise ConfigError("finetune-input-aspect", str(exc)) from exc
+
+
+def finetune_encoder_arrays(arrays: Mapping[str, np.ndarray], cfg: RunConfig) -> dict[str, np.ndarray]:
+    """The encoders of `arrays` (`<modality>/backbone.*`) with each position embedding resampled once
+    (bicubic) from the pretraining grid to the fine-tuning input's patch grid, where they differ; the
+    fine-tuning phase exchanges these arrays, so no site resamples (and all train the same weights)."""
+    out = dict(arrays)
+    for modality in cfg.modality_list:
+        key = f"{modality}/{BACKBONE_PREFIX}pos_embed"
+        if key not in out:
+            continue
+        shape = finetune_input_shape(cfg, task_adapter(cfg, modality), modality)
+        square = (cfg.image_size, cfg.image_size)
+        if shape != square:
+            resampled = resample_position_embedding({"pos_embed": torch.as_tensor(np.asarray(out[key]))}, shape,
+                                                    cfg.patch_size, square)
+            out[key] = resampled["pos_embed"].numpy().astype(np.float32)
+    return out
 
 
 def shareable(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -100,10 +139,18 @@ def load_head(model: TaskModel, weights: Mapping[str, Tensor]) -> None:
 
 
 def build_task_model(tuner: FineTuner, cfg: RunConfig, shared: Mapping[str, Tensor],
-                     head: Mapping[str, Tensor] | None) -> TaskModel:
-    """Encoder from the `backbone.*` arrays plus the given head (a fresh, seeded one when None)."""
+                     head: Mapping[str, Tensor] | None, modality: str) -> TaskModel:
+    """Encoder from the `backbone.*` arrays (on the fine-tuning input's patch grid, see
+    `finetune_encoder_arrays`) plus the given head (a fresh, seeded one when None)."""
     seed_everything(cfg.seed)
-    model = tuner.build_model(encoder_from_arrays(shared, cfg))
+    shape = finetune_input_shape(cfg, tuner.task, modality)
+    pos = shared.get(f"{BACKBONE_PREFIX}pos_embed")
+    patches = (shape[0] // cfg.patch_size) * (shape[1] // cfg.patch_size)
+    if pos is not None and pos.shape[1] - 1 != patches:  # the sender resampled for another input shape
+        raise ConfigError("finetune-input-aspect", f"the global {modality} encoder holds {pos.shape[1] - 1} patch "
+                                                   f"positions; this run's {shape[0]}x{shape[1]} px input needs "
+                                                   f"{patches}: every party must fine-tune at the same input shape")
+    model = tuner.build_model(encoder_from_arrays(shared, cfg, shape))
     if head:
         load_head(model, head)
     return model
@@ -113,10 +160,8 @@ def initial_head(cfg: RunConfig, modality: str) -> dict[str, Tensor]:
     """The round-1 shared head: the same seeded head every site would build."""
     tuner = new_tuner(cfg, modality, torch.device("cpu"))
     seed_everything(cfg.seed)
-    from visionfm_core.models.encoders import create_encoder
-    from visionfm_core.pretraining import encoder_spec
-
-    return shareable(get_weights(tuner.build_model(create_encoder(encoder_spec(cfg))), "head"))
+    encoder = new_encoder(cfg, finetune_input_shape(cfg, tuner.task, modality))
+    return shareable(get_weights(tuner.build_model(encoder), "head"))
 
 
 def reported_scores(task: str, scores: Mapping[str, float]) -> dict[str, float]:

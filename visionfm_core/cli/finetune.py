@@ -81,6 +81,11 @@ def finetune_command(
         str, typer.Option(help="balanced (inverse class frequency, for a rare class) | none")
     ] = "balanced",
     label_smoothing: float = 0.1,
+    pool: Annotated[
+        str | None,
+        typer.Option(help="classification head (full regime) reads token ([CLS]) | avg (mean patch token) | "
+                          "token+avg; default: the task's"),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     devices: Annotated[int, typer.Option(help="worker processes, one per device (GPUs: NCCL; CPU: gloo); each "
                                               "trains on its own shard, --batch-size is per device")] = 1,
@@ -97,7 +102,7 @@ def finetune_command(
 
     validate_devices(devices, device)
     options = TaskOptions(
-        task, mode, split_names(names), num_classes, mask_mode, mask_colours, class_weights, label_smoothing
+        task, mode, split_names(names), num_classes, mask_mode, mask_colours, class_weights, label_smoothing, pool
     )
     train_data = read_task_data(options, train, "train", modality)
     val_samples = None

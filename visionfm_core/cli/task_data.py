@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionfm_core.errors import ConfigError
+from visionfm_core.models.heads import POOLS
 from visionfm_core.tasks.adapters import (
     ClassificationTask,
     DetectionTask,
@@ -40,12 +41,15 @@ class TaskOptions:
     mask_colours: str | None = None
     class_weighting: str = "none"
     label_smoothing: float = 0.1
+    pool: str | None = None  # classification head pooling (None: the task's default)
 
     def __post_init__(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ConfigError("task", f"unknown task {self.kind!r}; use one of {', '.join(TASK_KINDS)}")
         if self.kind == "classification" and self.mode not in MODES:
             raise ConfigError("mode", f"unknown classification mode {self.mode!r}; use {', '.join(MODES)}")
+        if self.pool is not None and self.pool not in POOLS:
+            raise ConfigError("pool", f"unknown pooling {self.pool!r}; use {', '.join(POOLS)}")
 
 
 def read_task_data(
@@ -73,13 +77,16 @@ def build_task(options: TaskOptions, manifest: Manifest) -> TaskAdapter:
     kind = options.kind
     if kind == "classification":
         count = options.num_classes or len(names)
-        return ClassificationTask(
+        task = ClassificationTask(
             count,
             options.mode,  # type: ignore[arg-type]  # checked in TaskOptions
             names if len(names) == count else (),
             label_smoothing=options.label_smoothing,
             class_weighting=options.class_weighting,  # type: ignore[arg-type]  # checked by the task
         )
+        if options.pool:
+            task.pool = options.pool
+        return task
     if kind == "segmentation":
         if options.mask_colours:
             encoding = MaskEncoding.parse_colours(options.mask_colours)

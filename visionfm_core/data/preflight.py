@@ -18,7 +18,7 @@ from visionfm_core.data.problems import ProblemKind, problem_kind
 from visionfm_core.data.site import SiteOptions, scan_site, select_frames
 from visionfm_core.data.sources import ScanResult, SkippedFile
 from visionfm_core.errors import DataError
-from visionfm_core.modalities import canonical_modality
+from visionfm_core.modalities import canonical_modality, get_modality
 
 UNKNOWN_MODALITY = "unknown"
 _LABEL_KINDS = frozenset({ProblemKind.NO_LABEL_ROW, ProblemKind.FILE_NOT_FOUND})
@@ -41,6 +41,10 @@ class SiteDataReport:
     patients: int = 0
     decoded: int = 0
     seconds: float = 0.0
+    # Median width / height of the images (modalities that keep their aspect, e.g. OCT B-scans): shown
+    # on the local console so the hospital can tell the coordinator which `finetune-input-aspect` fits;
+    # never in `to_public_dict`.
+    median_aspect: float | None = None
 
     @property
     def usable_images(self) -> int:
@@ -88,6 +92,8 @@ class SiteDataReport:
             )
         if self.patients:
             lines.append(f"patients: {self.patients}")
+        if self.median_aspect is not None:
+            lines.append(f"median width:height: {self.median_aspect:.2f}")
         for title, skipped in (
             ("unreadable", self.unreadable),
             ("wrong modality", self.wrong_modality),
@@ -167,5 +173,9 @@ def check_site_data(
     )
     report.laterality_counts = dict(Counter(i.laterality for i in scan.items if i.laterality))
     report.patients = len({i.patient_key for i in scan.items if i.patient_key})
+    if canonical is not None and get_modality(canonical).native_aspect and scan.items:
+        from visionfm_core.tasks.aspect import median_aspect
+
+        report.median_aspect = median_aspect(scan.items)
     report.seconds = time.perf_counter() - started
     return report

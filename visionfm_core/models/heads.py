@@ -105,22 +105,42 @@ class ProbeHead(TaskHead):
         return out
 
 
+POOLS = ("token", "avg", "token+avg")
+
+
 class LinearHead(TaskHead):
-    """[CLS] of the last block, dropout, one linear layer: the usual full fine-tuning classifier."""
+    """The last block's features, dropout, one linear layer: the usual full fine-tuning classifier.
+
+    ``pool``: "token" ([CLS], DINO/VisionFM's linear head), "avg" (the mean patch token, RETFound's
+    and MAE's fine-tuning choice) or "token+avg" (both, concatenated): the mean patch token hands the
+    classifier the image's global statistics directly, which a ViT trained on a small set from scratch
+    otherwise learns late or not at all."""
 
     kind = "linear"
 
-    def __init__(self, embed_dim: int, depth: int, num_outputs: int, dropout: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, depth: int, num_outputs: int, dropout: float = 0.0,
+                 pool: str = "token") -> None:
         super().__init__()
+        if pool not in POOLS:
+            raise ConfigError("pool", f"unknown pooling {pool!r}; use {', '.join(POOLS)}")
         self.config = {"embed_dim": embed_dim, "depth": depth, "num_outputs": num_outputs, "dropout": dropout}
+        if pool != "token":  # older checkpoints have no "pool": [CLS]
+            self.config["pool"] = pool
+        self.pool = pool
         self.blocks = (depth - 1,)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(embed_dim, num_outputs)
+        self.fc = nn.Linear(embed_dim * (2 if pool == "token+avg" else 1), num_outputs)
         nn.init.trunc_normal_(self.fc.weight, std=2e-5)  # small init so the pretrained features lead at first
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, features: EncoderFeatures) -> Tensor:
-        out: Tensor = self.fc(self.dropout(features.cls[self.blocks[0]]))
+        block = self.blocks[0]
+        parts = []
+        if self.pool != "avg":
+            parts.append(features.cls[block])
+        if self.pool != "token":
+            parts.append(features.maps[block].mean(dim=(2, 3)))
+        out: Tensor = self.fc(self.dropout(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]))
         return out
 
 

@@ -5,6 +5,14 @@ letterboxed into a square, the retina fills a thin band of the input. For a moda
 ``native_aspect`` the input takes the training set's median aspect ratio instead, with as many
 patches as the square ``image_size`` input would have (the same cost per image), each side a
 multiple of the patch size and the long side at most ``MAX_SIDE_FACTOR`` times ``image_size``.
+
+A federation cannot measure that median: every site must train at the same input shape (they share
+one set of weights, position embedding included), and no site may send statistics of its images. Its
+``auto`` is therefore the modality's fixed ``federated_aspect`` (OCT 2:1, between the 768x496 and
+1024x496 Spectralis exports and the 550x224 B-scans of public DME sets; 1:1 for round fundus
+photographs), and a coordinator whose hospitals scan otherwise sets ``finetune-input-aspect`` to their
+W:H. The image is always letterboxed with its own aspect kept, so a wrong guess costs resolution, never
+distortion.
 """
 
 from __future__ import annotations
@@ -103,3 +111,10 @@ def choose_aspect(setting: str | float, modality: str, items: Sequence[ImageItem
     if value is not None:
         return value
     return median_aspect(items) if get_modality(modality).native_aspect else 1.0
+
+
+def federated_aspect(setting: str | float, modality: str) -> float:
+    """The input's width / height in a federation: given, or (``auto``) the modality's fixed
+    ``federated_aspect``; nothing is read from any site's images."""
+    value = parse_aspect(setting)
+    return get_modality(modality).federated_aspect if value is None else value

@@ -137,3 +137,16 @@ def test_invalid_jobs_name_the_key(tmp_path: Path, edit: object, key: str) -> No
 def test_app_without_pyproject_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pyproject"):
         check_against_app(tmp_path / "nowhere", {})
+
+
+def test_the_coordinator_checks_a_jobs_values_before_submitting_it(tmp_path: Path) -> None:
+    from server.ops.deploy_app import check_run_config
+    from server.ops.runs import submit
+
+    job = load_job(_job(tmp_path, JOB.replace('app = "{app}"\n', "").replace(
+        "local-steps = 3", "local-steps = 3\nfinetune-input-aspect = \"oct=550:224\"")))
+    assert check_run_config(job.overrides).finetune_aspect_setting("oct") == "550:224"
+    job.overrides["finetune-input-aspect"] = "oct=550:0"
+    with pytest.raises(ConfigError) as err:
+        submit(tmp_path / "no-coordinator", job)  # refused before it looks for a running coordinator
+    assert err.value.key == "finetune-input-aspect"

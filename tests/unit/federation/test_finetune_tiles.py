@@ -81,7 +81,7 @@ def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photogr
     scores = finetune_evaluate(tasks, arrays, cfg, {})
     shared = modality_arrays(arrays, "fundus")
     head = {k.split(".", 1)[1]: v for k, v in shared.items() if k.startswith("classifier.")}
-    model = build_task_model(tuner, cfg, shared, head)
+    model = build_task_model(tuner, cfg, shared, head, "fundus")
     predictions = tuner.predict(model, tuner.loader(val, preprocess, train=False, with_targets=False))
     counts = np.zeros(3)
     for prediction in predictions:

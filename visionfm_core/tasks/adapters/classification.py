@@ -33,7 +33,7 @@ from visionfm_core.evaluation.metrics import (
     quadratic_kappa,
 )
 from visionfm_core.evaluation.task_metrics import mean_defined
-from visionfm_core.models.heads import HeadOutput, LinearHead, ProbeHead, TaskHead
+from visionfm_core.models.heads import POOLS, HeadOutput, LinearHead, ProbeHead, TaskHead
 from visionfm_core.tasks.adapters.base import Meter, Regime, TaskAdapter
 from visionfm_core.tasks.data import Batch
 from visionfm_core.tasks.geometry import Window
@@ -55,6 +55,8 @@ class ClassificationTask(TaskAdapter):
     bootstrap_resamples: int = 0
     weights: list[float] = field(default_factory=list)
     threshold: float = 0.5
+    # The full fine-tuning head's pooling (see LinearHead); the frozen probe keeps VisionFM's [CLS] MLP.
+    pool: str = "token"
 
     kind = "classification"
     selection_metric = "auc"
@@ -65,6 +67,8 @@ class ClassificationTask(TaskAdapter):
             raise ConfigError("mode", f"unknown classification mode {self.mode!r}; use {', '.join(MODES)}")
         if self.class_weighting not in ("none", "balanced"):
             raise ConfigError("class_weighting", f"use 'none' or 'balanced', got {self.class_weighting!r}")
+        if self.pool not in POOLS:
+            raise ConfigError("pool", f"unknown pooling {self.pool!r}; use {', '.join(POOLS)}")
         if self.num_classes < 2:
             raise ConfigError("num_classes", f"classification needs at least 2 classes, got {self.num_classes}")
         if self.mode == "binary" and self.num_classes != 2:
@@ -88,12 +92,13 @@ class ClassificationTask(TaskAdapter):
             "class_weighting": self.class_weighting,
             "weights": list(self.weights),
             "threshold": self.threshold,
+            "pool": self.pool,
         }
 
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
         if regime == "frozen":
             return ProbeHead(embed_dim, depth, self.num_classes)
-        return LinearHead(embed_dim, depth, self.num_classes)
+        return LinearHead(embed_dim, depth, self.num_classes, pool=self.pool)
 
     def check(self, samples: Sequence[TaskSample]) -> None:
         for sample in samples:
