@@ -51,7 +51,10 @@ class Preprocess:
     "local" (fundus, with ``fov_crop``) standardises every channel against its neighbourhood inside
     the field of view (:func:`~visionfm_core.data.preprocess_contrast.local_contrast`), so that
     camera colour, exposure, gamma and illumination fall-off largely cancel before the network sees
-    the image; other modalities (no ``fov_crop``) are left as they are.
+    the image; other modalities (no ``fov_crop``) are left as they are. ``test_flips`` (tiled dense
+    tasks): a saved model's evaluation and prediction average every tile's scores over its four
+    mirror images (:func:`~visionfm_core.tasks.tiles.flip_averaged`); validation during training
+    does not, except the final choice of the decision threshold.
 
     The input is ``image_size`` pixels wide and ``image_height`` high (0 = square): OCT B-scans keep
     their aspect ratio (see :func:`visionfm_core.tasks.aspect.input_shape`); tiles stay square.
@@ -74,6 +77,7 @@ class Preprocess:
     colour: float = 0.0
     blur: float = 0.0
     contrast: str = "none"
+    test_flips: bool = False
 
     def __post_init__(self) -> None:
         if self.contrast not in CONTRAST_MODES:

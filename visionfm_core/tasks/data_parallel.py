@@ -219,10 +219,10 @@ class DistributedFineTuner(FineTuner):
         stats["loss"] = float(self.ctx.mean_(loss))
         return stats
 
-    def evaluate(self, model: TaskModel, loader: DataLoader[Any]) -> dict[str, float]:
+    def evaluate(self, model: TaskModel, loader: DataLoader[Any], flips: bool = False) -> dict[str, float]:
         """The main worker scores the whole validation set and every worker returns its numbers, so all
         of them select the same epoch and threshold."""
-        results: list[Any] = [super().evaluate(model, loader) if self.ctx.is_main else None]
+        results: list[Any] = [super().evaluate(model, loader, flips) if self.ctx.is_main else None]
         dist.broadcast_object_list(results, src=0, device=self._collective_device)
         scores: dict[str, float] = results[0]
         return scores

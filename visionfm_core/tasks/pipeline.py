@@ -187,7 +187,7 @@ def evaluate(
     loaded.task.check(samples)
     loader = tuner.loader(samples, loaded.preprocess, train=False)
     progress.start("evaluate", len(loader), "evaluating")
-    metrics = tuner.evaluate(loaded.model, loader)
+    metrics = tuner.evaluate(loaded.model, loader, flips=loaded.preprocess.test_flips)
     progress.finish("evaluate", f"evaluated {len(samples)} images")
     if skipped is not None:
         skipped.update(getattr(loader.dataset, "skipped", {}))
@@ -210,7 +210,7 @@ def predict(
     samples = [TaskSample(item) for item in items]
     loader = tuner.loader(samples, loaded.preprocess, train=False, with_targets=False)
     progress.start("predict", len(loader), "predicting")
-    results = tuner.predict(loaded.model, loader)
+    results = tuner.predict(loaded.model, loader, flips=loaded.preprocess.test_flips)
     progress.finish("predict", f"predicted {len(results)} images")
     for result in results:
         item = samples[result["index"]].item

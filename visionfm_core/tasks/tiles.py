@@ -62,6 +62,26 @@ def blend_weights(tile: int) -> Tensor:
     return edge[:, None] * edge[None, :]
 
 
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
+def flip_averaged(forward: Forward) -> Forward:
+    """``forward`` averaged over a batch's four mirror images (none, left-right, up-down, both), each
+    mirrored back: test-time augmentation for a dense model trained with flips. Exact for a model
+    that is itself mirror-symmetric; otherwise it smooths the model's orientation errors."""
+
+    def averaged(tiles: Tensor) -> Tensor:
+        total: Tensor | None = None
+        for dims in FLIPS:
+            out = forward(tiles.flip(dims) if dims else tiles).float()
+            out = out.flip(dims) if dims else out
+            total = out if total is None else total + out
+        assert total is not None
+        return total / len(FLIPS)
+
+    return averaged
+
+
 def sliding_window(
     forward: Forward, image: Tensor, tile: int, overlap: float, batch_size: int = 8
 ) -> Tensor:

@@ -32,7 +32,14 @@ from visionfm_core.runtime import autocast_dtype, autocast_for, seed_everything,
 from visionfm_core.tasks.adapters.base import Regime, TaskAdapter
 from visionfm_core.tasks.data import Preprocess, TaskDataset, collate, move, select
 from visionfm_core.tasks.samples import TaskSample
-from visionfm_core.tasks.tiles import FieldOfView, sliding_window, to_source, to_working, working_scale
+from visionfm_core.tasks.tiles import (
+    FieldOfView,
+    flip_averaged,
+    sliding_window,
+    to_source,
+    to_working,
+    working_scale,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -351,8 +358,9 @@ class FineTuner:
             return dataset
         return None
 
-    def source_probabilities(self, model: TaskModel, dataset: TaskDataset, index: int) -> Tensor:
-        """(C, H, W) class probabilities for every source pixel of sample ``index`` (tiles, blended)."""
+    def source_probabilities(self, model: TaskModel, dataset: TaskDataset, index: int, flips: bool = False) -> Tensor:
+        """(C, H, W) class probabilities for every source pixel of sample ``index`` (tiles, blended;
+        with ``flips`` each tile's scores averaged over its four mirror images)."""
         preprocess = dataset.preprocess
         image, fov = dataset.load(index)
         fov = fov or FieldOfView.of(image, detect=False)
@@ -368,14 +376,15 @@ class FineTuner:
             return torch.softmax(logits.float(), dim=1)
 
         batch = self.config.eval_batch_size or self.config.batch_size
-        probabilities = sliding_window(forward, normalised, preprocess.image_size, preprocess.overlap, batch)
+        scores = flip_averaged(forward) if flips else forward
+        probabilities = sliding_window(scores, normalised, preprocess.image_size, preprocess.overlap, batch)
         return to_source(probabilities, fov, image.shape[0], image.shape[1])
 
-    def _evaluate_source(self, model: TaskModel, dataset: TaskDataset) -> dict[str, float]:
+    def _evaluate_source(self, model: TaskModel, dataset: TaskDataset, flips: bool) -> dict[str, float]:
         meter = self.task.source_meter()  # type: ignore[attr-defined]
         for index, sample in enumerate(dataset.samples):
             try:
-                probabilities = self.source_probabilities(model, dataset, index)
+                probabilities = self.source_probabilities(model, dataset, index, flips)
                 labels = self.task.source_labels(sample, tuple(probabilities.shape[-2:]))  # type: ignore[attr-defined]
             except DataError as exc:
                 dataset._skip(exc)
@@ -386,15 +395,16 @@ class FineTuner:
         return results
 
     @torch.no_grad()
-    def evaluate(self, model: TaskModel, loader: DataLoader[Any]) -> dict[str, float]:
+    def evaluate(self, model: TaskModel, loader: DataLoader[Any], flips: bool = False) -> dict[str, float]:
         """Metrics of the task on ``loader`` (plus ``loss``), the model in eval mode; tiled dense
-        tasks are scored on whole photographs at their own resolution."""
+        tasks are scored on whole photographs at their own resolution (with ``flips``: test-time
+        mirror averaging, :func:`~visionfm_core.tasks.tiles.flip_averaged`)."""
         was_training = model.training
         tiled = self._tiled(loader)
         if tiled is not None:
             model.eval()
             with torch_threads(self.config.threads):
-                results = self._evaluate_source(model, tiled)
+                results = self._evaluate_source(model, tiled, flips)
             model.train(was_training)
             return results
         model.eval()
@@ -420,8 +430,9 @@ class FineTuner:
         return results
 
     @torch.no_grad()
-    def predict(self, model: TaskModel, loader: DataLoader[Any]) -> list[dict[str, Any]]:
-        """Per-sample predictions in source coordinates, each with its sample ``index``."""
+    def predict(self, model: TaskModel, loader: DataLoader[Any], flips: bool = False) -> list[dict[str, Any]]:
+        """Per-sample predictions in source coordinates, each with its sample ``index`` (``flips``:
+        tiled dense tasks average each tile over its mirror images)."""
         model.eval()
         results: list[dict[str, Any]] = []
         tiled = self._tiled(loader)
@@ -429,7 +440,7 @@ class FineTuner:
             with torch_threads(self.config.threads):
                 for index in range(len(tiled.samples)):
                     try:
-                        probabilities = self.source_probabilities(model, tiled, index)
+                        probabilities = self.source_probabilities(model, tiled, index, flips)
                     except DataError as exc:
                         tiled._skip(exc)
                         continue
@@ -536,6 +547,10 @@ class FineTuner:
                 "probably learnt nothing after it (try more steps, a lower learning rate or more data)"
             )
             logger.warning(warnings[-1])
+        if preprocess.test_flips and self._tiled(val_loader) is not None:
+            # The saved model predicts with mirror averaging: its threshold is chosen on the same
+            # scores (one more pass over the validation images, not one per validation).
+            best_validation = self.evaluate(model, val_loader, flips=True)
         if "best_threshold" in best_validation and hasattr(self.task, "threshold"):
             # The decision threshold that was best on validation (Dice, or balanced accuracy for a
             # binary classifier) travels with the model; the reported validation metrics use it.
