@@ -84,7 +84,7 @@ def finetune_command(
     pool: Annotated[
         str | None,
         typer.Option(help="classification head (full regime) reads token ([CLS]) | avg (mean patch token) | "
-                          "token+avg; default: the task's"),
+                          "token+avg (the default)"),
     ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     devices: Annotated[int, typer.Option(help="worker processes, one per device (GPUs: NCCL; CPU: gloo); each "
