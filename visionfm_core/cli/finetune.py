@@ -62,8 +62,10 @@ def finetune_command(
     regime: Annotated[str, typer.Option(help="full (fine-tune everything) | frozen (VisionFM probe)")] = "full",
     epochs: Annotated[int, typer.Option(help="at least this many epochs (more when --min-steps needs them)")] = 10,
     min_steps: Annotated[
-        int, typer.Option(help="at least this many optimiser steps, however small the training set")
-    ] = 300,
+        int | None,
+        typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
+                          "task's: 600 for segmentation, 300 otherwise]", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the head")] = 1e-3,
     layer_decay: Annotated[float, typer.Option(help="per-block learning-rate decay of the encoder")] = 0.65,
@@ -112,7 +114,7 @@ def finetune_command(
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
-        min_steps=min_steps,
+        min_steps=adapter.default_min_steps if min_steps is None else min_steps,
         batch_size=batch_size,
         lr=lr,
         layer_decay=layer_decay,
