@@ -91,6 +91,11 @@ def finetune_command(
     compile: Annotated[str, typer.Option(help="torch.compile the training step: auto (on CUDA, with CUDA "
                                               "graphs) | on | off; a compiler failure falls back to eager")]
     = "auto",
+    test_flips: Annotated[
+        bool | None,
+        typer.Option("--test-flips/--no-test-flips", help="segmentation: the saved model predicts each tile and "
+                     "its mirror images, averaged (4x the prediction arithmetic) [default: on]", show_default=False),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:
     """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
@@ -135,6 +140,7 @@ def finetune_command(
     else:
         result = pipeline.finetune(
             adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
+            preprocess_options=None if test_flips is None else {"test_flips": test_flips},
             announce=lambda line: console.print(line, markup=False, highlight=False),
             progress=console_progress(console),
             aspect=input_aspect,
