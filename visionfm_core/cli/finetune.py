@@ -62,8 +62,10 @@ def finetune_command(
     regime: Annotated[str, typer.Option(help="full (fine-tune everything) | frozen (VisionFM probe)")] = "full",
     epochs: Annotated[int, typer.Option(help="at least this many epochs (more when --min-steps needs them)")] = 10,
     min_steps: Annotated[
-        int, typer.Option(help="at least this many optimiser steps, however small the training set")
-    ] = 300,
+        int | None,
+        typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
+                          "task's: 600 for segmentation, 300 otherwise]", show_default=False),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate of the head")] = 1e-3,
     layer_decay: Annotated[float, typer.Option(help="per-block learning-rate decay of the encoder")] = 0.65,
@@ -94,6 +96,11 @@ def finetune_command(
     compile: Annotated[str, typer.Option(help="torch.compile the training step: auto (on CUDA, with CUDA "
                                               "graphs) | on | off; a compiler failure falls back to eager")]
     = "auto",
+    test_flips: Annotated[
+        bool | None,
+        typer.Option("--test-flips/--no-test-flips", help="segmentation: the saved model predicts each tile and "
+                     "its mirror images, averaged (4x the prediction arithmetic) [default: on]", show_default=False),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:
     """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
@@ -117,7 +124,7 @@ def finetune_command(
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
-        min_steps=min_steps,
+        min_steps=adapter.default_min_steps if min_steps is None else min_steps,
         batch_size=batch_size,
         lr=lr,
         layer_decay=layer_decay,
@@ -138,6 +145,7 @@ def finetune_command(
     else:
         result = pipeline.finetune(
             adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
+            preprocess_options=None if test_flips is None else {"test_flips": test_flips},
             announce=lambda line: console.print(line, markup=False, highlight=False),
             progress=console_progress(console),
             aspect=input_aspect,

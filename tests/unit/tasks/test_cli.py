@@ -18,6 +18,7 @@ from tests.unit.models.test_importers import Payload, visionfm_file
 from tests.unit.tasks.helpers import DATA, RETINAMNIST, tiny_encoder
 from visionfm_core.cli import build_app
 from visionfm_core.models.checkpoint import load_encoder
+from visionfm_core.tasks.persistence import load_task_model
 
 APP = build_app()
 OCT_FOLDER = DATA / "oct2017_val" / "val"
@@ -148,10 +149,12 @@ def test_segmentation_from_a_manifest_writes_masks_at_image_size(tmp_path: Path)
             "1",
             "--names",
             "background,vessel",
+            "--no-test-flips",  # 4x the prediction arithmetic; the flips have their own tests
             *TINY,
         )
     )
     assert summary["selection_metric"] == "dice"
+    assert load_task_model(model).preprocess.test_flips is False
     image = tmp_path / "photo.png"
     Image.open(DATA / "hrf/images/04_h.jpg").resize((565, 584)).save(image)  # another camera's size (DRIVE)
     run("predict", model, image, "--out", tmp_path / "seg.json", "--device", "cpu")

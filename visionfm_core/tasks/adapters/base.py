@@ -40,6 +40,8 @@ class TaskAdapter(ABC):
     higher_is_better: ClassVar[bool] = True
     # Largest useful batch (None: the configured one); big dense inputs pay more for steps than for batch.
     max_batch_size: ClassVar[int | None] = None
+    # Optimiser steps a run takes at least when the user does not say (``visionfm finetune --min-steps``).
+    default_min_steps: ClassVar[int] = 300
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:

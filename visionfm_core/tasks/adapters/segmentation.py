@@ -81,6 +81,9 @@ class SegmentationTask(TaskAdapter):
     selection_metric = "dice"
     higher_is_better = True
     max_batch_size = 8
+    # Measured on 16 HRF photographs (held-out Dice): 0.742 after 300 steps, 0.772 after 600; the
+    # validation Dice still rose until about step 500.
+    default_min_steps = 600
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
