@@ -45,8 +45,9 @@ def _environment(tmp_path: Path) -> dict[str, str]:
 
 def test_two_workers_write_one_task_model_and_report_world_size(tmp_path: Path) -> None:
     out = tmp_path / "model.safetensors"
-    done = subprocess.run(_command(_class_folders(tmp_path / "data"), out, 2), capture_output=True, text=True,
-                          timeout=900, env=_environment(tmp_path))
+    # --test-flips must reach the workers: rank 0 saves the model, so the flag is in it only if it did.
+    done = subprocess.run([*_command(_class_folders(tmp_path / "data"), out, 2), "--test-flips"], capture_output=True,
+                          text=True, timeout=900, env=_environment(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     # 36 training images, 4 per device and step: 4 steps an epoch of the whole batch of 8.
@@ -54,6 +55,7 @@ def test_two_workers_write_one_task_model_and_report_world_size(tmp_path: Path) 
     assert summary["selection_metric"] == "auc" and len(summary["history"]) == 2
     loaded = load_task_model(out)
     assert loaded.task.kind == "classification" and list(tmp_path.glob("*.safetensors")) == [out]
+    assert loaded.preprocess.test_flips is True
     # One voice: rank 0 reports the run, its epochs and its end; the other worker says nothing.
     assert done.stderr.count("on 2 devices") == 1, done.stderr
     assert done.stderr.count("fine-tuned on 36 images") == 1, done.stderr

@@ -138,14 +138,15 @@ def finetune_command(
     source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"
                   + (f", on {devices} devices" if devices > 1 else ""))
+    preprocess_options = None if test_flips is None else {"test_flips": test_flips}
     if devices > 1:
         job = FinetuneJob(adapter, source, modality, list(train_samples), list(val_samples), config, image_size,
-                          device, out, aspect=input_aspect)
+                          device, out, aspect=input_aspect, preprocess_options=preprocess_options)
         result = finetune_on_devices(job, devices)
     else:
         result = pipeline.finetune(
             adapter, source, modality, train_samples, val_samples, config, image_size, resolve_device(device), out,
-            preprocess_options=None if test_flips is None else {"test_flips": test_flips},
+            preprocess_options=preprocess_options,
             announce=lambda line: console.print(line, markup=False, highlight=False),
             progress=console_progress(console),
             aspect=input_aspect,

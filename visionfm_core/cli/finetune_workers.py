@@ -39,6 +39,7 @@ class FinetuneJob:
     device: str
     out: Path
     aspect: str | float = "auto"
+    preprocess_options: dict[str, Any] | None = None  # the CLI's overrides of the task's preprocessing
 
 
 def finetune_on_devices(job: FinetuneJob, devices: int) -> FitResult:
@@ -65,6 +66,7 @@ def run_worker(ctx: DistContext, job: FinetuneJob) -> FitResult:
         progress=console_progress(console) if ctx.is_main else NO_PROGRESS,
         dist=ctx,
         aspect=job.aspect,
+        preprocess_options=job.preprocess_options,
     )
     skipped: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(skipped, result.skipped)
