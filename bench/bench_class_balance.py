@@ -151,13 +151,18 @@ def oct_folds(smoke: bool) -> tuple[list[tuple[list[tuple[Path, int]], list[tupl
     return [([i for j, f in enumerate(folds) if j != k for i in f], folds[k]) for k in range(count)], patients
 
 
-def run_oct(regime: str, smoke: bool, work: Path) -> tuple[dict[str, float], dict[str, float], list[str]]:
-    work.mkdir(parents=True, exist_ok=True)
-    folds, patients = oct_folds(smoke)
+Folds = list[tuple[list[tuple[Path, int]], list[tuple[Path, int]]]]
+
+
+def cross_validated(folds: Folds, name: str, modality: str, regime: str, smoke: bool, work: Path,
+                    patients: dict[Path, str] | None = None
+                    ) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    """Fine-tune and fit the baseline on each fold's training part, score both on its held-out part,
+    and pool the held-out predictions of every fold into one score each."""
     truth, model_out, base_prob, base_pred, warnings = [], [], [], [], []
     for k, (train, test) in enumerate(folds):
-        manifest = write_manifest(work / f"oct_train_{k}.csv", train, patients)
-        labels, out, summary = finetuned(manifest, test, work / f"oct_{regime}_{k}", "oct", regime, smoke)
+        manifest = write_manifest(work / f"{name}_train_{k}.csv", train, patients)
+        labels, out, summary = finetuned(manifest, test, work / f"{name}_{regime}_{k}", modality, regime, smoke)
         truth.append(labels)
         model_out.append(out)
         warnings += summary.get("warnings", [])
@@ -168,6 +173,12 @@ def run_oct(regime: str, smoke: bool, work: Path) -> tuple[dict[str, float], dic
     out_all = np.concatenate(model_out, axis=1)
     return (scores(y, out_all[0], out_all[1].astype(np.int64)),
             scores(y, np.concatenate(base_prob), np.concatenate(base_pred)), warnings)
+
+
+def run_oct(regime: str, smoke: bool, work: Path) -> tuple[dict[str, float], dict[str, float], list[str]]:
+    work.mkdir(parents=True, exist_ok=True)
+    folds, patients = oct_folds(smoke)
+    return cross_validated(folds, "oct", "oct", regime, smoke, work, patients)
 
 
 def export_split(npz: Any, split: str, folder: Path, limit: int | None) -> list[tuple[Path, int]]:
@@ -185,7 +196,7 @@ def export_split(npz: Any, split: str, folder: Path, limit: int | None) -> list[
 HRF = DATA / "hrf"
 
 
-def hrf_folds(smoke: bool, work: Path) -> list[tuple[list[tuple[Path, int]], list[tuple[Path, int]]]]:
+def hrf_folds(smoke: bool, work: Path) -> Folds:
     """Stratified folds of the HRF photographs, diabetic retinopathy = 1 (every photograph is its own
     person's eye, so folds are patient-disjoint). The photographs are copied at half size (876x584,
     still 2.6x the 224 px input the network sees) so that decoding them every step costs a quarter."""
@@ -209,20 +220,7 @@ def hrf_folds(smoke: bool, work: Path) -> list[tuple[list[tuple[Path, int]], lis
 
 def run_hrf(regime: str, smoke: bool, work: Path) -> tuple[dict[str, float], dict[str, float], list[str]]:
     work.mkdir(parents=True, exist_ok=True)
-    truth, model_out, base_prob, base_pred, warnings = [], [], [], [], []
-    for k, (train, test) in enumerate(hrf_folds(smoke, work)):
-        manifest = write_manifest(work / f"hrf_train_{k}.csv", train)
-        labels, out, summary = finetuned(manifest, test, work / f"hrf_{regime}_{k}", "fundus", regime, smoke)
-        truth.append(labels)
-        model_out.append(out)
-        warnings += summary.get("warnings", [])
-        prob, pred = baseline(train, test)
-        base_prob.append(prob)
-        base_pred.append(pred)
-    y = np.concatenate(truth)
-    out_all = np.concatenate(model_out, axis=1)
-    return (scores(y, out_all[0], out_all[1].astype(np.int64)),
-            scores(y, np.concatenate(base_prob), np.concatenate(base_pred)), warnings)
+    return cross_validated(hrf_folds(smoke, work), "hrf", "fundus", regime, smoke, work)
 
 
 def run_retina(regime: str, smoke: bool, work: Path) -> tuple[dict[str, float], dict[str, float], list[str]]:
