@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import timm
 import torch
 
 from visionfm_core.data.items import ImageItem
@@ -14,7 +13,7 @@ from visionfm_core.data.transforms import eval_transform
 from visionfm_core.distributed import DistContext
 from visionfm_core.evaluation.ssl_eval import probe_scores
 from visionfm_core.modalities import get_modality
-from visionfm_core.models.encoders import EncoderSpec, create_encoder, validate_spec
+from visionfm_core.models.encoders import EncoderSpec, create_encoder
 from visionfm_core.run_config import RunConfig
 from visionfm_core.runtime import seed_everything
 from visionfm_core.ssl.config import SSLConfig
@@ -75,12 +74,7 @@ def modality_arrays(arrays: Mapping[str, torch.Tensor], modality: str) -> dict[s
 
 def new_encoder(cfg: RunConfig, input_shape: tuple[int, int] | None = None) -> torch.nn.Module:
     """A freshly initialised encoder of the run's architecture, for a square input or `input_shape`."""
-    spec = encoder_spec(cfg)
-    if input_shape is None or tuple(input_shape) == (cfg.image_size, cfg.image_size):
-        return create_encoder(spec)
-    model: torch.nn.Module = timm.create_model(spec.timm_name, **{**validate_spec(spec).timm_kwargs(),
-                                                                  "img_size": list(input_shape)})
-    return model
+    return create_encoder(encoder_spec(cfg), input_shape)
 
 
 def encoder_from_arrays(arrays: Mapping[str, torch.Tensor], cfg: RunConfig,

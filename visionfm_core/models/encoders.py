@@ -87,10 +87,19 @@ def validate_spec(spec: EncoderSpec) -> EncoderSpec:
     return spec
 
 
-def create_encoder(spec: EncoderSpec) -> nn.Module:
-    """Build a randomly initialised ViT encoder (timm, no classifier, no network access)."""
-    validate_spec(spec)
-    model: nn.Module = timm.create_model(spec.timm_name, **spec.timm_kwargs())
+def encoder_kwargs(spec: EncoderSpec, input_shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """timm's keyword arguments for `spec` (checked), built for a (height, width) `input_shape` when it
+    is given and not the spec's square."""
+    kwargs = validate_spec(spec).timm_kwargs()
+    if input_shape is not None and tuple(input_shape) != (spec.image_size, spec.image_size):
+        kwargs["img_size"] = list(input_shape)
+    return kwargs
+
+
+def create_encoder(spec: EncoderSpec, input_shape: tuple[int, int] | None = None) -> nn.Module:
+    """Build a randomly initialised ViT encoder (timm, no classifier, no network access), for the
+    spec's square input or a (height, width) `input_shape`."""
+    model: nn.Module = timm.create_model(spec.timm_name, **encoder_kwargs(spec, input_shape))
     return model
 
 

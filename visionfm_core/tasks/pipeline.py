@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import timm
 import torch
 from torch import nn
 
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.checkpoint import encoder_metadata, load_encoder
-from visionfm_core.models.encoders import EncoderSpec, create_encoder, validate_spec
+from visionfm_core.models.encoders import EncoderSpec, create_encoder, encoder_kwargs
 from visionfm_core.models.importers import build_encoder, import_encoder, input_hw, normalisation_name
 from visionfm_core.progress import NO_PROGRESS, ProgressReporter
 from visionfm_core.runtime import seed_everything
@@ -61,8 +60,8 @@ def prepare_encoder(
         shape = input_shape(aspect, image_size, source.patch_size)
         if shape[0] == shape[1] == image_size:
             return create_encoder(spec), {**meta, "input_shape": list(shape)}
-        kwargs = {**validate_spec(spec).timm_kwargs(), "img_size": list(shape)}
-        encoder: nn.Module = timm.create_model(spec.timm_name, **kwargs)
+        kwargs = encoder_kwargs(spec, shape)
+        encoder = create_encoder(spec, shape)
         logger.info("input %dx%d px (height x width, aspect %.2f): %dx%d patches", *shape, aspect,
                     shape[0] // source.patch_size, shape[1] // source.patch_size)
         return encoder, {**meta, "timm_kwargs": kwargs, "image_size": shape[1], "input_shape": list(shape)}
