@@ -193,8 +193,10 @@ def finetune_evaluate(
         tuner = new_tuner(cfg, modality, device)
         tuner.task.check(val)
         model = build_task_model(tuner, cfg, shared, head, modality)
-        scores = tuner.evaluate(model, tuner.loader(val, task_preprocess(cfg, tuner.task, modality),
-                                                    train=False))
+        preprocess = task_preprocess(cfg, tuner.task, modality)
+        # Scored as the saved model predicts (test-time flips where it has them), since the threshold
+        # these scores choose travels with that model.
+        scores = tuner.evaluate(model, tuner.loader(val, preprocess, train=False), flips=preprocess.test_flips)
         metrics[f"{modality}/num-examples"] = float(len(val))
         metrics.update(_reported(cfg.finetune_task, scores, modality))
     return metrics

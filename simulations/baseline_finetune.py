@@ -123,7 +123,8 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
         if finetune_round % cfg.eval_every == 0 or finetune_round == cfg.finetune_rounds:
             for modality, run in runs.items():
                 if run.split.val and privacy is None:
-                    scores = run.tuner.evaluate(run.model, run.tuner.loader(run.split.val, run.preprocess, train=False))
+                    scores = run.tuner.evaluate(run.model, run.tuner.loader(run.split.val, run.preprocess, train=False),
+                                                flips=run.preprocess.test_flips)
                     if evaluator is not None and "best_threshold" in scores:
                         # The arm's own validation picks the threshold its held-out test is scored with.
                         evaluator.thresholds[modality] = float(scores["best_threshold"])

@@ -172,8 +172,9 @@ class TaskTestEvaluator:
     """Scores the global task model (encoder + shared head) of every modality on held-out public data:
     the bundled task set's test part, or (classification) the simulation dataset's test split. Neither
     is ever trained or selected on. Preprocessing is `visionfm finetune`'s (field of view; dense tasks
-    scored on whole photographs at their own resolution). `thresholds` holds, per modality, the decision
-    threshold chosen on validation data (the sites' or the arm's own) that the test is scored with."""
+    scored on whole photographs at their own resolution, with test-time flips where the task has them).
+    `thresholds` holds, per modality, the decision threshold chosen on validation data (the sites' or
+    the arm's own) that the test is scored with."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -205,7 +206,7 @@ class TaskTestEvaluator:
                 tuner.task.threshold = self.thresholds[modality]
             model = build_task_model(tuner, cfg, shared, head, modality)
             preprocess = task_preprocess(cfg, tuner.task, modality)
-            scores = tuner.evaluate(model, tuner.loader(test, preprocess, train=False))
+            scores = tuner.evaluate(model, tuner.loader(test, preprocess, train=False), flips=preprocess.test_flips)
             # The test's own best threshold would be chosen on the test: only validation may choose it.
             results[modality] = {k: v for k, v in reported_scores(cfg.finetune_task, scores).items()
                                  if k not in ("best_threshold", "dice_at_best_threshold")}

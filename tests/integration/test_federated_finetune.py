@@ -42,7 +42,9 @@ def personal_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
 @pytest.fixture(scope="module")
 def vessel_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
     overrides = {"finetune-rounds": 2, "finetune-data": "hrf-vessels", "finetune-batch-size": 8,
-                 "finetune-preprocess": '{"fov_diameter": 64}',  # tiles of 32 px: a few per photograph
+                 # Tiles of 32 px: a few per photograph; test-time flips (4x the scoring) are tested in
+                 # tests/unit/federation/test_finetune_tiles.py.
+                 "finetune-preprocess": '{"fov_diameter": 64, "test_flips": false}',
                  "init-encoders": str(shared_run.out_dir / "encoders")}
     return simulate("quick", "federated", tmp_path_factory.mktemp("ft") / "vessels", overrides=overrides)
 

@@ -64,7 +64,9 @@ def test_two_hospitals_fine_tune_vessel_segmentation_from_their_own_manifests(
                            extra_run_config=f"finetune-rounds = 2\nfinetune-task = \"segmentation\"\n"
                                             f"finetune-task-config = '{settings}'\nfinetune-batch-size = 4\n"
                                             # 32 px tiles: a small working scale keeps them few
-                                            "finetune-preprocess = '{\"fov_diameter\": 64}'\n")
+                                            # (test-time flips are tested in the unit tests)
+                                            "finetune-preprocess = '{\"fov_diameter\": 64, "
+                                            "\"test_flips\": false}'\n")
     text = job.read_text().replace('name = "vessels"', 'name = "vessels"\nphases = ["pretrain", "fine-tune"]')
     job.write_text(text)
     result = coordinator.cli("run", str(job), timeout=420)

@@ -31,7 +31,8 @@ BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "ima
         "ssl.out-dim": 32, "ssl.head-hidden-dim": 32, "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0,
         # Tiles of 32 px at the default working scale (a field of view 1024 px wide) would be thousands per
         # photograph: a small working scale keeps the tiled, source-resolution path but a few tiles each.
-        "finetune-preprocess": '{"fov_diameter": 64}'}
+        # Test-time flips (4x the scoring) are tested in test_finetune_tiles.py; not needed here.
+        "finetune-preprocess": '{"fov_diameter": 64, "test_flips": false}'}
 HEADLINE = {"hrf-vessels": "dice", "hrf-disc": "mre", "idrid-disc": "map50"}
 
 

@@ -60,7 +60,8 @@ def _config(**changes: object) -> RunConfig:
     return resolve_finetune_task(RunConfig.from_flat({**BASE, **{k.replace("_", "-"): v for k, v in changes.items()}}))
 
 
-def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photographs(site: dict[str, object]) -> None:
+def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photographs(
+        site: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(finetune_epochs=1, finetune_batch_size=32)
     tasks = load_site_tasks(site, cfg)
     train, val = tasks["fundus"].train, tasks["fundus"].val
@@ -82,7 +83,10 @@ def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photogr
     shared = modality_arrays(arrays, "fundus")
     head = {k.split(".", 1)[1]: v for k, v in shared.items() if k.startswith("classifier.")}
     model = build_task_model(tuner, cfg, shared, head, "fundus")
-    predictions = tuner.predict(model, tuner.loader(val, preprocess, train=False, with_targets=False))
+    # Scored as the saved model predicts: with test-time flips (the segmentation default), so the
+    # threshold this validation chooses is the one for the flip-averaged scores.
+    assert preprocess.test_flips
+    predictions = tuner.predict(model, tuner.loader(val, preprocess, train=False, with_targets=False), flips=True)
     counts = np.zeros(3)
     for prediction in predictions:
         sample = val[prediction["index"]]
@@ -96,6 +100,12 @@ def test_a_federated_segmentation_round_trains_on_tiles_and_scores_whole_photogr
     assert scores["fundus/dice"] == pytest.approx(expected, abs=1e-9)
     assert scores["fundus/count"] == len(val)
 
+    # The server scores its held-out test the same way (here on the same photographs): flip-averaged.
+    evaluate = task_test_evaluator(cfg)
+    monkeypatch.setattr(evaluate, "test_samples", lambda modality: val)
+    evaluate.thresholds["fundus"] = float(tuner.task.threshold)
+    assert evaluate({k: v.numpy() for k, v in arrays.items()})["fundus"]["dice"] == pytest.approx(expected, abs=1e-9)
+
 
 def test_the_server_scores_the_held_out_test_with_the_sites_validation_threshold() -> None:
     # Weighted by validation images; a site's hostile or broken claim is ignored, not trusted.
@@ -106,7 +116,7 @@ def test_the_server_scores_the_held_out_test_with_the_sites_validation_threshold
     assert validation_threshold([(0.4, 3), (0.9, 1e12)], 100) == pytest.approx(0.4)
     assert validation_threshold([], 100) is None
     cfg = _config(finetune_data="hrf-vessels", finetune_task_config="", scenario="quick",
-                  finetune_preprocess='{"fov_diameter": 48}')
+                  finetune_preprocess='{"fov_diameter": 48, "test_flips": false}')
     evaluate = task_test_evaluator(cfg)
     arrays = finetune_arrays({k: v.numpy() for k, v in initial_global_arrays(cfg).items()}, cfg)
     evaluate.thresholds["fundus"] = 0.37
