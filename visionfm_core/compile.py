@@ -6,10 +6,11 @@ at batch 8), which compilation (fused kernels) and CUDA graphs (one launch per g
 
 - `auto` compiles on CUDA only. On CPU it was measured not to pay, so CPU training stays exactly as it
   was: ViT-Ti/8 SSL step (2x64 + 4x32 px, batch 32, fp32, 1 thread, AMD EPYC Zen 3, Dec 2026, in-process
-  interleaved A/B, median per round) compiled 0.93x the eager step's speed with inductor's defaults and
-  0.93x with max-autotune (CPP,ATEN GEMM backends; it still picks ATen's matmuls), after 1.5-8 minutes
-  of compilation. 75% of that step is MKL matmuls either way; inductor's fused C++ kernels took as long
-  as the eager GELU/LayerNorm/add/copy kernels they replace (see bench/bench_ssl_step.py --compile on).
+  interleaved A/B, median per round) compiled ran at 0.93-1.05x the eager step's speed in four A/Bs
+  (0.995x with the order alternated each round; max-autotune with the CPP,ATEN GEMM backends 0.93x, it
+  still picks ATen's matmuls), after 0.5-8 minutes of compilation. 75% of that step is MKL matmuls
+  either way; inductor's fused C++ kernels took as long as the eager GELU/LayerNorm/add/copy kernels
+  they replace (profiled; docs/bench/cpu_epyc_ssl_step.txt, bench/bench_ssl_step.py --compile on).
 - `on` compiles on every device (CPU needs a C++ compiler for inductor), `off` never does.
 - The module itself is never wrapped, so its `state_dict` keys never gain `_orig_mod.` and
   checkpoints, EMA teachers and federated weight exchange see the very same parameters.
