@@ -33,6 +33,7 @@ from visionfm_core.evaluation.task_metrics import (
 )
 from visionfm_core.models.heads import HeadOutput, LightUNETRHead, TaskHead, UNETRHead
 from visionfm_core.tasks.adapters.base import Meter, Regime, TaskAdapter
+from visionfm_core.tasks.adapters.thin_structures import soft_cldice
 from visionfm_core.tasks.data import Batch
 from visionfm_core.tasks.geometry import Window, logits_to_source, resample_labels
 from visionfm_core.tasks.samples import MaskEncoding, TaskSample, load_target_mask
@@ -73,6 +74,8 @@ class SegmentationTask(TaskAdapter):
     encoding: MaskEncoding = field(default_factory=MaskEncoding)
     features: int = 8
     dice_weight: float = 1.0
+    # Weight of the soft centreline Dice term (thin_structures.soft_cldice); 0 turns it off.
+    skeleton_weight: float = 0.0
     threshold: float = 0.5
     decoder: str = "light"
     labels: DecodedLabels = field(default_factory=DecodedLabels, init=False, repr=False, compare=False)
@@ -104,6 +107,7 @@ class SegmentationTask(TaskAdapter):
             "encoding": self.encoding.to_dict(),
             "features": self.features,
             "dice_weight": self.dice_weight,
+            "skeleton_weight": self.skeleton_weight,
             "threshold": self.threshold,
             "decoder": self.decoder,
         }
@@ -157,7 +161,7 @@ class SegmentationTask(TaskAdapter):
         assert isinstance(outputs, Tensor)
         logits, target = outputs.float(), batch["mask"].long()
         cross_entropy = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-        if self.dice_weight == 0:
+        if self.dice_weight == 0 and self.skeleton_weight == 0:
             return cross_entropy
         valid = (target != IGNORE_INDEX).unsqueeze(1).float()
         one_hot = F.one_hot(target.clamp(0, self.num_classes - 1), self.num_classes).permute(0, 3, 1, 2).float()
@@ -169,7 +173,11 @@ class SegmentationTask(TaskAdapter):
         soft_dice = (2 * intersection + 1.0) / (denominator + 1.0)
         if bool(torch.isnan(cross_entropy)):  # every pixel ignored in this batch
             cross_entropy = logits.sum() * 0.0
-        return cross_entropy + self.dice_weight * (1.0 - soft_dice.mean())
+        loss = cross_entropy + self.dice_weight * (1.0 - soft_dice.mean())
+        if self.skeleton_weight:
+            centreline = soft_cldice(probs[:, 1:], one_hot[:, 1:])
+            loss = loss + self.skeleton_weight * (1.0 - centreline.mean())
+        return loss
 
     def meter(self) -> Meter:
         return SegmentationMeter(self)
