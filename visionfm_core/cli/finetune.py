@@ -64,7 +64,7 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 600 for segmentation, 300 otherwise]", show_default=False),
+                          "task's: 800 for segmentation, 300 otherwise]", show_default=False),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
     lr: Annotated[
