@@ -64,11 +64,19 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 600 for segmentation, 300 otherwise]", show_default=False),
+                          "task's: 800 for segmentation, 300 otherwise]", show_default=False),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
-    lr: Annotated[float, typer.Option(help="peak learning rate of the head")] = 1e-3,
-    layer_decay: Annotated[float, typer.Option(help="per-block learning-rate decay of the encoder")] = 0.65,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="peak learning rate of the head [default: the task's: 2e-3 for segmentation, 1e-3 "
+                          "otherwise]", show_default=False),
+    ] = None,
+    layer_decay: Annotated[
+        float | None,
+        typer.Option(help="per-block learning-rate decay of the encoder [default: 0.65; segmentation: 0.65 with "
+                          "a pretrained --encoder, 1.0 (none) from scratch]", show_default=False),
+    ] = None,
     weight_decay: float = 0.05,
     patience: Annotated[int | None, typer.Option(help="stop after this many epochs without improvement")] = None,
     select_metric: Annotated[str | None, typer.Option(help="validation metric that picks the epoch")] = None,
@@ -126,8 +134,8 @@ def finetune_command(
         epochs=epochs,
         min_steps=adapter.default_min_steps if min_steps is None else min_steps,
         batch_size=batch_size,
-        lr=lr,
-        layer_decay=layer_decay,
+        lr=adapter.default_lr if lr is None else lr,
+        layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,
         weight_decay=weight_decay,
         patience=patience,
         select_metric=select_metric,

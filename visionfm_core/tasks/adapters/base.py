@@ -42,6 +42,8 @@ class TaskAdapter(ABC):
     max_batch_size: ClassVar[int | None] = None
     # Optimiser steps a run takes at least when the user does not say (``visionfm finetune --min-steps``).
     default_min_steps: ClassVar[int] = 300
+    # Peak learning rate of the head when the user does not say (``visionfm finetune --lr``).
+    default_lr: ClassVar[float] = 1e-3
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
@@ -68,6 +70,12 @@ class TaskAdapter(ABC):
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> TaskAdapter:
         return cls(**raw)
+
+    def default_layer_decay(self, pretrained: bool) -> float:
+        """Per-block learning-rate decay of the encoder when the user does not say
+        (``visionfm finetune --layer-decay``). Layer decay protects a pretrained encoder's early,
+        general features; 0.65 follows RETFound/VisionFM."""
+        return 0.65
 
     def preprocess_defaults(self) -> dict[str, Any]:
         """Preprocessing settings this task trains best with (see :class:`~visionfm_core.tasks.data.Preprocess`)."""

@@ -1,0 +1,75 @@
+"""Each task's default learning rate and layer decay: a fresh segmentation encoder learns at the head's rate
+in every block, a pretrained one keeps the decay; `visionfm finetune` uses the task's values unless told."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.unit.tasks.helpers import tiny_encoder
+from visionfm_core.cli import build_app
+from visionfm_core.tasks.adapters import ClassificationTask, SegmentationTask
+from visionfm_core.tasks.persistence import load_task_model
+from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, parameter_groups
+
+TINY = ["--arch", "nano", "--image-size", "32", "--device", "cpu", "--threads", "1", "--batch-size", "4",
+        "--epochs", "1", "--min-steps", "1", "--modality", "oct"]
+
+
+@pytest.fixture(autouse=True)
+def private_site_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISIONFM_STATE_DIR", str(tmp_path / "state"))
+
+
+def _encoder_scales(task: SegmentationTask, pretrained: bool) -> list[float]:
+    config = FineTuneConfig(lr=task.default_lr, layer_decay=task.default_layer_decay(pretrained))
+    model = FineTuner(task, config).build_model(tiny_encoder())
+    head = {id(p) for p in model.head.parameters()}
+    return [group["lr_scale"] for group in parameter_groups(model, config)
+            if not any(id(p) in head for p in group["params"])]
+
+
+def test_a_fresh_segmentation_encoder_learns_at_the_heads_rate_everywhere() -> None:
+    task = SegmentationTask(2)
+    assert task.default_lr > ClassificationTask(2).default_lr
+    fresh = _encoder_scales(task, pretrained=False)
+    assert fresh and all(scale == 1.0 for scale in fresh)
+    # A pretrained encoder keeps the decay: its patch embedding learns slowest.
+    pretrained = _encoder_scales(task, pretrained=True)
+    assert min(pretrained) < 0.5 and max(pretrained) <= 1.0
+    assert ClassificationTask(2).default_layer_decay(pretrained=False) == 0.65
+
+
+def _manifest(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for number in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"scan{number}.png")
+        rows.append(f"{folder / f'scan{number}.png'},{'ab'[number % 2]}")
+    manifest = folder / "labels.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def _saved_config(manifest: Path, out: Path, *extra: str) -> dict[str, float]:
+    result = CliRunner().invoke(build_app(), ["finetune", str(manifest), "--out", str(out), *TINY, *extra],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == str(out)
+    config: dict[str, float] = load_task_model(out).metadata["finetune"]
+    return config
+
+
+def test_finetune_takes_the_tasks_rates_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ClassificationTask, "default_lr", 3e-4)
+    monkeypatch.setattr(ClassificationTask, "default_layer_decay", lambda self, pretrained: 0.9 if pretrained else 0.8)
+    manifest = _manifest(tmp_path)
+    config = _saved_config(manifest, tmp_path / "a.safetensors")
+    assert (config["lr"], config["layer_decay"]) == (3e-4, 0.8)  # from scratch: no --encoder
+    config = _saved_config(manifest, tmp_path / "b.safetensors", "--lr", "5e-3", "--layer-decay", "0.5")
+    assert (config["lr"], config["layer_decay"]) == (5e-3, 0.5)
