@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import simulations
@@ -33,3 +35,15 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def random_label_manifest(folder: Path, count: int) -> Path:
+    """`count` random 32-px PNG scans labelled a/b alternately, and their labels.csv (absolute paths)."""
+    rng = np.random.default_rng(0)
+    rows = ["image,label"]
+    for number in range(count):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"scan{number}.png")
+        rows.append(f"{folder / f'scan{number}.png'},{'ab'[number % 2]}")
+    manifest = folder / "labels.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest

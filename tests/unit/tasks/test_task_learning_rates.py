@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
-from tests.unit.tasks.helpers import tiny_encoder
+from tests.unit.tasks.helpers import random_label_manifest, tiny_encoder
 from visionfm_core.cli import build_app
 from visionfm_core.tasks.adapters import ClassificationTask, SegmentationTask
 from visionfm_core.tasks.persistence import load_task_model
@@ -45,15 +43,6 @@ def test_a_fresh_segmentation_encoder_learns_at_the_heads_rate_everywhere() -> N
     assert ClassificationTask(2).default_layer_decay(pretrained=False) == 0.65
 
 
-def _manifest(folder: Path) -> Path:
-    rng = np.random.default_rng(0)
-    rows = ["image,label"]
-    for number in range(12):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"scan{number}.png")
-        rows.append(f"{folder / f'scan{number}.png'},{'ab'[number % 2]}")
-    manifest = folder / "labels.csv"
-    manifest.write_text("\n".join(rows) + "\n")
-    return manifest
 
 
 def _saved_config(manifest: Path, out: Path, *extra: str) -> dict[str, float]:
@@ -68,7 +57,7 @@ def _saved_config(manifest: Path, out: Path, *extra: str) -> dict[str, float]:
 def test_finetune_takes_the_tasks_rates_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ClassificationTask, "default_lr", 3e-4)
     monkeypatch.setattr(ClassificationTask, "default_layer_decay", lambda self, pretrained: 0.9 if pretrained else 0.8)
-    manifest = _manifest(tmp_path)
+    manifest = random_label_manifest(tmp_path, 12)
     config = _saved_config(manifest, tmp_path / "a.safetensors")
     assert (config["lr"], config["layer_decay"]) == (3e-4, 0.8)  # from scratch: no --encoder
     config = _saved_config(manifest, tmp_path / "b.safetensors", "--lr", "5e-3", "--layer-decay", "0.5")
