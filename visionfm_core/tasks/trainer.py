@@ -376,10 +376,8 @@ class FineTuner:
         preprocess = dataset.preprocess
         image, fov = dataset.load(index)
         fov = fov or FieldOfView.of(image, detect=False)
-        working, _ = to_working(image, fov, working_scale(fov, preprocess.fov_diameter))
         mean = torch.tensor(preprocess.mean).view(3, 1, 1)
         std = torch.tensor(preprocess.std).view(3, 1, 1)
-        normalised = ((working - mean) / std).to(self.device)
 
         def forward(tiles: Tensor) -> Tensor:
             with autocast_for(self.device, self.config.mixed_precision):
@@ -389,8 +387,18 @@ class FineTuner:
 
         batch = self.config.eval_batch_size or self.config.batch_size
         scores = flip_averaged(forward) if flips else forward
-        probabilities = sliding_window(scores, normalised, preprocess.image_size, preprocess.overlap, batch)
-        return to_source(probabilities, fov, image.shape[0], image.shape[1])
+        # With ``test_scales`` (and ``flips``: a saved model's evaluation and prediction) the photograph
+        # is predicted at each scale of the working resolution and the source-pixel scores averaged.
+        scales = preprocess.test_scales if flips else (1.0,)
+        total: Tensor | None = None
+        for factor in scales:
+            working, _ = to_working(image, fov, working_scale(fov, preprocess.fov_diameter) * factor)
+            normalised = ((working - mean) / std).to(self.device)
+            probabilities = sliding_window(scores, normalised, preprocess.image_size, preprocess.overlap, batch)
+            source = to_source(probabilities, fov, image.shape[0], image.shape[1])
+            total = source if total is None else total.add_(source)
+        assert total is not None
+        return total / len(scales) if len(scales) > 1 else total
 
     def _evaluate_source(self, model: TaskModel, dataset: TaskDataset, flips: bool) -> dict[str, float]:
         meter = self.task.source_meter()  # type: ignore[attr-defined]
