@@ -92,6 +92,10 @@ class SegmentationTask(TaskAdapter):
     # classification rate. HRF held-out Dice after 600 steps from scratch: 0.784 at 2e-3 without layer
     # decay, 0.777 at 1e-3 with decay 0.65 (the validation Dice rose faster from the first validation on).
     default_lr = 2e-3
+    # Validate and save the moving average of the weights over about the last 100 steps. HRF (800 steps,
+    # lr 2e-3): held-out Dice 0.7887 against 0.7888 without, but validation Dice rose at every check up to
+    # the last step (without: up and down by a few thousandths from step 560), so the selection is steadier.
+    default_ema_decay = 0.99
 
     def default_layer_decay(self, pretrained: bool) -> float:
         """0.65 for a pretrained encoder; none (1.0) for a fresh one, whose patch embedding and first
