@@ -214,6 +214,9 @@ class Schedule:
         return cls(batch, per_epoch, epochs, max(1, math.ceil(epochs / config.max_validations)))
 
 
+# A moving average of the weights spans at most 1 / AVERAGED_SHARE_INVERSE of a run's steps.
+AVERAGED_SHARE_INVERSE = 8
+
 # Validation images kept decoded between validations (a small-data run's whole validation set).
 VALIDATION_KEPT = 16
 
@@ -286,7 +289,12 @@ class FineTuner:
         if self.config.mixed_precision and autocast_dtype(self.device) == torch.float16:
             scaler = torch.amp.GradScaler(self.device.type)  # fp16 needs loss scaling; bf16 does not
         forward = maybe_compile(model, self.config.compile, self.device, "the fine-tuning model")
-        average = WeightAverage(model, self.config.ema_decay) if self.config.ema_decay > 0 else None
+        average = None
+        if self.config.ema_decay > 0:
+            # The average spans at most the last eighth of the run: a short run (a lowered --min-steps)
+            # must not average in the weights it started from.
+            decay = min(self.config.ema_decay, 1.0 - AVERAGED_SHARE_INVERSE / max(1, total_steps))
+            average = WeightAverage(model, decay) if decay > 0 else None
         return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler, forward, average)
 
     def loader(

@@ -15,7 +15,7 @@ from tests.unit.tasks.test_trainer import PRE, bright_dark
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.tasks.adapters import ClassificationTask
-from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, TrainState
+from visionfm_core.tasks.trainer import AVERAGED_SHARE_INVERSE, FineTuneConfig, FineTuner, TrainState
 from visionfm_core.tasks.weight_average import WeightAverage
 
 
@@ -84,7 +84,7 @@ def run(ema_decay: float) -> tuple[Recording, Any]:
 
 
 def test_fit_validates_selects_and_returns_the_averaged_weights() -> None:
-    tuner, result = run(ema_decay=0.9)
+    tuner, result = run(ema_decay=0.9)  # 12 steps: the window is capped at 12 / 8 steps (decay 1 / 3)
     assert tuner.state.average is not None and len(tuner.validated) == 3
     final = {k: v.cpu() for k, v in result.model.state_dict().items()}
     for validated, trained in zip(tuner.validated, tuner.trained, strict=True):
@@ -103,3 +103,14 @@ def test_without_averaging_the_trained_weights_are_validated_and_returned() -> N
         assert same(validated, trained)
     final = {k: v.cpu() for k, v in result.model.state_dict().items()}
     assert same(final, tuner.validated[result.best_epoch])
+
+
+def test_a_short_run_averages_over_its_last_eighth_only() -> None:
+    tuner = FineTuner(ClassificationTask(2), FineTuneConfig(ema_decay=0.99))
+    model = tuner.build_model(tiny_encoder())
+    assert AVERAGED_SHARE_INVERSE == 8
+    long_run = tuner.init_state(model, total_steps=1600).average
+    assert long_run is not None and long_run.decay == 0.99  # a window of 100 steps fits
+    short_run = tuner.init_state(model, total_steps=80).average
+    assert short_run is not None and short_run.decay == pytest.approx(0.9)  # a window of 10 steps
+    assert tuner.init_state(model, total_steps=8).average is None  # nothing to average
