@@ -148,6 +148,8 @@ class SegmentationTask(TaskAdapter):
         # photograph brought up to the working scale is soft). A saved model predicts every tile and
         # its three mirror images and averages them (vessels have no preferred side): 4x the
         # prediction arithmetic, a few seconds a photograph, for steadier thin vessels.
+        # A field of view 1400 px across gave HRF held-out Dice 0.790 against 0.789 (800 steps, with the
+        # weight average) for twice the prediction arithmetic: not worth it.
         return {
             "test_flips": True,
             "contrast": "local",
