@@ -78,6 +78,11 @@ def finetune_command(
                           "a pretrained --encoder, 1.0 (none) from scratch]", show_default=False),
     ] = None,
     weight_decay: float = 0.05,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(help="validate and save a moving average of the weights with this decay, 0 = off [default: "
+                          "the task's: 0.99 for segmentation, 0 otherwise]", show_default=False),
+    ] = None,
     patience: Annotated[int | None, typer.Option(help="stop after this many epochs without improvement")] = None,
     select_metric: Annotated[str | None, typer.Option(help="validation metric that picks the epoch")] = None,
     mode: Annotated[
@@ -137,6 +142,7 @@ def finetune_command(
         lr=adapter.default_lr if lr is None else lr,
         layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,
         weight_decay=weight_decay,
+        ema_decay=adapter.default_ema_decay if ema_decay is None else ema_decay,
         patience=patience,
         select_metric=select_metric,
         seed=seed,

@@ -78,8 +78,12 @@ class Preprocess:
     blur: float = 0.0
     contrast: str = "none"
     test_flips: bool = False
+    # Scales of the working resolution a saved tiled model predicts at (with ``test_flips``), averaged.
+    test_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        if not self.test_scales or any(not 0.25 <= s <= 4.0 for s in self.test_scales):
+            raise ConfigError("test_scales", f"need one or more scales in [0.25, 4], got {self.test_scales}")
         if self.contrast not in CONTRAST_MODES:
             raise ConfigError("contrast", f"unknown contrast {self.contrast!r}; use {' or '.join(CONTRAST_MODES)}")
         if self.blur < 0:
@@ -108,6 +112,8 @@ class Preprocess:
     def from_dict(cls, raw: dict[str, Any]) -> Preprocess:
         values = dict(raw)
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        if "test_scales" in values:
+            values["test_scales"] = tuple(float(s) for s in values["test_scales"])
         return cls(**values)
 
     def window(self, height: int, width: int, train: bool, fov: FieldOfView | None = None) -> Window:

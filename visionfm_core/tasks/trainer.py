@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from visionfm_core.compile import check_compile_mode, mark_step_begin, maybe_compile
@@ -40,6 +41,7 @@ from visionfm_core.tasks.tiles import (
     to_working,
     working_scale,
 )
+from visionfm_core.tasks.weight_average import WeightAverage
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class FineTuneConfig:
     threads: int | None = None
     # torch.compile of the training forward: "auto" (CUDA only), "on", "off" (visionfm_core/compile.py).
     compile: str = "auto"
+    # Decay of an exponential moving average of the weights (visionfm_core/tasks/weight_average.py);
+    # when > 0, ``fit`` validates, selects and returns the averaged weights. 0 turns it off.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.regime not in ("frozen", "full"):
@@ -86,6 +91,8 @@ class FineTuneConfig:
             raise ConfigError("lr", f"must be positive, got {self.lr}")
         if not 0 < self.layer_decay <= 1:
             raise ConfigError("layer_decay", f"must lie in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
         self.compile = check_compile_mode(self.compile)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +165,8 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     # The model's training forward, compiled where FineTuneConfig.compile asks (the model itself unwrapped).
     forward: Callable[[Tensor], Any] | None = None
+    # The moving average of the weights, updated after every step (FineTuneConfig.ema_decay > 0).
+    average: WeightAverage | None = None
 
 
 @dataclass
@@ -204,6 +213,9 @@ class Schedule:
         epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
         return cls(batch, per_epoch, epochs, max(1, math.ceil(epochs / config.max_validations)))
 
+
+# A moving average of the weights spans at most 1 / AVERAGED_SHARE_INVERSE of a run's steps.
+AVERAGED_SHARE_INVERSE = 8
 
 # Validation images kept decoded between validations (a small-data run's whole validation set).
 VALIDATION_KEPT = 16
@@ -277,7 +289,13 @@ class FineTuner:
         if self.config.mixed_precision and autocast_dtype(self.device) == torch.float16:
             scaler = torch.amp.GradScaler(self.device.type)  # fp16 needs loss scaling; bf16 does not
         forward = maybe_compile(model, self.config.compile, self.device, "the fine-tuning model")
-        return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler, forward)
+        average = None
+        if self.config.ema_decay > 0:
+            # The average spans at most the last eighth of the run: a short run (a lowered --min-steps)
+            # must not average in the weights it started from.
+            decay = min(self.config.ema_decay, 1.0 - AVERAGED_SHARE_INVERSE / max(1, total_steps))
+            average = WeightAverage(model, decay) if decay > 0 else None
+        return TrainState(model, optimizer, max(1, total_steps), warmup, start_step, scaler, forward, average)
 
     def loader(
         self,
@@ -329,6 +347,8 @@ class FineTuner:
                         raise FloatingPointError(f"non-finite training loss at step {state.step}; lower the lr")
                     state.optimizer.zero_grad(set_to_none=True)
                     self._backward_and_step(state, loss)
+                    if state.average is not None:  # of the model itself, not of a DDP wrapper around it
+                        state.average.update(model.module if isinstance(model, DistributedDataParallel) else model)
                     total_loss += float(loss.detach())
                     steps += 1
                     state.step += 1
@@ -364,10 +384,8 @@ class FineTuner:
         preprocess = dataset.preprocess
         image, fov = dataset.load(index)
         fov = fov or FieldOfView.of(image, detect=False)
-        working, _ = to_working(image, fov, working_scale(fov, preprocess.fov_diameter))
         mean = torch.tensor(preprocess.mean).view(3, 1, 1)
         std = torch.tensor(preprocess.std).view(3, 1, 1)
-        normalised = ((working - mean) / std).to(self.device)
 
         def forward(tiles: Tensor) -> Tensor:
             with autocast_for(self.device, self.config.mixed_precision):
@@ -377,8 +395,18 @@ class FineTuner:
 
         batch = self.config.eval_batch_size or self.config.batch_size
         scores = flip_averaged(forward) if flips else forward
-        probabilities = sliding_window(scores, normalised, preprocess.image_size, preprocess.overlap, batch)
-        return to_source(probabilities, fov, image.shape[0], image.shape[1])
+        # With ``test_scales`` (and ``flips``: a saved model's evaluation and prediction) the photograph
+        # is predicted at each scale of the working resolution and the source-pixel scores averaged.
+        scales = preprocess.test_scales if flips else (1.0,)
+        total: Tensor | None = None
+        for factor in scales:
+            working, _ = to_working(image, fov, working_scale(fov, preprocess.fov_diameter) * factor)
+            normalised = ((working - mean) / std).to(self.device)
+            probabilities = sliding_window(scores, normalised, preprocess.image_size, preprocess.overlap, batch)
+            source = to_source(probabilities, fov, image.shape[0], image.shape[1])
+            total = source if total is None else total.add_(source)
+        assert total is not None
+        return total / len(scales) if len(scales) > 1 else total
 
     def _evaluate_source(self, model: TaskModel, dataset: TaskDataset, flips: bool) -> dict[str, float]:
         meter = self.task.source_meter()  # type: ignore[attr-defined]
@@ -502,6 +530,8 @@ class FineTuner:
         best_score: tuple[int, float] | None = None
         best_state: dict[str, Tensor] = {}
         best_epoch, best_validation, history, waited = 0, {}, [], 0
+        # With weight averaging, the averaged weights are what is validated, selected and returned.
+        scored: TaskModel = state.average.module if state.average is not None else model  # type: ignore[assignment]
         self.progress.start("train", schedule.total_steps, "fine-tuning")
         for epoch in range(schedule.epochs):
             epoch_started = time.perf_counter()
@@ -512,7 +542,7 @@ class FineTuner:
                 self.progress.epoch(EpochLine(epoch + 1, schedule.epochs, train_metrics["loss"],
                                               time.perf_counter() - epoch_started))
                 continue
-            validation = self.evaluate(model, val_loader)
+            validation = self.evaluate(scored, val_loader)
             if metric not in validation:
                 raise ConfigError(
                     "select_metric",
@@ -533,7 +563,7 @@ class FineTuner:
             score = selection_score(validation, metric, higher)
             if best_score is None or score > best_score:
                 best_score, best_epoch, best_validation, waited = score, epoch, validation, 0
-                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in scored.state_dict().items()})
             else:
                 waited += 1
                 if self.config.patience is not None and waited >= self.config.patience:

@@ -42,11 +42,11 @@ def _samples(count: int, seed: int) -> list[TaskSample]:
     return [TaskSample(item, label=item.label) for item in items_from_arrays(images, labels, f"dp{seed}")]
 
 
-def _fit(ctx: DistContext | None, regime: str) -> dict[str, Any]:
+def _fit(ctx: DistContext | None, regime: str, ema_decay: float = 0.0) -> dict[str, Any]:
     torch.set_num_threads(1)
     batch = PER_WORKER if ctx is not None else 2 * PER_WORKER
     config = FineTuneConfig(regime=regime, epochs=3, batch_size=batch, min_steps=0, max_validations=3,  # type: ignore[arg-type]
-                            mixed_precision=False, lr=1e-3, seed=3)
+                            mixed_precision=False, lr=1e-3, seed=3, ema_decay=ema_decay)
     task = ClassificationTask(2)
     tuner = FineTuner(task, config) if ctx is None else DistributedFineTuner(task, config, "cpu", ctx)
     torch.manual_seed(0)  # the same encoder in both layouts
@@ -80,6 +80,27 @@ def test_two_workers_follow_one_process_with_the_doubled_batch() -> None:
         for key, value in rank0.items():
             assert torch.equal(rank1[key], value), f"{regime}: {key} differs between the workers"
     assert any(k.endswith("running_var") for k in double["frozen"]["weights"])
+
+
+def _averaged(ctx: DistContext | None) -> dict[str, Any]:
+    # The frozen regime's probe has BatchNorm: its running statistics are averaged too.
+    return {"frozen": _fit(ctx, "frozen", ema_decay=0.8)}
+
+
+def test_two_workers_average_the_weights_as_one_process() -> None:
+    """The moving average follows the model inside DDP: the same averaged weights (BatchNorm statistics
+    included) are validated and returned on every worker as in one process."""
+    single = _averaged(None)
+    double = launch(_averaged, (), world_size=2, device="cpu")
+    for regime in ("frozen",):
+        one, two = single[regime], double[regime]
+        np.testing.assert_allclose(two["auc"], one["auc"], atol=1e-6, err_msg=regime)
+        assert two["best_epoch"] == one["best_epoch"]
+        for key, value in one["weights"].items():
+            torch.testing.assert_close(two["weights"][key], value, rtol=1e-4, atol=1e-5, msg=f"{regime} {key}")
+        rank0, rank1 = two["workers"]
+        for key, value in rank0.items():
+            assert torch.equal(rank1[key], value), f"{regime}: {key} differs between the workers"
 
 
 def test_shards_of_the_seeded_order_make_the_single_process_batches() -> None:

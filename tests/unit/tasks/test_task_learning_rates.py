@@ -62,3 +62,12 @@ def test_finetune_takes_the_tasks_rates_unless_told(tmp_path: Path, monkeypatch:
     assert (config["lr"], config["layer_decay"]) == (3e-4, 0.8)  # from scratch: no --encoder
     config = _saved_config(manifest, tmp_path / "b.safetensors", "--lr", "5e-3", "--layer-decay", "0.5")
     assert (config["lr"], config["layer_decay"]) == (5e-3, 0.5)
+
+
+def test_finetune_averages_the_weights_as_the_task_says_unless_told(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SegmentationTask(2).default_ema_decay > 0 and ClassificationTask(2).default_ema_decay == 0
+    monkeypatch.setattr(ClassificationTask, "default_ema_decay", 0.9)
+    manifest = random_label_manifest(tmp_path, 12)
+    assert _saved_config(manifest, tmp_path / "a.safetensors")["ema_decay"] == 0.9
+    assert _saved_config(manifest, tmp_path / "b.safetensors", "--ema-decay", "0")["ema_decay"] == 0.0

@@ -44,6 +44,9 @@ class TaskAdapter(ABC):
     default_min_steps: ClassVar[int] = 300
     # Peak learning rate of the head when the user does not say (``visionfm finetune --lr``).
     default_lr: ClassVar[float] = 1e-3
+    # Decay of the moving average of the weights that is validated and saved (0: the weights as trained;
+    # ``visionfm finetune --ema-decay``).
+    default_ema_decay: ClassVar[float] = 0.0
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:

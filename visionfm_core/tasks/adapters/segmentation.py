@@ -92,6 +92,10 @@ class SegmentationTask(TaskAdapter):
     # classification rate. HRF held-out Dice after 600 steps from scratch: 0.784 at 2e-3 without layer
     # decay, 0.777 at 1e-3 with decay 0.65 (the validation Dice rose faster from the first validation on).
     default_lr = 2e-3
+    # Validate and save the moving average of the weights over about the last 100 steps. HRF (800 steps,
+    # lr 2e-3): held-out Dice 0.7887 against 0.7888 without, but validation Dice rose at every check up to
+    # the last step (without: up and down by a few thousandths from step 560), so the selection is steadier.
+    default_ema_decay = 0.99
 
     def default_layer_decay(self, pretrained: bool) -> float:
         """0.65 for a pretrained encoder; none (1.0) for a fresh one, whose patch embedding and first
@@ -144,6 +148,8 @@ class SegmentationTask(TaskAdapter):
         # photograph brought up to the working scale is soft). A saved model predicts every tile and
         # its three mirror images and averages them (vessels have no preferred side): 4x the
         # prediction arithmetic, a few seconds a photograph, for steadier thin vessels.
+        # A field of view 1400 px across gave HRF held-out Dice 0.790 against 0.789 (800 steps, with the
+        # weight average) for twice the prediction arithmetic: not worth it.
         return {
             "test_flips": True,
             "contrast": "local",
