@@ -53,6 +53,7 @@ from strategies.protocol.task_models import (
     initial_head,
     new_tuner,
     reported_scores,
+    resolve_recipe,
     task_adapter,
     task_preprocess,
     task_samples,
@@ -96,7 +97,9 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
     resolved = cfg.replace(phase="finetune") if cfg.finetune_task != "classification" else _resolve_class_counts(cfg)
     for modality in finetune_modalities(resolved):  # names the bad key (preprocessing, input aspect)
         task_preprocess(resolved, task_adapter(resolved, modality), modality)
-    return resolved
+    # The task's own lr, layer decay and least steps where the run leaves them to it (every modality's
+    # head is the same task kind, so any modality's adapter gives the same defaults).
+    return resolve_recipe(resolved, task_adapter(resolved, finetune_modalities(resolved)[0]))
 
 
 def finetune_modalities(cfg: RunConfig) -> list[str]:
@@ -443,7 +446,8 @@ class FineTunePhase(Federation):
         last = self._row_round(self.cfg.finetune_rounds)
         notes = [f"fine-tuning ({self.cfg.finetune_task}): {self.cfg.finetune_rounds} rounds, encoder "
                  f"{self.cfg.finetune_encoder}, head {self.cfg.finetune_head}, {self.cfg.finetune_epochs} epoch(s) "
-                 "per round"]
+                 f"per round and at least {self.cfg.finetune_min_steps} steps per site in all, lr "
+                 f"{self.cfg.finetune_lr:g}, layer decay {self.cfg.finetune_layer_decay:g}"]
         headline = HEADLINE[self.cfg.finetune_task]
         for row in sorted(self.metrics.select(round=last, phase="finetune-evaluate"),
                           key=lambda r: (r["site"], r["modality"])):
