@@ -127,7 +127,7 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     headline = HEADLINE[task_set.task][0]
     result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": image_size(name, args),
                               "pool": len(task_set.pool), "test": len(task_set.test)}
-    for mode in ("federated", "centralized", "local"):
+    for mode in args.arms.split(","):
         started = time.perf_counter()
         cpu_started = time.process_time()
         outcome = simulate(str(scenario), mode, folder / mode, overrides=overrides)
@@ -149,6 +149,24 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     return result
 
 
+def print_entry(name: str, entry: dict[str, Any]) -> None:
+    """The arms' held-out scores, and the federated / centralized ratio when both ran."""
+    fed = entry.get("federated", {}).get("test")
+    central = entry.get("centralized", {}).get("test")
+    parts = [f"{name:12s} {entry['metric']:6s}"]
+    if fed is not None:
+        parts.append(f"federated {fed:.4f} (rounds {entry['federated']['per_round']})")
+    if central is not None:
+        parts.append(f"centralized {central:.4f}")
+    if "local" in entry:
+        local = entry["local"]
+        parts.append(f"local mean {local['mean']:.4f} [{local['worst']:.4f} worst, {local['best']:.4f} best]")
+    print(" ".join(parts), flush=True)
+    if fed is not None and central is not None:
+        print(f"{name:12s} ratio federated / centralized {entry['metric']} = "
+              f"{fed / central if central else float('nan'):.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASK_SETS))
@@ -157,6 +175,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, help="least optimiser steps per training party over all rounds "
                                                       "(default: the task's, as `visionfm finetune --min-steps`)")
     parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--arms", default="federated,centralized,local",
+                        help="which arms to run (e.g. federated alone, to try a federated setting)")
     parser.add_argument("--sites-at-once", type=int, default=0, help="at most this many simulated sites train "
                                                                      "side by side (default: Ray's choice)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per site (0: torch's choice)")
@@ -180,13 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="visionfm-bench-tasks-") as work:
         for name in args.tasks.split(","):
             results[name] = entry = bench_task(name.strip(), args, Path(work))
-            fed = entry["federated"]["test"]
-            print(f"{name:12s} {entry['metric']:6s} federated {fed:.4f} (rounds {entry['federated']['per_round']}) "
-                  f"centralized {entry['centralized']['test']:.4f} local mean {entry['local']['mean']:.4f} "
-                  f"[{entry['local']['worst']:.4f} worst, {entry['local']['best']:.4f} best]", flush=True)
-            central = entry["centralized"]["test"]
-            print(f"{name:12s} ratio federated / centralized {entry['metric']} = "
-                  f"{fed / central if central else float('nan'):.3f}", flush=True)
+            print_entry(name, entry)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")
