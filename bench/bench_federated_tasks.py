@@ -86,7 +86,7 @@ def run_overrides(name: str, args: argparse.Namespace, encoders: Path) -> dict[s
         "finetune-data": name, "init-encoders": str(encoders), "seed": args.seed,
         "eval-every": args.eval_every or args.rounds, "client-threads": args.threads}
     given = {"finetune-batch-size": args.batch, "finetune-lr": args.lr, "finetune-layer-decay": args.layer_decay,
-             "finetune-min-steps": args.min_steps}
+             "finetune-min-steps": args.min_steps, "finetune-server-lr": args.server_lr}
     overrides.update({k: v for k, v in given.items() if v is not None})
     return overrides
 
@@ -95,7 +95,8 @@ def recipe(outcome_dir: Path) -> dict[str, Any]:
     """The resolved recipe the arm trained with (its run folder's config.json)."""
     config = json.loads((outcome_dir / "config.json").read_text())
     return {k: config[k] for k in ("finetune-rounds", "finetune-epochs", "finetune-min-steps", "finetune-lr",
-                                   "finetune-layer-decay", "finetune-batch-size", "image-size") if k in config}
+                                   "finetune-layer-decay", "finetune-batch-size", "finetune-server-lr",
+                                   "image-size") if k in config}
 
 
 def arm_steps(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="fine-tuning batch (default: the run config's, capped by the task)")
     parser.add_argument("--lr", type=float, help="default: the task's")
     parser.add_argument("--layer-decay", type=float, help="default: the task's")
+    parser.add_argument("--server-lr", type=float, help="federated: the server's step along the sites' averaged "
+                                                        "update (default 1: plain FedAvg)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=0, help="tile / input size (default: per task)")
     parser.add_argument("--eval-every", type=int, default=0, help="score the held-out test every N rounds "

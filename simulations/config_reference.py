@@ -69,6 +69,7 @@ MEANINGS = {
     "finetune-layer-decay": "fine-tuning layer-wise lr decay of the encoder (0: the task's default)",
     "finetune-min-steps": "least optimiser steps per site over all fine-tuning rounds (-1: the task's default)",
     "finetune-batch-size": "fine-tuning images per step",
+    "finetune-server-lr": "the server's step along the sites' averaged fine-tuning update (1: plain FedAvg)",
     "finetune-encoder": "fine-tuning: the global encoder frozen or trained",
     "finetune-head": "fine-tuning: the task head shared (averaged) or personal (never sent)",
     "finetune-task": "classification, segmentation, landmarks, detection or regression",

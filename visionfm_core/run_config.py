@@ -118,6 +118,10 @@ class RunConfig:
     finetune_layer_decay: float = 0.0
     finetune_min_steps: int = -1
     finetune_batch_size: int = 32
+    # The server's step along the sites' averaged fine-tuning update each round (FedAvg with a server
+    # learning rate, as FedOpt's server optimisers and FedExP take one): 1 = plain FedAvg, > 1 goes further
+    # along the average, whose noise averaging over the sites has lowered.
+    finetune_server_lr: float = 1.0
     finetune_encoder: str = "trained"
     finetune_head: str = "shared"
     finetune_task: str = "classification"
@@ -225,6 +229,9 @@ class RunConfig:
         if not 0 <= self.finetune_layer_decay <= 1:
             raise ConfigError("finetune-layer-decay", f"must lie in (0, 1] (or 0: the task's default), "
                                                       f"got {self.finetune_layer_decay}")
+        if not 0 < self.finetune_server_lr <= 10:
+            raise ConfigError("finetune-server-lr", f"must lie in (0, 10] (1 = plain FedAvg), "
+                                                    f"got {self.finetune_server_lr}")
         if self.finetune_min_steps < -1:
             raise ConfigError("finetune-min-steps", f"must be >= 0 (or -1: the task's default), "
                                                     f"got {self.finetune_min_steps}")

@@ -218,6 +218,13 @@ class TaskTestEvaluator:
         return results
 
 
+def server_step(previous: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
+                lr: float) -> dict[str, np.ndarray]:
+    """`previous + lr * (averaged - previous)` for every array the round averaged (float32)."""
+    return {k: (previous[k] + np.float32(lr) * (v - previous[k])).astype(np.float32)
+            for k, v in averaged.items() if k in previous and v.shape == previous[k].shape}
+
+
 def task_test_evaluator(cfg: RunConfig) -> TaskTestEvaluator:
     """The held-out test scorer of the run's fine-tuning task (see `TaskTestEvaluator`)."""
     return TaskTestEvaluator(cfg)
@@ -262,6 +269,16 @@ class FineTunePhase(Federation):
 
     def _aggregated(self) -> dict[str, np.ndarray]:
         return self._expected()
+
+    def train_round(self, server_round: int) -> bool:
+        """The parent's round (FedAvg or the robust rule, every reply checked), then, with a server learning
+        rate other than 1 (`finetune-server-lr`), the global model moved that many times the averaged update
+        from where the round started. Nothing else is kept between rounds, so a resumed run goes on alike."""
+        previous = dict(self.arrays)
+        aggregated = super().train_round(server_round)
+        if aggregated and self.cfg.finetune_server_lr != 1.0:
+            self.arrays.update(server_step(previous, self.arrays, self.cfg.finetune_server_lr))
+        return aggregated
 
     def _record_train(self, server_round: int, site: str, modality: str, values: dict[str, float]) -> None:
         self.metrics.add(self._row_round(server_round), site, modality, "finetune",
