@@ -1,11 +1,13 @@
 """Federated fine-tuning of segmentation, landmarks and detection on the bundled sets (issue #3).
 
     .venv/bin/python bench/bench_federated_tasks.py [--tasks hrf-vessels,hrf-disc,idrid-disc]
-        [--rounds 6] [--epochs 2] [--sites 3] [--out results.json]
+        [--rounds 6] [--epochs 1] [--min-steps N] [--sites 3] [--sites-at-once 1] [--out results.json]
 
 For each bundled task set (strategies/protocol/task_sets.py), three arms start from the same randomly
-initialised micro ViT and the same seeded task head, and each makes the same number of passes over
-its own data (rounds x local epochs):
+initialised micro ViT and the same seeded task head, and train with the same recipe: the task's own
+learning rate and layer decay (`visionfm finetune`'s, unless --lr / --layer-decay set them) and the same
+optimiser steps per round at every training party (`--epochs` local passes, or more so that each party
+trains at least `--min-steps` over all rounds; default: the task's `--min-steps`):
 - federated: a real `visionfm simulate` run (Flower's simulation engine) with `--sites` fundus
   hospitals holding equal shares of the set; the averaged encoder and head are scored every round;
 - centralized: `visionfm simulate --mode centralized`, every hospital's training images pooled at one
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -45,8 +48,12 @@ SIZES = {"hrf-vessels": 256, "hrf-disc": 128, "idrid-disc": 128}
 LOWER_IS_BETTER = {"mre"}
 
 
-def scenario_file(folder: Path, sites: int) -> Path:
+def scenario_file(folder: Path, sites: int, at_once: int = 0) -> Path:
+    """A scenario of `sites` fundus hospitals; with `at_once`, each reserves this machine's CPUs / at_once,
+    so that Ray runs at most that many sites side by side (on a shared machine, one at a time)."""
     lines = ['name = "bench-tasks"', "[datasets]", 'fundus = "retinamnist"']
+    if at_once:
+        lines += ["[resources]", f"num-cpus = {max(1, os.cpu_count() or 1) / at_once}", "num-gpus = 0"]
     for index in range(sites):
         lines += ["[[sites]]", f'name = "hospital-{chr(ord("a") + index)}"', 'modalities = ["fundus"]']
     path = folder / "scenario.toml"
@@ -71,11 +78,34 @@ def image_size(name: str, args: argparse.Namespace) -> int:
 def run_overrides(name: str, args: argparse.Namespace, encoders: Path) -> dict[str, Any]:
     # Every arm fine-tunes through `visionfm finetune`'s pipeline (the task's preprocessing defaults:
     # dense tasks on tiles, scored on whole photographs at their own resolution with the threshold the
-    # arm's validation chose); the held-out test is scored every `--eval-every` rounds and at the end.
-    return {"arch": "micro", "patch-size": 16, "image-size": image_size(name, args), "modalities": "fundus",
-            "num-rounds": 1, "local-steps": 1, "finetune-rounds": args.rounds, "finetune-epochs": args.epochs,
-            "finetune-batch-size": args.batch, "finetune-lr": args.lr, "finetune-data": name,
-            "init-encoders": str(encoders), "seed": args.seed, "eval-every": args.eval_every or args.rounds}
+    # arm's validation chose) and its recipe (lr, layer decay, least steps) unless an option sets it; the
+    # held-out test is scored every `--eval-every` rounds and at the end.
+    overrides: dict[str, Any] = {
+        "arch": "micro", "patch-size": 16, "image-size": image_size(name, args), "modalities": "fundus",
+        "num-rounds": 1, "local-steps": 1, "finetune-rounds": args.rounds, "finetune-epochs": args.epochs,
+        "finetune-data": name, "init-encoders": str(encoders), "seed": args.seed,
+        "eval-every": args.eval_every or args.rounds, "client-threads": args.threads}
+    given = {"finetune-batch-size": args.batch, "finetune-lr": args.lr, "finetune-layer-decay": args.layer_decay,
+             "finetune-min-steps": args.min_steps, "finetune-server-lr": args.server_lr}
+    overrides.update({k: v for k, v in given.items() if v is not None})
+    return overrides
+
+
+def recipe(outcome_dir: Path) -> dict[str, Any]:
+    """The resolved recipe the arm trained with (its run folder's config.json)."""
+    config = json.loads((outcome_dir / "config.json").read_text())
+    return {k: config[k] for k in ("finetune-rounds", "finetune-epochs", "finetune-min-steps", "finetune-lr",
+                                   "finetune-layer-decay", "finetune-batch-size", "finetune-server-lr",
+                                   "image-size") if k in config}
+
+
+def arm_steps(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Optimiser steps each training party took over all rounds (from the "finetune" rows)."""
+    steps: dict[str, float] = {}
+    for row in rows:
+        if row["phase"] == "finetune" and "steps" in row:
+            steps[str(row["site"])] = steps.get(str(row["site"]), 0.0) + float(row["steps"])
+    return steps
 
 
 def held_out_series(rows: list[dict[str, Any]], metric: str) -> dict[str, list[float]]:
@@ -92,38 +122,70 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     task_set = load_task_set(name)
     folder = work / name
     folder.mkdir()
-    scenario = scenario_file(folder, args.sites)
+    scenario = scenario_file(folder, args.sites, args.sites_at_once)
     encoders = random_encoder(folder / "init", image_size(name, args), args.seed)
     overrides = run_overrides(name, args, encoders)
     headline = HEADLINE[task_set.task][0]
     result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": image_size(name, args),
                               "pool": len(task_set.pool), "test": len(task_set.test)}
-    for mode in ("federated", "centralized", "local"):
+    for mode in args.arms.split(","):
         started = time.perf_counter()
+        cpu_started = time.process_time()
         outcome = simulate(str(scenario), mode, folder / mode, overrides=overrides)
         series = held_out_series(outcome.metrics.rows, headline)
         seconds = round(time.perf_counter() - started, 1)
+        # This process's CPU only: the federated arm's sites run in Ray workers (see the load in the notes).
+        timing = {"seconds": seconds, "cpu_seconds_here": round(time.process_time() - cpu_started, 1),
+                  "steps": arm_steps(outcome.metrics.rows), "load_after": round(os.getloadavg()[0], 2)}
         if mode == "local":
             last = {site: values[-1] for site, values in series.items()}
             ranked = sorted(last.values(), reverse=headline not in LOWER_IS_BETTER)
             result["local"] = {"per_site": last, "mean": round(sum(ranked) / len(ranked), 4), "best": ranked[0],
-                               "worst": ranked[-1], "per_round": series, "seconds": seconds}
+                               "worst": ranked[-1], "per_round": series, **timing}
         else:
             values = series[mode]
-            result[mode] = {"test": values[-1], "per_round": values, "seconds": seconds}
-    result["config"] = {k: overrides[k] for k in ("finetune-rounds", "finetune-epochs", "finetune-batch-size",
-                                                  "finetune-lr", "image-size")}
+            result[mode] = {"test": values[-1], "per_round": values, **timing}
+        if mode == "federated":  # the baseline arms resolve the same recipe from the same run config
+            result["config"] = recipe(folder / mode)
     return result
+
+
+def print_entry(name: str, entry: dict[str, Any]) -> None:
+    """The arms' held-out scores, and the federated / centralized ratio when both ran."""
+    fed = entry.get("federated", {}).get("test")
+    central = entry.get("centralized", {}).get("test")
+    parts = [f"{name:12s} {entry['metric']:6s}"]
+    if fed is not None:
+        parts.append(f"federated {fed:.4f} (rounds {entry['federated']['per_round']})")
+    if central is not None:
+        parts.append(f"centralized {central:.4f}")
+    if "local" in entry:
+        local = entry["local"]
+        parts.append(f"local mean {local['mean']:.4f} [{local['worst']:.4f} worst, {local['best']:.4f} best]")
+    print(" ".join(parts), flush=True)
+    if fed is not None and central is not None:
+        print(f"{name:12s} ratio federated / centralized {entry['metric']} = "
+              f"{fed / central if central else float('nan'):.3f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(TASK_SETS))
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help="local passes per round (at least)")
+    parser.add_argument("--min-steps", type=int, help="least optimiser steps per training party over all rounds "
+                                                      "(default: the task's, as `visionfm finetune --min-steps`)")
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--arms", default="federated,centralized,local",
+                        help="which arms to run (e.g. federated alone, to try a federated setting)")
+    parser.add_argument("--sites-at-once", type=int, default=0, help="at most this many simulated sites train "
+                                                                     "side by side (default: Ray's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per site (0: torch's choice)")
+    parser.add_argument("--batch", type=int, help="fine-tuning batch (default: the run config's, capped by the task)")
+    parser.add_argument("--lr", type=float, help="default: the task's")
+    parser.add_argument("--layer-decay", type=float, help="default: the task's")
+    parser.add_argument("--server-lr", type=float, help="federated: the server's step along the sites' averaged "
+                                                        "update (default 1: plain FedAvg)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=0, help="tile / input size (default: per task)")
     parser.add_argument("--eval-every", type=int, default=0, help="score the held-out test every N rounds "
@@ -132,20 +194,16 @@ def main() -> None:
     add_smoke_flag(parser)
     args = parser.parse_args()
     if args.smoke:  # one task, one round of one epoch, two hospitals (the three arms still run)
-        args.tasks, args.rounds, args.epochs, args.sites = "hrf-disc", 1, 1, 2
+        args.tasks, args.rounds, args.epochs, args.sites, args.min_steps = "hrf-disc", 1, 1, 2, 0
     print_cpu()
-    torch.set_num_threads(2)
-    results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
+    torch.set_num_threads(args.threads or 2)
+    print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}", flush=True)
+    results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "out"},
+                               "load_at_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory(prefix="visionfm-bench-tasks-") as work:
         for name in args.tasks.split(","):
             results[name] = entry = bench_task(name.strip(), args, Path(work))
-            fed = entry["federated"]["test"]
-            print(f"{name:12s} {entry['metric']:6s} federated {fed:.4f} (rounds {entry['federated']['per_round']}) "
-                  f"centralized {entry['centralized']['test']:.4f} local mean {entry['local']['mean']:.4f} "
-                  f"[{entry['local']['worst']:.4f} worst, {entry['local']['best']:.4f} best]", flush=True)
-            central = entry["centralized"]["test"]
-            print(f"{name:12s} ratio federated / centralized {entry['metric']} = "
-                  f"{fed / central if central else float('nan'):.3f}", flush=True)
+            print_entry(name, entry)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -5,11 +5,11 @@ and `<modality>/classifier.<key>` for the task head (the prefix predates the oth
 older fine-tune checkpoints still resume). The run's task is any of the task adapters: classification
 (sized by `finetune-classes`) or a task whose settings travel as `finetune-task-config`, so every site
 and the server build the same head. `finetune_round` builds the task model from the global encoder and
-either the global (shared) head or the site's own (personal) head, trains `finetune-epochs` on the
-site's labelled train split and returns only what the config shares: the encoder when it is trained,
-the head when it is shared. A personal head comes back in `local_heads`, which the Flower handler keeps
-in the node's state and never sends. `finetune_evaluate` scores the global (or personalised) model on
-the site's labelled validation split.
+either the global (shared) head or the site's own (personal) head, trains `finetune-epochs` (or the
+steps `finetune-min-steps` asks for, see `round_steps`) on the site's labelled train split and returns
+only what the config shares: the encoder when it is trained, the head when it is shared. A personal
+head comes back in `local_heads`, which the Flower handler keeps in the node's state and never sends.
+`finetune_evaluate` scores the global (or personalised) model on the site's labelled validation split.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ from strategies.protocol.task_models import (
     build_task_model,
     new_tuner,
     reported_scores,
+    resolve_recipe,
+    round_steps,
     shareable,
     task_preprocess,
+    train_steps,
 )
 from visionfm_core.distributed import DistContext, worker_device
 from visionfm_core.errors import ConfigError
@@ -130,11 +133,14 @@ def finetune_round(
             metrics.update({f"{modality}/{k}": v for k, v in releasable_metrics(stats).items()})
         else:
             loader = tuner.loader(train, preprocess, train=True)
+            # The task's recipe (lr, layer decay, least steps) unless the run sets it; the server sent it
+            # resolved, so this only fills in for a config that never went through the server.
+            recipe = resolve_recipe(cfg, tuner.task)
             per_epoch = len(loader)
-            epochs = cfg.finetune_epochs
-            state = tuner.init_state(model, cfg.finetune_rounds * epochs * per_epoch,
-                                     start_step=(server_round - 1) * epochs * per_epoch, steps_per_epoch=per_epoch)
-            stats = tuner.train_epochs(state, loader, epochs)
+            steps = round_steps(recipe, per_epoch)
+            state = tuner.init_state(model, cfg.finetune_rounds * steps, start_step=(server_round - 1) * steps,
+                                     steps_per_epoch=per_epoch)
+            stats = train_steps(tuner, state, loader, steps)
             metrics[f"{modality}/num-examples"] = float(len(train))
             metrics[f"{modality}/finetune-loss"] = stats["loss"]
             metrics[f"{modality}/steps"] = stats["steps"]

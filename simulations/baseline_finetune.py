@@ -1,7 +1,8 @@
 """The fine-tuning phase of the centralized and local-only arms.
 
 The same task, head, optimiser, schedule and augmentation as a federated site (`client/finetuning.py`),
-but one site training without interruption for finetune-rounds x finetune-epochs epochs from the arm's
+and the same optimiser steps per round (`round_steps`: finetune-epochs passes, or more to reach the task's
+least steps), but one site training without interruption through all finetune-rounds from the arm's
 pretrained (or given) encoders. Rows are written at the same round marks as a federation's: training
 loss ("finetune"), and scores ("finetune-evaluate") on the site's validation split and, as
 `<arm>:global-test`, on the held-out data the federation's server scores.
@@ -31,8 +32,11 @@ from strategies.protocol.task_models import (
     finetune_encoder_arrays,
     new_tuner,
     reported_scores,
+    resolve_recipe,
+    round_steps,
     shareable,
     task_preprocess,
+    train_steps,
 )
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.pretraining import BACKBONE_PREFIX, modality_arrays
@@ -51,6 +55,7 @@ class _Run:
     loader: DataLoader[Any]
     preprocess: Preprocess
     split: TaskSplit
+    steps: int  # optimiser steps per round
 
 
 def site_tasks(cfg: RunConfig, index: int) -> dict[str, TaskSplit]:
@@ -94,9 +99,10 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
         seed_everything(tuner.config.seed)
         preprocess = task_preprocess(cfg, tuner.task, modality)
         loader = tuner.loader(split.train, preprocess, train=True)
-        total = cfg.finetune_rounds * cfg.finetune_epochs * len(loader)
-        runs[modality] = _Run(tuner, model, tuner.init_state(model, total, start_step=0, steps_per_epoch=len(loader)),
-                              loader, preprocess, split)
+        steps = round_steps(resolve_recipe(cfg, tuner.task), len(loader))  # as many per round as a site's
+        runs[modality] = _Run(tuner, model, tuner.init_state(model, cfg.finetune_rounds * steps, start_step=0,
+                                                             steps_per_epoch=len(loader)),
+                              loader, preprocess, split, steps)
     arrays: dict[str, np.ndarray] = {}
     for finetune_round in range(1, cfg.finetune_rounds + 1):
         row_round = round_offset + finetune_round
@@ -114,7 +120,7 @@ def finetune_alone(label: str, tasks: Mapping[str, TaskSplit], cfg: RunConfig, p
                                                                   "num-examples": float(len(run.split.train)),
                                                                   "finetune-round": finetune_round})
             else:
-                stats = run.tuner.train_epochs(run.state, run.loader, cfg.finetune_epochs)
+                stats = train_steps(run.tuner, run.state, run.loader, run.steps)
                 log.add(row_round, label, modality, "finetune", {"finetune-loss": stats["loss"],
                                                                   "steps": stats["steps"],
                                                                   "num-examples": float(len(run.split.train)),

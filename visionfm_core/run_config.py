@@ -108,8 +108,20 @@ class RunConfig:
     # classification head "shared" (averaged) or "personal" (kept on each site, never sent).
     finetune_rounds: int = 0
     finetune_epochs: int = 1
-    finetune_lr: float = 1e-3
+    # The fine-tuning recipe of `visionfm finetune` for the run's task unless set: learning rate (0 = the
+    # task's: segmentation 2e-3, others 1e-3), layer-wise lr decay of the encoder (0 = the task's: 0.65 for
+    # a pretrained encoder; segmentation from a scratch `init-encoders` 1.0) and the least optimiser steps
+    # each site (and each baseline arm) trains over all fine-tuning rounds, spread evenly over them (-1 = the
+    # task's `--min-steps`: segmentation 800, others 300; 0 = just `finetune-epochs` per round). The server
+    # resolves them once and sends the values, so every site and arm trains with the same recipe.
+    finetune_lr: float = 0.0
+    finetune_layer_decay: float = 0.0
+    finetune_min_steps: int = -1
     finetune_batch_size: int = 32
+    # The server's step along the sites' averaged fine-tuning update each round (FedAvg with a server
+    # learning rate, as FedOpt's server optimisers and FedExP take one): 1 = plain FedAvg, > 1 goes further
+    # along the average, whose noise averaging over the sites has lowered.
+    finetune_server_lr: float = 1.0
     finetune_encoder: str = "trained"
     finetune_head: str = "shared"
     finetune_task: str = "classification"
@@ -212,8 +224,17 @@ class RunConfig:
                 raise ConfigError(_kebab(name), f"must be >= 1, got {getattr(self, name)}")
         if self.finetune_rounds < 0:
             raise ConfigError("finetune-rounds", f"must be >= 0, got {self.finetune_rounds}")
-        if not self.finetune_lr > 0:
-            raise ConfigError("finetune-lr", f"must be > 0, got {self.finetune_lr}")
+        if not self.finetune_lr >= 0:  # also refuses nan
+            raise ConfigError("finetune-lr", f"must be > 0 (or 0: the task's default), got {self.finetune_lr}")
+        if not 0 <= self.finetune_layer_decay <= 1:
+            raise ConfigError("finetune-layer-decay", f"must lie in (0, 1] (or 0: the task's default), "
+                                                      f"got {self.finetune_layer_decay}")
+        if not 0 < self.finetune_server_lr <= 10:
+            raise ConfigError("finetune-server-lr", f"must lie in (0, 10] (1 = plain FedAvg), "
+                                                    f"got {self.finetune_server_lr}")
+        if self.finetune_min_steps < -1:
+            raise ConfigError("finetune-min-steps", f"must be >= 0 (or -1: the task's default), "
+                                                    f"got {self.finetune_min_steps}")
         choices = {"finetune-encoder": (self.finetune_encoder, FINETUNE_ENCODER),
                    "finetune-head": (self.finetune_head, FINETUNE_HEAD),
                    "finetune-task": (self.finetune_task, FINETUNE_TASKS),

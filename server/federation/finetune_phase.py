@@ -53,6 +53,7 @@ from strategies.protocol.task_models import (
     initial_head,
     new_tuner,
     reported_scores,
+    resolve_recipe,
     task_adapter,
     task_preprocess,
     task_samples,
@@ -96,7 +97,9 @@ def resolve_finetune_task(cfg: RunConfig) -> RunConfig:
     resolved = cfg.replace(phase="finetune") if cfg.finetune_task != "classification" else _resolve_class_counts(cfg)
     for modality in finetune_modalities(resolved):  # names the bad key (preprocessing, input aspect)
         task_preprocess(resolved, task_adapter(resolved, modality), modality)
-    return resolved
+    # The task's own lr, layer decay and least steps where the run leaves them to it (every modality's
+    # head is the same task kind, so any modality's adapter gives the same defaults).
+    return resolve_recipe(resolved, task_adapter(resolved, finetune_modalities(resolved)[0]))
 
 
 def finetune_modalities(cfg: RunConfig) -> list[str]:
@@ -215,6 +218,13 @@ class TaskTestEvaluator:
         return results
 
 
+def server_step(previous: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
+                lr: float) -> dict[str, np.ndarray]:
+    """`previous + lr * (averaged - previous)` for every array the round averaged (float32)."""
+    return {k: (previous[k] + np.float32(lr) * (v - previous[k])).astype(np.float32)
+            for k, v in averaged.items() if k in previous and v.shape == previous[k].shape}
+
+
 def task_test_evaluator(cfg: RunConfig) -> TaskTestEvaluator:
     """The held-out test scorer of the run's fine-tuning task (see `TaskTestEvaluator`)."""
     return TaskTestEvaluator(cfg)
@@ -259,6 +269,16 @@ class FineTunePhase(Federation):
 
     def _aggregated(self) -> dict[str, np.ndarray]:
         return self._expected()
+
+    def train_round(self, server_round: int) -> bool:
+        """The parent's round (FedAvg or the robust rule, every reply checked), then, with a server learning
+        rate other than 1 (`finetune-server-lr`), the global model moved that many times the averaged update
+        from where the round started. Nothing else is kept between rounds, so a resumed run goes on alike."""
+        previous = dict(self.arrays)
+        aggregated = super().train_round(server_round)
+        if aggregated and self.cfg.finetune_server_lr != 1.0:
+            self.arrays.update(server_step(previous, self.arrays, self.cfg.finetune_server_lr))
+        return aggregated
 
     def _record_train(self, server_round: int, site: str, modality: str, values: dict[str, float]) -> None:
         self.metrics.add(self._row_round(server_round), site, modality, "finetune",
@@ -443,7 +463,8 @@ class FineTunePhase(Federation):
         last = self._row_round(self.cfg.finetune_rounds)
         notes = [f"fine-tuning ({self.cfg.finetune_task}): {self.cfg.finetune_rounds} rounds, encoder "
                  f"{self.cfg.finetune_encoder}, head {self.cfg.finetune_head}, {self.cfg.finetune_epochs} epoch(s) "
-                 "per round"]
+                 f"per round and at least {self.cfg.finetune_min_steps} steps per site in all, lr "
+                 f"{self.cfg.finetune_lr:g}, layer decay {self.cfg.finetune_layer_decay:g}"]
         headline = HEADLINE[self.cfg.finetune_task]
         for row in sorted(self.metrics.select(round=last, phase="finetune-evaluate"),
                           key=lambda r: (r["site"], r["modality"])):

@@ -4,15 +4,19 @@ must agree on these (a site and the server building different heads could not av
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from visionfm_core.data.items import ImageItem
-from visionfm_core.errors import ConfigError
+from visionfm_core.errors import CheckpointError, ConfigError
+from visionfm_core.models.checkpoint import read_metadata
 from visionfm_core.models.heads import TaskModel
 from visionfm_core.models.importers import resample_position_embedding
 from visionfm_core.pretraining import BACKBONE_PREFIX, encoder_from_arrays, new_encoder
@@ -24,7 +28,7 @@ from visionfm_core.tasks.aspect import federated_aspect, input_shape
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.pipeline import task_preprocess_options
 from visionfm_core.tasks.samples import TaskSample
-from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, get_weights, set_weights
+from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner, TrainState, get_weights, set_weights
 
 CLASSIFIER_PREFIX = "classifier."
 # What a task's evaluation reports every round; per-class entries (`dice_vessel`, `mre_fovea`) are named
@@ -35,12 +39,89 @@ HEADLINE = {"classification": ("accuracy", "auc", "kappa", "f1"),
 PER_NAME = {"segmentation": "dice_", "landmarks": "mre_", "detection": "ap50_", "regression": "mae_"}
 
 
-def finetune_config(cfg: RunConfig) -> FineTuneConfig:
-    """The fine-tuning hyperparameters of the run (one epoch of warm-up spread over the first round)."""
+def encoders_pretrained(cfg: RunConfig) -> bool:
+    """Whether fine-tuning starts from learnt encoder weights: after the pretraining phase it does; from an
+    `init-encoders` folder unless its encoders say they are untrained (`source_format = "scratch"`, as
+    `visionfm finetune` and the benches save a seeded random encoder). A folder this process cannot read
+    (a site never holds the server's) counts as pretrained: the server, which reads it, resolves first."""
+    if not cfg.init_encoders:
+        return True
+    formats = []
+    for modality in cfg.modality_list:
+        try:
+            formats.append(read_metadata(Path(cfg.init_encoders) / f"{modality}.safetensors").get("source_format"))
+        except (CheckpointError, OSError):
+            return True
+    return not formats or any(f != "scratch" for f in formats)
+
+
+def resolve_recipe(cfg: RunConfig, task: TaskAdapter) -> RunConfig:
+    """`cfg` with the fine-tuning recipe's "task default" values (`finetune-lr` 0, `finetune-layer-decay` 0,
+    `finetune-min-steps` -1) replaced by `task`'s own, the ones `visionfm finetune` uses: its learning rate,
+    its layer decay for a pretrained or scratch encoder, and its least number of optimiser steps. Values
+    the run sets win. The server resolves once and sends the values (every site and arm then agrees)."""
+    changes: dict[str, Any] = {}
+    if cfg.finetune_lr == 0:
+        changes["finetune_lr"] = task.default_lr
+    if cfg.finetune_layer_decay == 0:
+        changes["finetune_layer_decay"] = task.default_layer_decay(encoders_pretrained(cfg))
+    if cfg.finetune_min_steps < 0:
+        changes["finetune_min_steps"] = task.default_min_steps
+    return cfg.replace(**changes) if changes else cfg
+
+
+def finetune_config(cfg: RunConfig, task: TaskAdapter | None = None) -> FineTuneConfig:
+    """The fine-tuning hyperparameters of the run (one epoch of warm-up spread over the first round);
+    with `task`, its defaults fill what the run leaves to the task (`resolve_recipe`)."""
+    if task is not None:
+        cfg = resolve_recipe(cfg, task)
+    if cfg.finetune_lr == 0 or cfg.finetune_layer_decay == 0:
+        raise ConfigError("finetune-lr", "the task's default learning rate and layer decay are not resolved yet")
     return FineTuneConfig(regime="frozen" if cfg.finetune_encoder == "frozen" else "full",
                           epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+                          layer_decay=cfg.finetune_layer_decay, min_steps=max(0, cfg.finetune_min_steps),
                           warmup_epochs=min(1.0, float(cfg.finetune_epochs)), seed=cfg.seed,
                           num_workers=cfg.num_workers, compile=cfg.compile)
+
+
+def round_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps of one fine-tuning round at a site (and of each round of a baseline arm):
+    `finetune-epochs` passes over its train split, or more, so that the rounds together train at least
+    `finetune-min-steps` (resolved; see `resolve_recipe`), as `visionfm finetune` trains at least
+    `--min-steps` on a small set. Every party counts the same way, whatever the size of its data."""
+    floor = math.ceil(max(0, cfg.finetune_min_steps) / max(1, cfg.finetune_rounds))
+    return max(cfg.finetune_epochs * steps_per_epoch, floor)
+
+
+class _Batches:
+    """The first `steps` batches of passes over `loader`, one pass after another (each reshuffled)."""
+
+    def __init__(self, loader: DataLoader[Any], steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __iter__(self) -> Iterator[Any]:
+        taken = 0
+        while taken < self.steps:
+            before = taken
+            for batch in self.loader:
+                if taken == self.steps:
+                    return
+                taken += 1
+                yield batch
+            if taken == before:  # an empty loader would loop for ever
+                return
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def train_steps(tuner: FineTuner, state: TrainState, loader: DataLoader[Any], steps: int) -> dict[str, float]:
+    """`steps` optimiser steps of `tuner` on `loader` (whole passes, the last one cut short); the trainer's
+    statistics (mean loss, steps taken, last learning rate)."""
+    if steps % max(1, len(loader)) == 0:
+        return tuner.train_epochs(state, loader, steps // max(1, len(loader)))
+    # The trainer iterates what it is given once; a bounded stream of batches is such an iterable.
+    return tuner.train_epochs(state, cast(DataLoader[Any], _Batches(loader, steps)), 1)
 
 
 def class_count(cfg: RunConfig, modality: str) -> int:
@@ -71,7 +152,7 @@ def new_tuner(cfg: RunConfig, modality: str, device: torch.device) -> FineTuner:
     """A fine-tuner for the run's task; its batch is at most what the task trains well with (a dense
     task's batch of tiles), as `visionfm finetune` caps it."""
     task = task_adapter(cfg, modality)
-    config = finetune_config(cfg)
+    config = finetune_config(cfg, task)
     if task.max_batch_size is not None:
         config.batch_size = min(config.batch_size, task.max_batch_size)
     return FineTuner(task, config, device)

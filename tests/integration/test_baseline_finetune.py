@@ -17,7 +17,7 @@ from strategies.protocol.scenario import load_scenario, resolve_config
 pytestmark = pytest.mark.integration
 
 FAST = {"num-rounds": 1, "local-steps": 1, "finetune-rounds": 2, "finetune-data": "hrf-disc",
-        "finetune-batch-size": 4}
+        "finetune-batch-size": 4, "finetune-min-steps": 0}
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 FAST = {"num-rounds": 1, "local-steps": 1, "finetune-rounds": 2, "finetune-mode": "ordinal",
-        "finetune-batch-size": 32}
+        "finetune-batch-size": 32, "finetune-min-steps": 0}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,7 @@ def personal_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
 @pytest.fixture(scope="module")
 def vessel_run(tmp_path_factory: pytest.TempPathFactory, shared_run):
     overrides = {"finetune-rounds": 2, "finetune-data": "hrf-vessels", "finetune-batch-size": 8,
+                 "finetune-min-steps": 0,
                  # Tiles of 32 px: a few per photograph; test-time flips (4x the scoring) are tested in
                  # tests/unit/federation/test_finetune_tiles.py.
                  "finetune-preprocess": '{"fov_diameter": 64, "test_flips": false}',

@@ -71,7 +71,7 @@ def test_secure_aggregation_carries_the_finetuning_phase(tmp_path: Path) -> None
     # modality's sum over enough sites. The fundus head moves; OCT (one holder) aborts and stays.
     outcome = simulate("quick", "federated", tmp_path / "secagg-ft", {
         **ONE_ROUND, "secure-aggregation": True, "finetune-rounds": 1, "finetune-encoder": "frozen",
-        "finetune-mode": "ordinal", "max-update-norm": 5.0})
+        "finetune-mode": "ordinal", "max-update-norm": 5.0, "finetune-min-steps": 0})
     folder = outcome.out_dir / "checkpoints" / "finetune-round-0001"
     initial = finetune_arrays({k: v for k, v in load_round(outcome.out_dir, 1).items()},
                               resolve_finetune_task(RunConfig.from_flat(

@@ -63,6 +63,7 @@ def test_two_hospitals_fine_tune_vessel_segmentation_from_their_own_manifests(
     job = write_deploy_job(tmp_path, "vessels", rounds=1, min_sites=2, round_timeout=120, eval_every=10,
                            extra_run_config=f"finetune-rounds = 2\nfinetune-task = \"segmentation\"\n"
                                             f"finetune-task-config = '{settings}'\nfinetune-batch-size = 4\n"
+                                            "finetune-min-steps = 0\n"
                                             # 32 px tiles: a small working scale keeps them few
                                             # (test-time flips are tested in the unit tests)
                                             "finetune-preprocess = '{\"fov_diameter\": 64, "

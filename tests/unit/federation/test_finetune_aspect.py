@@ -34,8 +34,8 @@ from visionfm_core.tasks.persistence import load_task_model
 
 BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "image-size": 32, "patch-size": 8,
         "modalities": "oct", "finetune-rounds": 1, "finetune-classes": "oct=2", "finetune-mode": "binary",
-        "finetune-batch-size": 4, "ssl.out-dim": 32, "ssl.head-hidden-dim": 32, "ssl.head-bottleneck-dim": 16,
-        "ssl.local-crops": 0}
+        "finetune-min-steps": 0, "finetune-batch-size": 4, "ssl.out-dim": 32, "ssl.head-hidden-dim": 32,
+        "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0}
 WIDE = (24, 48)  # OCT's federated `auto` (2:1) with the 4x4-patch budget of a 32 px square, patch 8
 
 

@@ -28,6 +28,7 @@ from visionfm_core.run_config import RunConfig
 
 BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "image-size": 32, "patch-size": 8,
         "modalities": "fundus", "scenario": "quick", "finetune-rounds": 2, "finetune-batch-size": 8,
+        "finetune-min-steps": 0,
         "ssl.out-dim": 32, "ssl.head-hidden-dim": 32, "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0,
         # Tiles of 32 px at the default working scale (a field of view 1024 px wide) would be thousands per
         # photograph: a small working scale keeps the tiled, source-resolution path but a few tiles each.

@@ -33,7 +33,7 @@ from visionfm_core.run_config import RunConfig
 
 SETTINGS = json.dumps({"num_classes": 2, "class_names": ["background", "vessel"], "features": 4})
 BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "image-size": 32, "patch-size": 8,
-        "modalities": "fundus", "finetune-rounds": 2, "finetune-task": "segmentation",
+        "modalities": "fundus", "finetune-rounds": 2, "finetune-task": "segmentation", "finetune-min-steps": 0,
         "finetune-task-config": SETTINGS, "ssl.out-dim": 32, "ssl.head-hidden-dim": 32,
         "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0,
         # Tiny photographs: tiles at each image's own resolution (the task's other defaults apply).

@@ -21,6 +21,7 @@ from visionfm_core.run_config import RunConfig
 
 BASE = {"num-rounds": 1, "local-steps": 1, "batch-size": 8, "arch": "nano", "image-size": 32, "patch-size": 8,
         "modalities": "fundus", "scenario": "quick", "finetune-rounds": 2, "finetune-batch-size": 32,
+        "finetune-min-steps": 0,
         "ssl.out-dim": 32, "ssl.head-hidden-dim": 32, "ssl.head-bottleneck-dim": 16, "ssl.local-crops": 0}
 
 
@@ -53,7 +54,10 @@ def _reply(cfg: RunConfig, arrays: dict[str, np.ndarray], context: Context, mess
 @pytest.mark.parametrize(("key", "value"), [("finetune-encoder", "thawed"), ("finetune-head", "local"),
                                             ("finetune-task", "captioning"), ("finetune-mode", "multilabel"),
                                             ("finetune-task-config", "{not json"), ("finetune-task-config", "[2]"),
-                                            ("finetune-rounds", -1), ("finetune-lr", 0.0),
+                                            ("finetune-rounds", -1), ("finetune-lr", -1e-3),
+                                            ("finetune-lr", float("nan")),
+                                            ("finetune-layer-decay", 1.5), ("finetune-layer-decay", -0.5),
+                                            ("finetune-min-steps", -2),
                                             ("finetune-classes", "fundus=1"), ("finetune-classes", "fundus")])
 def test_bad_finetune_keys_are_rejected_by_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as raised:
