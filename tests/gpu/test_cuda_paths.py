@@ -150,8 +150,8 @@ def test_probe_scores_on_the_gpu_match_the_cpus(site: dict[str, ModalitySplit]) 
 
 @pytest.mark.parametrize("encoder", ["trained", "frozen"])
 def test_a_sites_fine_tuning_round_runs_on_the_gpu(site: dict[str, ModalitySplit], encoder: str) -> None:
-    cfg = run_config(finetune_rounds=1, finetune_epochs=1, finetune_encoder=encoder, phase="finetune",
-                     finetune_classes="fundus=5")
+    cfg = run_config(finetune_rounds=1, finetune_epochs=1, finetune_min_steps=0, finetune_encoder=encoder,
+                     phase="finetune", finetune_classes="fundus=5")
     arrays = {**initial_global_arrays(cfg),
               **{f"fundus/classifier.{k}": v for k, v in initial_head(cfg, "fundus").items()}}
     tasks = {m: TaskSplit(m, task_samples(s.train), task_samples(s.val)) for m, s in site.items()}
