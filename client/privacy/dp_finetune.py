@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from client.privacy.accountant import SiteAccountant
 from client.privacy.dp_step import NoiseSettings, PerSampleLoss, dp_step
 from client.privacy.noise import noise_generator
-from client.privacy.sampling import ExactRecordDataset, PoissonLoader, cycle_batches
+from client.privacy.sampling import ExactRecordDataset, PoissonLoader
 from strategies.protocol.dp_config import DPConfig
+from visionfm_core.data.batches import cycle_batches
 from visionfm_core.errors import ConfigError
 from visionfm_core.runtime import autocast_dtype, torch_threads
 from visionfm_core.tasks.data import Batch, Preprocess, TaskDataset, collate
@@ -115,7 +116,7 @@ class DPFineTuner:
         model, config = state.model, self.tuner.config
         model.train()
         _freeze_batchnorm_statistics(model)
-        batches = cycle_batches(loader)
+        batches = cycle_batches(loader, "the Poisson loader")
         loss_sum, counted, images, clipped, lr = 0.0, 0, 0, 0, 0.0
         started = time.perf_counter()
         with torch_threads(config.threads):

@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from client.privacy.accountant import SiteAccountant, combined_noise_multiplier
 from client.privacy.dp_step import DPStepResult, NoiseSettings, PerSampleLoss, dp_step
 from client.privacy.noise import noise_generator
-from client.privacy.sampling import PoissonLoader, cycle_batches
+from client.privacy.sampling import PoissonLoader
 from client.privacy.view_packing import encode_views
 from strategies.protocol.dp_config import DPConfig
+from visionfm_core.data.batches import cycle_batches
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import Modality
 from visionfm_core.models.encoders import EncoderSpec
@@ -144,7 +145,7 @@ class DPSSLTrainer(SSLTrainer):
         self.accountant.check(num_steps, self.effective_noise_multiplier(), sample_rate)
         self.student.train()
         self.teacher.eval()
-        batches = cycle_batches(loader)
+        batches = cycle_batches(loader, "the Poisson loader")
         sums = dict.fromkeys(
             ("loss", "loss_cls", "loss_patch", "lr", "teacher_temp", "teacher_momentum"), 0.0
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
@@ -133,17 +133,6 @@ class PoissonLoader(Generic[B]):
 
     def __len__(self) -> int:
         return max(1, round(1 / self.sample_rate))
-
-
-def cycle_batches(loader: Iterable[B | None]) -> Iterator[B | None]:
-    """Batches of `loader`, pass after pass, without end (DataError if a pass yields nothing)."""
-    while True:
-        produced = False
-        for batch in loader:
-            produced = True
-            yield batch
-        if not produced:
-            raise DataError("<loader>", "the Poisson loader yielded no batch")
 
 
 def ssl_poisson_loader(

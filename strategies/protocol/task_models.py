@@ -5,7 +5,8 @@ must agree on these (a site and the server building different heads could not av
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from visionfm_core.data.batches import cycle_batches
 from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import CheckpointError, ConfigError
 from visionfm_core.models.checkpoint import read_metadata
@@ -93,35 +95,14 @@ def round_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
     return max(cfg.finetune_epochs * steps_per_epoch, floor)
 
 
-class _Batches:
-    """The first `steps` batches of passes over `loader`, one pass after another (each reshuffled)."""
-
-    def __init__(self, loader: DataLoader[Any], steps: int) -> None:
-        self.loader, self.steps = loader, steps
-
-    def __iter__(self) -> Iterator[Any]:
-        taken = 0
-        while taken < self.steps:
-            before = taken
-            for batch in self.loader:
-                if taken == self.steps:
-                    return
-                taken += 1
-                yield batch
-            if taken == before:  # an empty loader would loop for ever
-                return
-
-    def __len__(self) -> int:
-        return self.steps
-
-
 def train_steps(tuner: FineTuner, state: TrainState, loader: DataLoader[Any], steps: int) -> dict[str, float]:
     """`steps` optimiser steps of `tuner` on `loader` (whole passes, the last one cut short); the trainer's
     statistics (mean loss, steps taken, last learning rate)."""
     if steps % max(1, len(loader)) == 0:
         return tuner.train_epochs(state, loader, steps // max(1, len(loader)))
-    # The trainer iterates what it is given once; a bounded stream of batches is such an iterable.
-    return tuner.train_epochs(state, cast(DataLoader[Any], _Batches(loader, steps)), 1)
+    # The trainer iterates what it is given once; the first `steps` batches of endless passes are such an
+    # iterable (the loader is not empty here: its length divides any step count otherwise).
+    return tuner.train_epochs(state, cast(DataLoader[Any], islice(cycle_batches(loader), steps)), 1)
 
 
 def class_count(cfg: RunConfig, modality: str) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from visionfm_core.compile import check_compile_mode, mark_step_begin, maybe_compile
+from visionfm_core.data.batches import cycle_batches
 from visionfm_core.distributed import DistContext
 from visionfm_core.errors import CheckpointError, ConfigError, DataError, VisionFMError
 from visionfm_core.modalities import Modality
@@ -223,7 +224,7 @@ class SSLTrainer:
             raise ConfigError("num_steps", f"must be >= 1, got {num_steps}")
         self.student.train()
         self.teacher.eval()
-        batches = _cycle(loader)
+        batches = cycle_batches(loader)
         keys = ("loss", "loss_cls", "loss_patch", "lr", "teacher_temp", "teacher_momentum")
         sums = dict.fromkeys(keys, 0.0)
         images = 0
@@ -386,16 +387,6 @@ def _resolution_groups(views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         else:
             groups.append([view])
     return [torch.cat(g) if len(g) > 1 else g[0] for g in groups]
-
-
-def _cycle(loader: Iterable[Batch]) -> Iterator[Batch]:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise DataError("<loader>", "the data loader yielded no batch (empty, or a used-up iterator)")
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
