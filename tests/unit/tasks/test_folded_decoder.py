@@ -1,0 +1,146 @@
+"""The folded segmentation decoder (``FoldedUNETRHead``, task decoder "folded"): logits at the input's
+own size, no convolution at full resolution, one-pixel detail kept through the fold, and models
+saved with the previous light decoder still loading and predicting exactly as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.unit.tasks.helpers import tiny_encoder
+from visionfm_core.errors import ConfigError
+from visionfm_core.models.encoders import EncoderSpec
+from visionfm_core.models.heads import (
+    EncoderFeatures,
+    FoldedUNETRHead,
+    LightUNETRHead,
+    TaskHead,
+    TaskModel,
+    build_head,
+)
+from visionfm_core.tasks.adapters import SegmentationTask
+from visionfm_core.tasks.adapters.segmentation import DECODER_FEATURES
+from visionfm_core.tasks.data import Preprocess
+from visionfm_core.tasks.persistence import load_task_model, save_task_model
+
+
+def _features(head: TaskHead, height: int, width: int, batch: int = 2, embed_dim: int = 32) -> EncoderFeatures:
+    """Encoder output as a patch-16 ViT would give it (the maps' size rounds up)."""
+    grid = (-(-height // 16), -(-width // 16))
+    maps = {block: torch.randn(batch, embed_dim, *grid) for block in head.blocks}
+    return EncoderFeatures(cls={}, maps=maps, image=torch.randn(batch, 3, height, width))
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (48, 80), (33, 47), (17, 64)])
+@pytest.mark.parametrize(("num_classes", "eighth"), [(2, 0), (5, 16)])
+def test_logits_at_the_input_size_for_any_size(height: int, width: int, num_classes: int, eighth: int) -> None:
+    torch.manual_seed(0)
+    head = FoldedUNETRHead(32, 2, num_classes, features=8, eighth=eighth)
+    assert head(_features(head, height, width)).shape == (2, num_classes, height, width)
+
+
+def test_through_the_encoder_on_a_non_square_input() -> None:
+    torch.manual_seed(0)
+    model = TaskModel(tiny_encoder(32), FoldedUNETRHead(32, 2, 3, features=8))
+    assert model(torch.randn(1, 3, 48, 80)).shape == (1, 3, 48, 80)
+
+
+def _convolution_inputs(head: TaskHead, height: int, width: int) -> list[tuple[int, int]]:
+    sizes: list[tuple[int, int]] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, args, _out: sizes.append(tuple(args[0].shape[-2:])))
+        for module in head.modules()
+        if isinstance(module, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        head(_features(head, height, width, batch=1))
+    for hook in hooks:
+        hook.remove()
+    return sizes
+
+
+def test_no_convolution_runs_at_full_resolution() -> None:
+    # The point of the design: a narrow decoder's time goes to full-resolution convolutions.
+    folded = _convolution_inputs(FoldedUNETRHead(32, 2, 2, features=8), 64, 96)
+    light = _convolution_inputs(LightUNETRHead(32, 2, 2, features=4), 64, 96)
+    assert (64, 96) in light  # the previous decoder does, so the check can fail
+    assert folded and max(folded) == (32, 48)
+
+
+def test_one_pixel_detail_survives_the_fold() -> None:
+    # Targets that differ between the four pixels of every 2x2 block (bright single pixels at random
+    # places): only a decoder that keeps full resolution can fit them.
+    torch.manual_seed(0)
+    head = FoldedUNETRHead(32, 2, 2, features=8)
+    features = _features(head, 32, 32, batch=4)
+    dots = torch.rand(4, 32, 32) < 0.15
+    features.image = torch.randn(4, 3, 32, 32) * 0.1 + dots[:, None].float() * 2.0
+    target = dots.long()
+    assert any(block.sum() not in (0, 4) for block in target.unfold(1, 2, 2).unfold(2, 2, 2).reshape(-1, 4))
+    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(head(features), target, weight=torch.tensor([1.0, 4.0]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        predicted = head(features).argmax(1)
+    true_pos = int((predicted.bool() & dots).sum())
+    dice = 2 * true_pos / (int(predicted.sum()) + int(dots.sum()))
+    assert dice > 0.95
+
+
+def test_folded_head_rebuilds_from_its_config() -> None:
+    head = FoldedUNETRHead(32, 2, 4, features=16, context=24, eighth=32)
+    rebuilt = build_head(head.kind, head.config)
+    assert isinstance(rebuilt, FoldedUNETRHead) and rebuilt.config == head.config
+    assert rebuilt.state_dict().keys() == head.state_dict().keys()
+    assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 24  # 1.5x by default, stored
+
+
+def test_each_decoder_has_its_own_default_width() -> None:
+    task = SegmentationTask(2)
+    assert task.decoder == "light" and task.features == DECODER_FEATURES["light"] == 8
+    folded = SegmentationTask(2, decoder="folded")
+    assert folded.features == DECODER_FEATURES["folded"] == 32
+    head = folded.build_head(32, 2, 16, "full")
+    assert isinstance(head, FoldedUNETRHead) and head.config["features"] == 32
+    assert SegmentationTask.from_config(folded.to_config()) == folded
+    with pytest.raises(ConfigError, match="decoder"):
+        SegmentationTask(2, decoder="mystery")
+
+
+def test_a_config_saved_before_the_folded_decoder_still_means_the_light_one() -> None:
+    # What SegmentationTask.to_config wrote before: features 8 and decoder "light", always both.
+    old = {
+        "num_classes": 2,
+        "class_names": ["background", "vessel"],
+        "encoding": {"mode": "binary", "colours": []},
+        "features": 8,
+        "dice_weight": 1.0,
+        "skeleton_weight": 0.0,
+        "threshold": 0.35,
+        "decoder": "light",
+    }
+    task = SegmentationTask.from_config(old)
+    assert task.to_config() == old
+    head = task.build_head(64, 2, 16, "full")
+    assert isinstance(head, LightUNETRHead) and head.config["features"] == 8
+
+
+def test_an_old_light_model_loads_and_predicts_exactly_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    task = SegmentationTask(2, features=4, decoder="light")
+    model = TaskModel(tiny_encoder(32), task.build_head(32, 2, 16, "full")).eval()
+    encoder = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": EncoderSpec("nano", 32, 16).timm_kwargs()}
+    path = save_task_model(tmp_path / "light.safetensors", model, task, Preprocess(image_size=32), encoder)
+    loaded = load_task_model(path)
+    assert isinstance(loaded.model.head, LightUNETRHead)
+    assert loaded.model.head.config == {"embed_dim": 32, "depth": 2, "num_classes": 2, "features": 4}
+    assert loaded.task.decoder == "light" and loaded.task.features == 4  # type: ignore[attr-defined]
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(images), model(images), rtol=0, atol=0)
