@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from visionfm_core.errors import ConfigError
 from visionfm_core.progress import console_progress, name_skipped
 from visionfm_core.runtime import resolve_device
 from visionfm_core.tasks import pipeline
+from visionfm_core.tasks.adapters import SegmentationTask, TaskAdapter
 from visionfm_core.tasks.persistence import load_task_model
 from visionfm_core.tasks.splits import split_samples
 from visionfm_core.tasks.trainer import FineTuneConfig
@@ -114,6 +116,11 @@ def finetune_command(
         typer.Option("--test-flips/--no-test-flips", help="segmentation: the saved model predicts each tile and "
                      "its mirror images, averaged (4x the prediction arithmetic) [default: on]", show_default=False),
     ] = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option(help="segmentation decoder: light | folded (no full-resolution convolution, cheaper) | unetr, "
+                     "each at its default width [default: light]", show_default=False),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:
     """Fine-tune an encoder plus a task head; the epoch is chosen on validation data, never on test."""
@@ -134,6 +141,8 @@ def finetune_command(
     if val_samples is None:
         train_samples, val_samples = split_samples(train_samples, [val_fraction], seed)
     adapter = build_task(options, train_data)
+    if decoder is not None:
+        adapter = with_decoder(adapter, decoder)
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
@@ -190,6 +199,13 @@ def finetune_command(
         },
         report,
     )
+
+
+def with_decoder(adapter: TaskAdapter, decoder: str) -> TaskAdapter:
+    """A segmentation task with another decoder at that decoder's default width."""
+    if not isinstance(adapter, SegmentationTask):
+        raise ConfigError("decoder", f"only segmentation has a decoder to choose, not {adapter.kind}")
+    return dataclasses.replace(adapter, decoder=decoder, features=None)
 
 
 def _task_names(task: Any) -> list[str]:

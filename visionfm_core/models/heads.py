@@ -288,40 +288,36 @@ class FoldedUNETRHead(TaskHead):
     all decoding runs at half and quarter resolution, and the last 1x1 convolution predicts the four
     sub-pixels' logits, unfolded back to full resolution (pixel shuffle). No pixel is lost, so
     one-pixel vessels stay, but no convolution runs at full resolution, where a CPU spends most of a
-    narrow decoder's time (few channels, many pixels). The saving buys width: ``features`` channels
-    at half resolution (32 = 8 per full-resolution pixel), ``context`` at quarter resolution, and the
-    folded image itself fused again before the classifier.
+    narrow decoder's time (few channels, many pixels), and the convolutions that remain are wider,
+    which a CPU runs faster per operation: ``features`` channels at half resolution (32 = 8 per
+    full-resolution pixel, as many values as the light decoder's 8 there, with 4x the weights),
+    ``context`` at quarter resolution, and the folded image itself fused again before the classifier.
     Output: logits (B, C, H, W) for any input size (an odd side is padded by one pixel, then cropped).
     """
 
     kind = "unetr-folded"
 
     def __init__(self, embed_dim: int, depth: int, num_classes: int, features: int = 32,
-                 context: int | None = None, eighth: int = 0) -> None:
+                 context: int | None = None) -> None:
         super().__init__()
-        context = context if context is not None else 3 * features // 2
+        context = context if context is not None else features
         self.config = {
             "embed_dim": embed_dim,
             "depth": depth,
             "num_classes": num_classes,
             "features": features,
             "context": context,
-            "eighth": eighth,
         }
         self.blocks = tuple(sorted(set(spread_blocks(depth, 4))))
         folded = 3 * FOLD * FOLD
         self.stem2 = ConvBlock(folded, features)
         self.stem4 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(features, context))
-        deepest = eighth or context
         self.tokens = nn.Sequential(
-            nn.Conv2d(embed_dim * len(self.blocks), deepest, 1, bias=False),
-            nn.GroupNorm(_groups(deepest), deepest),
+            nn.Conv2d(embed_dim * len(self.blocks), context, 1, bias=False),
+            nn.GroupNorm(_groups(context), context),
             nn.GELU(),
         )
-        if eighth:
-            self.stem8 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(context, eighth))
-            self.fuse8 = ConvBlock(2 * eighth, eighth)
-        self.fuse4 = ConvBlock(deepest + context, context)
+        self.fuse4 = ConvBlock(2 * context, context)
         self.fuse2 = ConvBlock(context + features + folded, features)
         self.classifier = nn.Conv2d(features, num_classes * FOLD * FOLD, 1)
 
@@ -335,10 +331,6 @@ class FoldedUNETRHead(TaskHead):
         half = self.stem2(folded)
         quarter = self.stem4(half)
         x = self.tokens(torch.cat([features.maps[b].float() for b in self.blocks], 1))
-        if self.config["eighth"]:
-            eighth = self.stem8(quarter)
-            x = F.interpolate(x, size=eighth.shape[-2:], mode="bilinear", align_corners=False)
-            x = self.fuse8(torch.cat([x, eighth], 1))
         x = F.interpolate(x, size=quarter.shape[-2:], mode="bilinear", align_corners=False)
         x = self.fuse4(torch.cat([x, quarter], 1))
         x = F.interpolate(x, size=half.shape[-2:], mode="bilinear", align_corners=False)

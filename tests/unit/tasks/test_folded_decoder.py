@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
+from typer.testing import CliRunner
 
-from tests.unit.tasks.helpers import tiny_encoder
+from tests.synthetic_fundus import synthetic_fundus
+from tests.unit.tasks.helpers import random_label_manifest, tiny_encoder
+from visionfm_core.cli import build_app
 from visionfm_core.errors import ConfigError
 from visionfm_core.models.encoders import EncoderSpec
 from visionfm_core.models.heads import (
@@ -35,10 +40,10 @@ def _features(head: TaskHead, height: int, width: int, batch: int = 2, embed_dim
 
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (48, 80), (33, 47), (17, 64)])
-@pytest.mark.parametrize(("num_classes", "eighth"), [(2, 0), (5, 16)])
-def test_logits_at_the_input_size_for_any_size(height: int, width: int, num_classes: int, eighth: int) -> None:
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_logits_at_the_input_size_for_any_size(height: int, width: int, num_classes: int) -> None:
     torch.manual_seed(0)
-    head = FoldedUNETRHead(32, 2, num_classes, features=8, eighth=eighth)
+    head = FoldedUNETRHead(32, 2, num_classes, features=8)
     assert head(_features(head, height, width)).shape == (2, num_classes, height, width)
 
 
@@ -94,11 +99,11 @@ def test_one_pixel_detail_survives_the_fold() -> None:
 
 
 def test_folded_head_rebuilds_from_its_config() -> None:
-    head = FoldedUNETRHead(32, 2, 4, features=16, context=24, eighth=32)
+    head = FoldedUNETRHead(32, 2, 4, features=16, context=24)
     rebuilt = build_head(head.kind, head.config)
     assert isinstance(rebuilt, FoldedUNETRHead) and rebuilt.config == head.config
     assert rebuilt.state_dict().keys() == head.state_dict().keys()
-    assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 24  # 1.5x by default, stored
+    assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 16  # as wide as features, stored
 
 
 def test_each_decoder_has_its_own_default_width() -> None:
@@ -144,3 +149,33 @@ def test_an_old_light_model_loads_and_predicts_exactly_as_before(tmp_path: Path)
     images = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.eval()(images), model(images), rtol=0, atol=0)
+
+
+def test_finetune_cli_takes_the_decoder_at_its_default_width(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISIONFM_STATE_DIR", str(tmp_path / "state"))
+    defaults = SegmentationTask.preprocess_defaults
+    # Tiny photographs: tiles at their own resolution, no flips (keeps the run to seconds).
+    monkeypatch.setattr(SegmentationTask, "preprocess_defaults",
+                        lambda self: {**defaults(self), "fov_diameter": 0, "test_flips": False})
+    rows = ["image,mask"]
+    for number in range(5):
+        image, vessels = synthetic_fundus((48, 64), number)
+        Image.fromarray(image).save(tmp_path / f"eye{number}.png")
+        Image.fromarray((vessels * 255).astype(np.uint8)).save(tmp_path / f"eye{number}_mask.png")
+        rows.append(f"eye{number}.png,eye{number}_mask.png")
+    (tmp_path / "vessels.csv").write_text("\n".join(rows) + "\n")
+    args = ["finetune", str(tmp_path / "vessels.csv"), "--task", "segmentation", "--arch", "nano", "--image-size",
+            "32", "--device", "cpu", "--threads", "1", "--epochs", "1", "--min-steps", "1"]
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "f.safetensors"), "--decoder", "folded"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = load_task_model(tmp_path / "f.safetensors")
+    assert isinstance(saved.model.head, FoldedUNETRHead) and saved.model.head.config["features"] == 32
+    assert saved.task.to_config()["decoder"] == "folded"
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "l.safetensors")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert isinstance(load_task_model(tmp_path / "l.safetensors").model.head, LightUNETRHead)  # the default
+    manifest = random_label_manifest(tmp_path, 8)
+    result = CliRunner().invoke(build_app(), ["finetune", str(manifest), "--out", str(tmp_path / "c.safetensors"),
+                                              "--decoder", "folded", "--arch", "nano", "--image-size", "32"])
+    assert result.exit_code != 0 and "decoder" in result.output and not (tmp_path / "c.safetensors").exists()
