@@ -66,7 +66,7 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 800 for segmentation, 300 otherwise]", show_default=False),
+                          "task's: 1000 for segmentation, 300 otherwise]", show_default=False),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
     lr: Annotated[
@@ -118,8 +118,9 @@ def finetune_command(
     ] = None,
     decoder: Annotated[
         str | None,
-        typer.Option(help="segmentation decoder: light | folded (no full-resolution convolution, cheaper) | unetr, "
-                     "each at its default width [default: light]", show_default=False),
+        typer.Option(help="segmentation decoder: folded (no full-resolution convolution) | light (the decoder "
+                     "before 2026-12; its models load either way) | unetr, each at its default width "
+                     "[default: folded]", show_default=False),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:

@@ -106,14 +106,15 @@ def test_folded_head_rebuilds_from_its_config() -> None:
     assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 16  # as wide as features, stored
 
 
-def test_each_decoder_has_its_own_default_width() -> None:
+def test_segmentation_defaults_to_the_folded_decoder_and_each_decoder_has_its_width() -> None:
     task = SegmentationTask(2)
-    assert task.decoder == "light" and task.features == DECODER_FEATURES["light"] == 8
-    folded = SegmentationTask(2, decoder="folded")
-    assert folded.features == DECODER_FEATURES["folded"] == 32
-    head = folded.build_head(32, 2, 16, "full")
-    assert isinstance(head, FoldedUNETRHead) and head.config["features"] == 32
-    assert SegmentationTask.from_config(folded.to_config()) == folded
+    assert task.decoder == "folded" and task.features == DECODER_FEATURES["folded"] == 32
+    head = task.build_head(32, 2, 16, "full")
+    assert isinstance(head, FoldedUNETRHead) and head.config["features"] == head.config["context"] == 32
+    assert SegmentationTask.from_config(task.to_config()) == task
+    light = SegmentationTask(2, decoder="light")
+    assert light.features == DECODER_FEATURES["light"] == 8
+    assert isinstance(light.build_head(32, 2, 16, "full"), LightUNETRHead)
     with pytest.raises(ConfigError, match="decoder"):
         SegmentationTask(2, decoder="mystery")
 
@@ -166,16 +167,17 @@ def test_finetune_cli_takes_the_decoder_at_its_default_width(tmp_path: Path, mon
     (tmp_path / "vessels.csv").write_text("\n".join(rows) + "\n")
     args = ["finetune", str(tmp_path / "vessels.csv"), "--task", "segmentation", "--arch", "nano", "--image-size",
             "32", "--device", "cpu", "--threads", "1", "--epochs", "1", "--min-steps", "1"]
-    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "f.safetensors"), "--decoder", "folded"],
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "l.safetensors"), "--decoder", "light"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    saved = load_task_model(tmp_path / "f.safetensors")
-    assert isinstance(saved.model.head, FoldedUNETRHead) and saved.model.head.config["features"] == 32
-    assert saved.task.to_config()["decoder"] == "folded"
-    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "l.safetensors")], catch_exceptions=False)
+    saved = load_task_model(tmp_path / "l.safetensors")
+    assert isinstance(saved.model.head, LightUNETRHead) and saved.model.head.config["features"] == 8
+    assert saved.task.to_config()["decoder"] == "light"
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "f.safetensors")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert isinstance(load_task_model(tmp_path / "l.safetensors").model.head, LightUNETRHead)  # the default
+    saved = load_task_model(tmp_path / "f.safetensors")
+    assert isinstance(saved.model.head, FoldedUNETRHead) and saved.model.head.config["features"] == 32  # default
     manifest = random_label_manifest(tmp_path, 8)
     result = CliRunner().invoke(build_app(), ["finetune", str(manifest), "--out", str(tmp_path / "c.safetensors"),
-                                              "--decoder", "folded", "--arch", "nano", "--image-size", "32"])
+                                              "--decoder", "light", "--arch", "nano", "--image-size", "32"])
     assert result.exit_code != 0 and "decoder" in result.output and not (tmp_path / "c.safetensors").exists()

@@ -79,7 +79,7 @@ def _tiled_model(task: SegmentationTask) -> TaskModel:
 
 
 def test_outside_the_field_of_view_is_background(photographs: list[TaskSample]) -> None:
-    task = SegmentationTask(2, features=4)
+    task = SegmentationTask(2, features=4, decoder="light")
     model = _tiled_model(task)
     assert isinstance(model.head, LightUNETRHead)
     with torch.no_grad():  # a model that calls every pixel a vessel
