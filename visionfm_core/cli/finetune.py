@@ -46,8 +46,16 @@ def finetune_command(
         Path | None,
         typer.Option(help="pretrained encoder: our .safetensors, or a VisionFM / RETFound .pth (imported on the fly)"),
     ] = None,
-    arch: Annotated[str, typer.Option(help="architecture when training from scratch (no --encoder)")] = "micro",
-    patch_size: Annotated[int, typer.Option(help="patch size when training from scratch")] = 16,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="architecture when training from scratch (no --encoder) [default: the task's: mini for "
+                          "segmentation, micro otherwise]",
+                     show_default=False),
+    ] = None,
+    patch_size: Annotated[
+        int | None,
+        typer.Option(help="patch size when training from scratch [default: the task's: 16]", show_default=False),
+    ] = None,
     trust: Annotated[bool, typer.Option(help="fully unpickle a .pth you trust (can run code from the file)")] = False,
     image_size: Annotated[
         int, typer.Option(help="input size (a square's side); images are letterboxed, any size works")
@@ -149,7 +157,12 @@ def finetune_command(
         threads=threads,
         compile=compile,
     )
-    source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
+    source = pipeline.EncoderSource(
+        str(encoder) if encoder else None,
+        adapter.default_arch if arch is None else arch,
+        adapter.default_patch_size if patch_size is None else patch_size,
+        trust,
+    )
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"
                   + (f", on {devices} devices" if devices > 1 else ""))
     preprocess_options = None if test_flips is None else {"test_flips": test_flips}

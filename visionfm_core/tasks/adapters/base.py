@@ -47,6 +47,10 @@ class TaskAdapter(ABC):
     # Decay of the moving average of the weights that is validated and saved (0: the weights as trained;
     # ``visionfm finetune --ema-decay``).
     default_ema_decay: ClassVar[float] = 0.0
+    # Encoder trained from scratch when no pretrained one is given (``visionfm finetune --arch/--patch-size``;
+    # a pretrained ``--encoder`` brings its own).
+    default_arch: ClassVar[str] = "micro"
+    default_patch_size: ClassVar[int] = 16
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
