@@ -72,9 +72,14 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 800 for segmentation, 300 otherwise]", show_default=False),
+                          "task's: 300; segmentation: 800 steps of 8 tiles, proportionally more for a smaller batch, "
+                          "1600 at its default 4]", show_default=False),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="at most this many inputs a step (fewer on a small set) [default: the task's: 4 for "
+                          "segmentation, 16 otherwise]", show_default=False),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(help="peak learning rate of the head [default: the task's: 2e-3 for segmentation, 1e-3 "
@@ -142,10 +147,13 @@ def finetune_command(
     if val_samples is None:
         train_samples, val_samples = split_samples(train_samples, [val_fraction], seed)
     adapter = build_task(options, train_data)
+    if batch_size is None:
+        batch_size = adapter.default_batch_size
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
-        min_steps=adapter.default_min_steps if min_steps is None else min_steps,
+        # The step floor goes with a step's whole batch, over all devices.
+        min_steps=adapter.default_steps(batch_size * devices) if min_steps is None else min_steps,
         batch_size=batch_size,
         lr=adapter.default_lr if lr is None else lr,
         layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,

@@ -97,10 +97,20 @@ class SegmentationTask(TaskAdapter):
     # the last step (without: up and down by a few thousandths from step 560), so the selection is steadier.
     default_ema_decay = 0.99
     # From scratch, the "mini" ViT (dim 128, depth 4) rather than micro (64, 2): the encoder is a small
-    # part of a step (the decoder's full-resolution convolutions dominate). HRF (800 steps, lr 2e-3, the
-    # weight average): held-out Dice 0.7909 against 0.7887, for 1.37x the training CPU. Patch 8 with
-    # micro gave 0.7894 for 1.16x.
+    # part of a step (the decoder's full-resolution convolutions dominate): its step costs 1.14-1.22x
+    # micro's (bench/bench_seg_encoder_step.py). HRF (800 steps of 8 tiles, lr 2e-3, the weight average):
+    # held-out Dice 0.7909 against 0.7887. Patch 8 with micro gave 0.7894; mini at lr 3e-3 fell behind.
     default_arch = "mini"
+    # `visionfm finetune` trains on 4 tiles a step for twice the steps (1600, see default_steps) rather than
+    # 8 for 800: the same tiles and no more CPU, twice the updates. HRF (mini ViT): held-out Dice 0.7920
+    # against 0.7909 (validation rose faster from the first check). Federated fine-tuning keeps its own
+    # batch (capped at max_batch_size) and default_min_steps.
+    default_batch_size = 4
+
+    def default_steps(self, batch_size: int) -> int:
+        """``default_min_steps`` counts steps of ``max_batch_size`` tiles; a smaller batch takes
+        proportionally more steps, so that a run sees as many tiles (1600 steps of 4)."""
+        return self.default_min_steps * max(1, (self.max_batch_size or batch_size) // max(1, batch_size))
 
     def default_layer_decay(self, pretrained: bool) -> float:
         """0.65 for a pretrained encoder; none (1.0) for a fresh one, whose patch embedding and first

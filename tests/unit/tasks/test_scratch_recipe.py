@@ -1,9 +1,10 @@
-"""The encoder a task trains from scratch: `visionfm finetune` builds the task's architecture and patch size
-unless `--arch/--patch-size` say otherwise or a pretrained `--encoder` brings its own, and the saved model
-records what it used."""
+"""The task's own recipe in `visionfm finetune`: the encoder it trains from scratch (its architecture and patch
+size unless `--arch/--patch-size` say otherwise or a pretrained `--encoder` brings its own) and its batch
+(unless `--batch-size`), with the step floor that goes with the batch; the saved model records what it used."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import load_task_model, save_task_model
 from visionfm_core.tasks.trainer import FineTuneConfig, FineTuner
 
-# No --arch / --patch-size: the task decides.
-TINY = ["--image-size", "32", "--device", "cpu", "--threads", "1", "--batch-size", "4", "--epochs", "1",
-        "--min-steps", "1", "--modality", "oct"]
+# No --arch / --patch-size / --batch-size: the task decides.
+COMMON = ["--image-size", "32", "--device", "cpu", "--threads", "1", "--epochs", "1", "--modality", "oct"]
+TINY = [*COMMON, "--batch-size", "4", "--min-steps", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +85,37 @@ def test_a_mini_segmentation_model_reads_every_block_and_round_trips(tmp_path: P
     assert loaded.encoder_metadata["arch"] == "mini"
     assert encoder_dims(loaded.model.encoder) == _dims("mini", 16)
     assert loaded.model.encoder.blocks[0].attn.num_heads == ARCHITECTURES["mini"][3]
+
+
+def test_finetune_takes_the_tasks_batch_and_its_step_floor_unless_told(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ClassificationTask, "default_batch_size", 2)
+    monkeypatch.setattr(ClassificationTask, "default_min_steps", 9)
+    manifest = random_label_manifest(tmp_path, 20)
+
+    def run(out: str, *extra: str) -> tuple[int, int]:
+        args = ["finetune", str(manifest), "--out", str(tmp_path / out), "--arch", "nano", *COMMON, *extra]
+        result = CliRunner().invoke(build_app(), args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        saved = load_task_model(tmp_path / out).metadata
+        assert saved["finetune"]["batch_size"] == saved["batch_size"]
+        return saved["batch_size"], int(json.loads(result.stdout)["steps"])
+
+    # 16 training scans: 8 steps an epoch at the task's batch of 2, 2 epochs reach its 9 steps.
+    assert run("a.safetensors") == (2, 16)
+    assert run("b.safetensors", "--batch-size", "4") == (4, 12)  # 4 steps an epoch, 3 epochs
+    assert run("c.safetensors", "--min-steps", "2") == (2, 8)
+
+
+def test_segmentation_takes_smaller_batches_for_proportionally_more_steps() -> None:
+    task, full = SegmentationTask(2), SegmentationTask.max_batch_size
+    assert full is not None and SegmentationTask.default_batch_size < full
+    # default_min_steps counts steps of full batches (federated fine-tuning uses it so): a smaller batch sees
+    # as many tiles.
+    assert task.default_steps(full) == task.default_steps(2 * full) == task.default_min_steps
+    assert task.default_steps(full // 2) == 2 * task.default_min_steps
+    assert task.default_steps(SegmentationTask.default_batch_size) * SegmentationTask.default_batch_size == (
+        task.default_min_steps * full)
+    classification = ClassificationTask(2)
+    assert classification.default_batch_size == 16
+    assert classification.default_steps(4) == classification.default_steps(64) == classification.default_min_steps
