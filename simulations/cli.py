@@ -46,7 +46,7 @@ def simulate_command(
     rounds: Annotated[int | None, typer.Option(hidden=True, help="deprecated name of --num-rounds")] = None,
     local_steps: Annotated[int | None, typer.Option(help="local optimisation steps per round")] = None,
     objective: Annotated[str | None, typer.Option(help="dino | ibot")] = None,
-    arch: Annotated[str | None, typer.Option(help="nano | micro | tiny | small | base")] = None,
+    arch: Annotated[str | None, typer.Option(help="nano | micro | mini | tiny | small | base")] = None,
     image_size: Annotated[int | None, typer.Option(help="input size in pixels")] = None,
     patch_size: Annotated[int | None, typer.Option(help="ViT patch size")] = None,
     teacher_sync: Annotated[str | None, typer.Option(help="ema (FedEMA-style) | reset")] = None,

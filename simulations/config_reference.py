@@ -39,7 +39,7 @@ MEANINGS = {
     "num-rounds": "federated pretraining rounds",
     "local-steps": "local optimisation steps per site per round",
     "batch-size": "images per local step",
-    "arch": "encoder size: nano, micro (tests), tiny, small, base, large",
+    "arch": "encoder size: nano, micro (tests), mini, tiny, small, base, large",
     "image-size": "input size in pixels (global crops)",
     "patch-size": "ViT patch size in pixels",
     "modalities": "the global model's modalities, comma-separated (one encoder each)",

@@ -48,8 +48,16 @@ def finetune_command(
         Path | None,
         typer.Option(help="pretrained encoder: our .safetensors, or a VisionFM / RETFound .pth (imported on the fly)"),
     ] = None,
-    arch: Annotated[str, typer.Option(help="architecture when training from scratch (no --encoder)")] = "micro",
-    patch_size: Annotated[int, typer.Option(help="patch size when training from scratch")] = 16,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="architecture when training from scratch (no --encoder) [default: the task's: mini for "
+                          "segmentation, micro otherwise]",
+                     show_default=False),
+    ] = None,
+    patch_size: Annotated[
+        int | None,
+        typer.Option(help="patch size when training from scratch [default: the task's: 16]", show_default=False),
+    ] = None,
     trust: Annotated[bool, typer.Option(help="fully unpickle a .pth you trust (can run code from the file)")] = False,
     image_size: Annotated[
         int, typer.Option(help="input size (a square's side); images are letterboxed, any size works")
@@ -66,9 +74,14 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 1000 for segmentation, 300 otherwise]", show_default=False),
+                          "task's: 300; segmentation: 800 steps of 8 tiles, proportionally more for a smaller batch, "
+                          "1600 at its default 4]", show_default=False),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="at most this many inputs a step (fewer on a small set)")] = 16,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="at most this many inputs a step (fewer on a small set) [default: the task's: 4 for "
+                          "segmentation, 16 otherwise]", show_default=False),
+    ] = None,
     lr: Annotated[
         float | None,
         typer.Option(help="peak learning rate of the head [default: the task's: 2e-3 for segmentation, 1e-3 "
@@ -144,10 +157,13 @@ def finetune_command(
     adapter = build_task(options, train_data)
     if decoder is not None:
         adapter = with_decoder(adapter, decoder)
+    if batch_size is None:
+        batch_size = adapter.default_batch_size
     config = FineTuneConfig(
         regime=regime,  # type: ignore[arg-type]  # checked by FineTuneConfig
         epochs=epochs,
-        min_steps=adapter.default_min_steps if min_steps is None else min_steps,
+        # The step floor goes with a step's whole batch, over all devices.
+        min_steps=adapter.default_steps(batch_size * devices) if min_steps is None else min_steps,
         batch_size=batch_size,
         lr=adapter.default_lr if lr is None else lr,
         layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,
@@ -159,7 +175,12 @@ def finetune_command(
         threads=threads,
         compile=compile,
     )
-    source = pipeline.EncoderSource(str(encoder) if encoder else None, arch, patch_size, trust)
+    source = pipeline.EncoderSource(
+        str(encoder) if encoder else None,
+        adapter.default_arch if arch is None else arch,
+        adapter.default_patch_size if patch_size is None else patch_size,
+        trust,
+    )
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"
                   + (f", on {devices} devices" if devices > 1 else ""))
     preprocess_options = None if test_flips is None else {"test_flips": test_flips}

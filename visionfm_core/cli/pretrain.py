@@ -45,7 +45,7 @@ def pretrain_command(
     data: Annotated[Path, typer.Argument(help="a folder of images/DICOM (nested), one file, or a MedMNIST .npz")],
     out: Annotated[Path, typer.Option(help="encoder checkpoint to write (.safetensors)")],
     modality: Annotated[str, typer.Option(help="imaging modality (fundus, oct, ...)")] = "fundus",
-    arch: Annotated[str, typer.Option(help="nano | micro | tiny | small | base | large")] = "micro",
+    arch: Annotated[str, typer.Option(help="nano | micro | mini | tiny | small | base | large")] = "micro",
     image_size: Annotated[int, typer.Option(help="global crop size in pixels")] = 64,
     patch_size: int = 16,
     objective: Annotated[str, typer.Option(help="dino | ibot (VisionFM's)")] = "ibot",

@@ -16,10 +16,12 @@ from torch import nn
 from visionfm_core.errors import ConfigError
 
 # Short architecture names -> (timm model name, embed dim, depth, heads). "nano" and "micro" are tiny
-# ViTs for tests and CPU demos; the others are the standard ViT sizes VisionFM/RETFound use.
+# ViTs for tests and CPU demos; "mini" (twice micro's width and depth) is what segmentation trains
+# from scratch on a CPU; the others are the standard ViT sizes VisionFM/RETFound use.
 ARCHITECTURES: dict[str, tuple[str, int, int, int]] = {
     "nano": ("vit_tiny_patch16_224", 32, 2, 2),
     "micro": ("vit_tiny_patch16_224", 64, 2, 2),
+    "mini": ("vit_tiny_patch16_224", 128, 4, 4),
     "tiny": ("vit_tiny_patch16_224", 192, 12, 3),
     "small": ("vit_small_patch16_224", 384, 12, 6),
     "base": ("vit_base_patch16_224", 768, 12, 12),

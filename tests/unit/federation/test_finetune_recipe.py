@@ -87,7 +87,7 @@ def test_the_server_resolves_the_tasks_recipe_once_for_every_party(tmp_path: Pat
     seg = SegmentationTask
     assert (scratch.finetune_lr, scratch.finetune_layer_decay, scratch.finetune_min_steps) == (
         seg.default_lr, seg().default_layer_decay(pretrained=False), seg.default_min_steps)
-    assert scratch.finetune_layer_decay == 1.0 and scratch.finetune_lr == 2e-3 and scratch.finetune_min_steps == 1000
+    assert scratch.finetune_layer_decay == 1.0 and scratch.finetune_lr == 2e-3 and scratch.finetune_min_steps == 800
     # After the pretraining phase, or from learnt encoders, the task's decay for a pretrained encoder.
     for cfg in (_config(), _config(init_encoders=_encoders(tmp_path / "ssl", "ssl"))):
         assert cfg.finetune_layer_decay == seg().default_layer_decay(pretrained=True) == 0.65
@@ -169,8 +169,8 @@ def test_every_party_trains_the_least_steps_spread_over_the_rounds(
     finetune_alone("centralized", pooled, bare, encoders, log, 0, 0)
     assert [r["steps"] for r in log.rows if r["phase"] == "finetune"] == [pooled_epoch] * 2
 
-    # The task's own least steps (1000 for segmentation), spread over the rounds; more epochs win.
+    # The task's own least steps (800 for segmentation), spread over the rounds; more epochs win.
     default = _config(finetune_rounds=3)
     assert default.finetune_min_steps == SegmentationTask.default_min_steps
-    assert round_steps(default, site_epoch) == math.ceil(1000 / 3)
+    assert round_steps(default, site_epoch) == math.ceil(800 / 3)
     assert round_steps(default.replace(finetune_epochs=1000), site_epoch) == 1000 * site_epoch

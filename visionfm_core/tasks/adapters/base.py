@@ -47,6 +47,12 @@ class TaskAdapter(ABC):
     # Decay of the moving average of the weights that is validated and saved (0: the weights as trained;
     # ``visionfm finetune --ema-decay``).
     default_ema_decay: ClassVar[float] = 0.0
+    # Encoder trained from scratch when no pretrained one is given (``visionfm finetune --arch/--patch-size``;
+    # a pretrained ``--encoder`` brings its own).
+    default_arch: ClassVar[str] = "micro"
+    default_patch_size: ClassVar[int] = 16
+    # Inputs a step when the user does not say (``visionfm finetune --batch-size``; at most max_batch_size).
+    default_batch_size: ClassVar[int] = 16
 
     @abstractmethod
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
@@ -73,6 +79,11 @@ class TaskAdapter(ABC):
     @classmethod
     def from_config(cls, raw: dict[str, Any]) -> TaskAdapter:
         return cls(**raw)
+
+    def default_steps(self, batch_size: int) -> int:
+        """``visionfm finetune``'s least number of optimiser steps at ``batch_size`` inputs a step when the
+        user does not say (``--min-steps``): ``default_min_steps``, whatever the batch."""
+        return self.default_min_steps
 
     def default_layer_decay(self, pretrained: bool) -> float:
         """Per-block learning-rate decay of the encoder when the user does not say

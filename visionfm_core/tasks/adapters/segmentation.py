@@ -83,7 +83,7 @@ class SegmentationTask(TaskAdapter):
     threshold: float = 0.5
     # "folded" (FoldedUNETRHead): no full-resolution convolution, so 0.9x the light decoder's training
     # step and 0.8x its prediction on this CPU at the same HRF Dice (0.7886 vs 0.7887 after 800 steps);
-    # the saving pays for the 1000 steps below. Saved models keep the decoder they were trained with.
+    # the saving pays for the mini ViT (default_arch). Saved models keep the decoder they were trained with.
     decoder: str = "folded"
     labels: DecodedLabels = field(default_factory=DecodedLabels, init=False, repr=False, compare=False)
 
@@ -92,9 +92,10 @@ class SegmentationTask(TaskAdapter):
     higher_is_better = True
     max_batch_size = 8
     # Measured on 16 HRF photographs (held-out Dice): 0.742 after 300 steps, 0.772 after 600 (lr 1e-3);
-    # at lr 2e-3 0.784 after 600 and 0.789 after 800 (light decoder); folded decoder: 0.789 after 800,
-    # 0.792 after 1000 (1008: whole epochs), for 1.1x the training CPU of the light decoder's 800 steps.
-    default_min_steps = 1000
+    # at lr 2e-3 0.784 after 600 and 0.789 after 800 (light decoder, micro ViT); folded decoder: 0.789
+    # after 800, 0.792 after 1000 (micro). Folded decoder + mini ViT + 4 tiles a step (default_steps:
+    # 1600 steps of 4 = 800 of 8): 0.7925, for 1.09x the training CPU of the light/micro 800 x 8 run.
+    default_min_steps = 800
     # A decoder and (usually) an encoder learnt from nothing in a few hundred steps: twice the
     # classification rate. HRF held-out Dice after 600 steps from scratch: 0.784 at 2e-3 without layer
     # decay, 0.777 at 1e-3 with decay 0.65 (the validation Dice rose faster from the first validation on).
@@ -103,6 +104,21 @@ class SegmentationTask(TaskAdapter):
     # lr 2e-3): held-out Dice 0.7887 against 0.7888 without, but validation Dice rose at every check up to
     # the last step (without: up and down by a few thousandths from step 560), so the selection is steadier.
     default_ema_decay = 0.99
+    # From scratch, the "mini" ViT (dim 128, depth 4) rather than micro (64, 2): the encoder is a small
+    # part of a step (the decoder's full-resolution convolutions dominate): its step costs 1.14-1.22x
+    # micro's (bench/bench_seg_encoder_step.py). HRF (800 steps of 8 tiles, lr 2e-3, the weight average):
+    # held-out Dice 0.7909 against 0.7887. Patch 8 with micro gave 0.7894; mini at lr 3e-3 fell behind.
+    default_arch = "mini"
+    # `visionfm finetune` trains on 4 tiles a step for twice the steps (1600, see default_steps) rather than
+    # 8 for 800: the same tiles and no more CPU, twice the updates. HRF (mini ViT): held-out Dice 0.7920
+    # against 0.7909 (validation rose faster from the first check). Federated fine-tuning keeps its own
+    # batch (capped at max_batch_size) and default_min_steps.
+    default_batch_size = 4
+
+    def default_steps(self, batch_size: int) -> int:
+        """``default_min_steps`` counts steps of ``max_batch_size`` tiles; a smaller batch takes
+        proportionally more steps, so that a run sees as many tiles (1600 steps of 4)."""
+        return self.default_min_steps * max(1, (self.max_batch_size or batch_size) // max(1, batch_size))
 
     def default_layer_decay(self, pretrained: bool) -> float:
         """0.65 for a pretrained encoder; none (1.0) for a fresh one, whose patch embedding and first
