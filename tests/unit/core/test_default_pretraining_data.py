@@ -59,7 +59,9 @@ def test_no_held_out_test_photograph_of_any_task_set_is_pretrained_on(scenario) 
 def test_the_fundus_encoder_is_pretrained_at_the_dense_tasks_size_and_working_scale(scenario) -> None:
     cfg = resolve_config(scenario, "default", {"batch-size": 2})  # the default's settings, a small batch
     defaults = {name: p.default for name, p in inspect.signature(finetune_command).parameters.items()}
-    assert (cfg.image_size, cfg.patch_size) == (defaults["image_size"], defaults["patch_size"])
+    # The patch size `visionfm finetune` leaves to the task (None): segmentation's own.
+    assert defaults["patch_size"] is None
+    assert (cfg.image_size, cfg.patch_size) == (defaults["image_size"], SegmentationTask.default_patch_size)
     assert ssl_config(cfg).fov_diameter == SegmentationTask().preprocess_defaults()["fov_diameter"]
     share = site_data(scenario, _fundus_sites(scenario)[0], cfg.val_fraction)["fundus"]
     torch.manual_seed(0)
