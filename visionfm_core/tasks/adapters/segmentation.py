@@ -106,7 +106,7 @@ class SegmentationTask(TaskAdapter):
     default_ema_decay = 0.99
     # From scratch, the "mini" ViT (dim 128, depth 4) rather than micro (64, 2): the encoder is a small
     # part of a step (the decoder's full-resolution convolutions dominate): its step costs 1.14-1.22x
-    # micro's (bench/bench_seg_encoder_step.py). HRF (800 steps of 8 tiles, lr 2e-3, the weight average):
+    # micro's (bench/bench_seg_step.py). HRF (800 steps of 8 tiles, lr 2e-3, the weight average):
     # held-out Dice 0.7909 against 0.7887. Patch 8 with micro gave 0.7894; mini at lr 3e-3 fell behind.
     default_arch = "mini"
     # `visionfm finetune` trains on 4 tiles a step for twice the steps (1600, see default_steps) rather than
