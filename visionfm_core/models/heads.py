@@ -181,6 +181,15 @@ def _project(in_channels: int, out_channels: int, doublings: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _token_projection(in_channels: int, out_channels: int) -> nn.Sequential:
+    """The encoder blocks' patch maps, concatenated, projected to the decoder's context width (1x1)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        nn.GroupNorm(_groups(out_channels), out_channels),
+        nn.GELU(),
+    )
+
+
 class UNETRHead(TaskHead):
     """UNETR-style decoder: the last block's patch map is doubled stage by stage back to the input
     size; at each of the first stages an earlier block's map, brought up to the same size, is fused
@@ -256,11 +265,7 @@ class LightUNETRHead(TaskHead):
         self.stem1 = ConvBlock(3, f)
         self.stem2 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(f, 2 * f))
         self.stem4 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(2 * f, 4 * f))
-        self.tokens = nn.Sequential(
-            nn.Conv2d(embed_dim * len(self.blocks), 4 * f, 1, bias=False),
-            nn.GroupNorm(_groups(4 * f), 4 * f),
-            nn.GELU(),
-        )
+        self.tokens = _token_projection(embed_dim * len(self.blocks), 4 * f)
         self.fuse4 = ConvBlock(8 * f, 4 * f)
         self.fuse2 = ConvBlock(6 * f, 2 * f)
         self.fuse1 = ConvBlock(3 * f, f)
@@ -312,11 +317,7 @@ class FoldedUNETRHead(TaskHead):
         folded = 3 * FOLD * FOLD
         self.stem2 = ConvBlock(folded, features)
         self.stem4 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(features, context))
-        self.tokens = nn.Sequential(
-            nn.Conv2d(embed_dim * len(self.blocks), context, 1, bias=False),
-            nn.GroupNorm(_groups(context), context),
-            nn.GELU(),
-        )
+        self.tokens = _token_projection(embed_dim * len(self.blocks), context)
         self.fuse4 = ConvBlock(2 * context, context)
         self.fuse2 = ConvBlock(context + features + folded, features)
         self.classifier = nn.Conv2d(features, num_classes * FOLD * FOLD, 1)
