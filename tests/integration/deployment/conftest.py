@@ -128,12 +128,13 @@ class CoordinatorHandle:
         )
 
 
-def start_coordinator(processes: Processes, federation: Federation, state_dir: Path) -> CoordinatorHandle:
+def start_coordinator(processes: Processes, federation: Federation, state_dir: Path, *extra: str) -> CoordinatorHandle:
+    """`visionfm-server start` (with `extra` options) on the federation; returns once its gateway listens."""
     log = state_dir.parent / f"{state_dir.name}.out"
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "coordinator.json").unlink(missing_ok=True)
     process = processes.launch(
-        ["-m", "server.cli", "start", "--certs", str(federation.store.root), "--state", str(state_dir)], log
+        ["-m", "server.cli", "start", "--certs", str(federation.store.root), "--state", str(state_dir), *extra], log
     )
     wait_until(
         lambda: (state_dir / "coordinator.json").exists() or process.poll() is not None,
