@@ -1,6 +1,7 @@
 """The operators' and hospitals' commands that only talk to processes start without torch (seconds of CPU
 per call: `visionfm-client join` on every site start, `visionfm-server status / logs / run / export` on
-every operator action). Only the ClientApp's executor and the ServerApp need torch."""
+every operator action, and `visionfm-server start` with its dashboard). Only the ClientApp's executor and the
+ServerApp need torch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 @pytest.mark.parametrize("modules", [
     "client.cli, client.join",
-    "server.cli, server.ops.runs, server.ops.deploy_app, server.ops.jobs, server.ops.coordinator",
+    "server.cli, server.ops.runs, server.ops.deploy_app, server.ops.jobs, server.ops.coordinator, "
+    "server.ops.dashboard.serve",
 ])
 def test_the_command_line_modules_import_without_torch(modules: str) -> None:
     code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
