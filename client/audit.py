@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.node_keys import AUDIT_LOG_KEY
+from client.node_keys import AUDIT_LOG_KEY  # node-config key holding the audit log's path (join sets it)
 
-__all__ = ["AUDIT_LOG_KEY", "AuditLog", "audit_mod", "payload_digest"]
 EPSILON_NAMES = ("epsilon", "dp-epsilon")  # a metric's last path segment, e.g. "fundus/epsilon"
 
 
