@@ -1,4 +1,4 @@
-"""The operators' and hospitals' commands that only talk to processes start without torch (seconds of CPU
+"""The operators' and hospitals' commands that only talk to processes start without torch or matplotlib (seconds of CPU
 per call: `visionfm-client join` on every site start, `visionfm-server status / logs / run / export` on
 every operator action, and `visionfm-server start` with its dashboard). Only the ClientApp's executor and the
 ServerApp need torch."""
@@ -20,7 +20,8 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
     "server.ops.dashboard.serve",
 ])
 def test_the_command_line_modules_import_without_torch(modules: str) -> None:
-    code = f"import sys, {modules}; print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    heavy = ("torch", "timm", "torchvision", "matplotlib")
+    code = f"import sys, {modules}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr
