@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from strategies.protocol.records import record_to_numpy
+from client.node_keys import AUDIT_LOG_KEY  # node-config key holding the audit log's path (join sets it)
 
-AUDIT_LOG_KEY = "audit-log"  # node-config key holding the audit log's path
 EPSILON_NAMES = ("epsilon", "dp-epsilon")  # a metric's last path segment, e.g. "fundus/epsilon"
 
 
@@ -55,6 +54,10 @@ def describe_reply(content: Any) -> dict[str, Any]:
     arrays: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     array_rows = []
     wire_bytes = 0
+    # Imported here, where a reply is described (inside the ClientApp): `join` imports this module for
+    # AuditLog and must start without torch (records.py imports it).
+    from strategies.protocol.records import record_to_numpy
+
     for record_name, record in content.array_records.items():
         wire_bytes += sum(len(array.data) for array in record.values())  # as serialised, packing included
         for key, array in record_to_numpy(record).items():  # each tensor, not the packed buffers

@@ -14,7 +14,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from visionfm_core.compile import check_compile_mode
 from visionfm_core.errors import ConfigError
 
 app = typer.Typer(
@@ -108,6 +107,16 @@ def check(
     raise typer.Exit(1 if failed else 0)
 
 
+def _compile_setting(compile_mode: str | None) -> dict[str, str]:
+    """`--compile` as a node-config entry (checked); imported only when given: it pulls in torch, which
+    `join` itself does not need (only the ClientApp's executor does)."""
+    if not compile_mode:
+        return {}
+    from visionfm_core.compile_mode import check_compile_mode
+
+    return {"compile": check_compile_mode(compile_mode)}
+
+
 @app.command()
 def join(
     bundle: Path = BUNDLE,
@@ -161,7 +170,7 @@ def join(
     --max-offline). Everything the site sends is recorded in WORK/audit.jsonl (see `visionfm-client audit`).
     """
     from client.join import JoinRefusedError, SiteSettings, run_site
-    from client.site_state import KEEP_HOURS_KEY
+    from client.node_keys import KEEP_HOURS_KEY
 
     if 0 < max_offline < MIN_MAX_OFFLINE_S:
         console.print(f"[red]error:[/red] --max-offline must be 0 (never give up) or at least {MIN_MAX_OFFLINE_S}s")
@@ -191,7 +200,7 @@ def join(
         coordinator,
         warm=not cold,
         extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest, "devices": devices,
-                           **({"compile": check_compile_mode(compile_mode)} if compile_mode else {})},
+                           **_compile_setting(compile_mode)},
         max_offline_s=max_offline,
     )
     try:

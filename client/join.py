@@ -31,9 +31,8 @@ from certs.bundle import HospitalBundle, load_bundle
 from certs.loopback import make_loopback_tls
 from certs.tls import server_context
 from certs.verify import has_errors, verify_bundle
-from client.audit import AUDIT_LOG_KEY, AuditLog
-from client.privacy.ledger import LEDGER_DIR_KEY
-from client.site_state import STATE_DIR_KEY
+from client.audit import AuditLog
+from client.node_keys import AUDIT_LOG_KEY, LEDGER_DIR_KEY, STATE_DIR_KEY
 from client.supernode import (
     NodeValue,
     SuperNodeSpec,

@@ -26,11 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from client.node_keys import KEEP_HOURS_KEY, STATE_DIR_KEY  # node-config keys (join sets them)
 from strategies.protocol.records import arrays_to_record, record_to_tensors
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
-STATE_DIR_KEY = "state-dir"  # node-config key: the site's folder for between-round state
-KEEP_HOURS_KEY = "state-keep-hours"  # node-config key: other runs' folders idle this long are deleted
 DEFAULT_KEEP_HOURS = 72.0
 logger = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")

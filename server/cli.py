@@ -81,6 +81,13 @@ def start(
         help="Largest request body a site may send, in MiB (Flower sends arrays in chunks of at most "
         "5 MiB; larger bodies are refused with 413 before they cost memory).",
     ),
+    crl_check_seconds: float = typer.Option(
+        60.0,
+        "--crl-check-seconds",
+        min=0.5,
+        help="How often the running coordinator looks at its CRL; it re-signs the CRL (CA key online) "
+        "15 days before it expires.",
+    ),
 ) -> None:
     """Run the coordinator in the foreground until Ctrl-C / SIGTERM.
 
@@ -105,7 +112,7 @@ def start(
         serve_dashboard = None if dashboard.lower() in ("", "off", "none") else dashboard_factory(dashboard)
         code = run_coordinator(
             certs, state, listen or None, superlink_port or None, on_ready=ready, dashboard=serve_dashboard,
-            max_body_bytes=max_request_mb * 1024 * 1024,
+            max_body_bytes=max_request_mb * 1024 * 1024, crl_check_s=crl_check_seconds,
         )
     except (ConfigError, CertificateError, RuntimeError) as exc:
         _fail(exc)

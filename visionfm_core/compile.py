@@ -32,22 +32,14 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from visionfm_core.errors import ConfigError
+from visionfm_core.compile_mode import COMPILE_MODES, check_compile_mode
+
+__all__ = ["COMPILE_MODES", "CompiledCall", "check_compile_mode", "compile_wanted", "mark_step_begin",
+           "maybe_compile", "uses_cuda_graphs"]
 
 logger = logging.getLogger(__name__)
 
-COMPILE_MODES = ("auto", "on", "off")
 T = TypeVar("T")
-
-
-def check_compile_mode(value: object, field: str = "compile") -> str:
-    """The compile setting as one of COMPILE_MODES; a ConfigError naming `field` otherwise."""
-    text = str(value).strip().lower()
-    aliases = {"true": "on", "false": "off", "1": "on", "0": "off", "yes": "on", "no": "off"}
-    text = aliases.get(text, text)
-    if text not in COMPILE_MODES:
-        raise ConfigError(field, f"must be one of {', '.join(COMPILE_MODES)}, got {value!r}")
-    return text
 
 
 def compile_wanted(mode: str, device: torch.device | str) -> bool:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from visionfm_core.compile import check_compile_mode
+from visionfm_core.compile_mode import check_compile_mode
 from visionfm_core.config_values import parse_bool, parse_float, parse_int
 from visionfm_core.errors import ConfigError
 from visionfm_core.modalities import canonical_modality

@@ -51,7 +51,6 @@ from visionfm_core.data.items import ImageItem
 from visionfm_core.errors import VisionFMError
 from visionfm_core.models.checkpoint import atomic_write_bytes
 
-LEDGER_DIR_KEY = "privacy-ledger-dir"  # node-config key: the site's ledger folder (join sets <work>/privacy)
 GENESIS = "0" * 64
 MECHANISM = "poisson-subsampled-gaussian"
 FORMAT = "visionfm-privacy-ledger/1"

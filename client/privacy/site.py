@@ -13,13 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from client.node_keys import LEDGER_DIR_KEY, STATE_DIR_KEY
 from client.privacy.accountant import PrivacyBudget
-from client.privacy.ledger import LEDGER_DIR_KEY
 from visionfm_core.errors import ConfigError
 from visionfm_core.run_config import RunConfig
 
 DEFAULT_DELTA = 1e-5
-STATE_DIR_KEY = "state-dir"
 
 
 def simulated_site_folder(out_dir: str | Path, site_index: int) -> Path:

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "coordinator.json"
 LOCK_FILE = "coordinator.lock"
 # How often the running coordinator looks at its CRL's expiry.
-CRL_CHECK_S = 60.0
+CRL_CHECK_S = 60.0  # how often a running coordinator looks at its CRL (default of `start --crl-check-seconds`)
 
 
 @dataclass
@@ -110,8 +110,10 @@ class Coordinator:
         superlink_port: int | None = None,
         dashboard: ServiceFactory | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        crl_check_s: float = CRL_CHECK_S,
     ) -> None:
         self.store = CertStore(certs_dir.resolve()).require()
+        self.crl_check_s = crl_check_s
         self.state_dir = state_dir.resolve()
         self.max_body_bytes = max_body_bytes
         self.lock = FolderLock(self.state_dir, LOCK_FILE, "a coordinator")
@@ -202,7 +204,7 @@ class Coordinator:
                     self.sync()
                 except Exception as exc:  # keep serving; the next change retries
                     logger.error("could not update registrations: %s", exc)
-            if time.monotonic() - self._crl_checked > CRL_CHECK_S:
+            if time.monotonic() - self._crl_checked > self.crl_check_s:
                 self.refresh_crl()
             if on_tick is not None:
                 on_tick()
@@ -235,10 +237,12 @@ def run_coordinator(
     on_ready: Callable[[CoordinatorState], None] | None = None,
     dashboard: ServiceFactory | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    crl_check_s: float = CRL_CHECK_S,
 ) -> int:
     """Start, serve until SIGTERM/SIGINT, stop everything; the exit code for the CLI. `dashboard` builds
-    the operators' dashboard once the gateway runs (None: no dashboard)."""
-    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port, dashboard, max_body_bytes)
+    the operators' dashboard once the gateway runs (None: no dashboard); the CRL is looked at every
+    `crl_check_s` seconds and re-signed when it nears expiry."""
+    coordinator = Coordinator(certs_dir, state_dir, listen, superlink_port, dashboard, max_body_bytes, crl_check_s)
     signal.signal(signal.SIGTERM, coordinator.request_stop)
     signal.signal(signal.SIGINT, coordinator.request_stop)
     state = coordinator.start()

@@ -20,7 +20,6 @@ from typing import Any
 from certs.store import CertStore
 from server.ops.control import ControlPlane, RunInfo
 from server.ops.coordinator import CoordinatorState, running_state
-from server.ops.deploy_app import check_run_config, write_deployment_app
 from server.ops.jobs import Job, check_against_app, toml_overrides
 from server.ops.superlink import LOOPBACK
 from strategies.protocol.processes import flower_env, flower_script
@@ -99,6 +98,9 @@ def completed_rounds(out_dir: Path) -> list[int]:
 def submit(state_dir: Path, job: Job, resume: bool = False) -> RunRecord:
     """Start `job` on the running coordinator (or resume it); returns the submission record. A job for the
     deployment app has its values checked first (a ConfigError names the key)."""
+    # Imported here: the app's config defaults pull in torch, which `status`, `logs` and `export` never need.
+    from server.ops.deploy_app import check_run_config, write_deployment_app
+
     if job.app is None:
         check_run_config(dict(job.overrides))
     state = running_state(state_dir)

@@ -11,9 +11,10 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # (metric, title): a line per site and modality over rounds, when the run has the metric.
 METRIC_PLOTS = (
@@ -55,6 +56,9 @@ def _svg_uri(fig: Figure) -> str:
 
 
 def _figure() -> tuple[Figure, Any]:
+    # Imported at the first plot, not when the coordinator starts (about a second of CPU per start).
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.2, 3.0), dpi=96, layout="tight")
     ax = fig.subplots()
     ax.grid(alpha=0.3)

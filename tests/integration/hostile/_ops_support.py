@@ -41,9 +41,10 @@ def cli(module: str, *args: str, cwd: Path = REPO, timeout: float = 180) -> subp
     )
 
 
-def write_crl(store: CertStore, issued_days_ago: float, valid_days: float = 30) -> None:
-    """Replace the CRL with one the CA signed `issued_days_ago` days ago, valid for `valid_days`."""
-    ca, key = load_cert(store.ca_cert), load_private_key(store.ca_key)
+def write_crl(store: CertStore, issued_days_ago: float, valid_days: float = 30, ca_key: Path | None = None) -> None:
+    """Replace the CRL with one the CA signed `issued_days_ago` days ago, valid for `valid_days` (signed with
+    the CA key at `ca_key` when it is kept away from the store)."""
+    ca, key = load_cert(store.ca_cert), load_private_key(ca_key or store.ca_key)
     issued = utcnow() - dt.timedelta(days=issued_days_ago)
     crl = (
         x509.CertificateRevocationListBuilder()

@@ -30,6 +30,7 @@ from tests.integration.hostile._ops_support import (  # noqa: F401
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+CRL_CHECK_S = 3.0
 
 
 def _probe(federation: Federation, hospital: str = "hospital-a") -> str:
@@ -83,13 +84,23 @@ def test_an_expired_crl_on_a_running_coordinator_is_reported_as_such_and_fixed_l
 
 
 def test_a_crl_close_to_expiry_is_re_signed_by_the_running_coordinator(
-    processes: Processes, federation: Federation, coordinator: CoordinatorHandle
+    processes: Processes, federation: Federation, tmp_path: Path
 ) -> None:
-    write_crl(federation.store, issued_days_ago=25)  # 5 days left: past the coordinator's refresh point
+    # The running coordinator looks at its CRL every --crl-check-seconds (default: every minute; 3 s here,
+    # so the test does not wait out a minute) and re-signs it 15 days ahead of expiry.
+    store = federation.store
+    coordinator = start_coordinator(processes, federation, federation.root / "coordinator",
+                                    "--crl-check-seconds", str(CRL_CHECK_S))
+    # While `status` looks, the CA key is away (the coordinator cannot re-sign under it); then it is back.
+    offline = tmp_path / "ca.key.offline"
+    shutil.move(store.ca_key, offline)
+    write_crl(store, issued_days_ago=25, ca_key=offline)  # 5 days left: past the coordinator's refresh point
     status = coordinator.cli("status")
     assert "WARNING" in status.stdout and "crl.pem" in status.stdout, status.stdout
-    # The running coordinator looks at its CRL every minute and re-signs it 15 days ahead of expiry.
-    took = timed(lambda: crl_next_update(federation.store) > utcnow() + dt.timedelta(days=29), 90, poll_s=1.0)
+    assert "CRL expires on" in " ".join(status.stdout.split()), status.stdout
+    assert crl_next_update(store) < utcnow() + dt.timedelta(days=6)  # nothing re-signed it meanwhile
+    shutil.move(offline, store.ca_key)
+    took = timed(lambda: crl_next_update(federation.store) > utcnow() + dt.timedelta(days=29), 90, poll_s=0.5)
     assert took is not None, "the running coordinator did not re-sign a CRL 5 days from expiry"
     print(f"running coordinator re-signed a CRL 5 days from expiry after {took:.0f}s")
     assert _probe(federation) == "ok"
