@@ -37,7 +37,6 @@ from strategies.protocol.processes import FolderLock, command_pid, free_port, pi
 logger = logging.getLogger(__name__)
 STATE_FILE = "coordinator.json"
 LOCK_FILE = "coordinator.lock"
-# How often the running coordinator looks at its CRL's expiry.
 CRL_CHECK_S = 60.0  # how often a running coordinator looks at its CRL (default of `start --crl-check-seconds`)
 
 

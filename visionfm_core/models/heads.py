@@ -287,6 +287,9 @@ class LightUNETRHead(TaskHead):
         return out
 
 
+FOLD = 2  # FoldedUNETRHead: pixels per side folded into one half-resolution position
+
+
 class FoldedUNETRHead(TaskHead):
     """:class:`LightUNETRHead`'s design with the full resolution folded into channels: every 2x2
     block of pixels becomes one half-resolution position with 12 input channels (pixel unshuffle),
@@ -338,9 +341,6 @@ class FoldedUNETRHead(TaskHead):
         x = self.fuse2(torch.cat([x, half, folded], 1))
         out: Tensor = F.pixel_shuffle(self.classifier(x), FOLD)[..., :height, :width]
         return out
-
-
-FOLD = 2  # FoldedUNETRHead: pixels per side folded into one half-resolution position
 
 
 class _TokenDecoder(nn.Module):

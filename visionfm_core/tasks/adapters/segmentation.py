@@ -105,7 +105,7 @@ class SegmentationTask(TaskAdapter):
     # the last step (without: up and down by a few thousandths from step 560), so the selection is steadier.
     default_ema_decay = 0.99
     # From scratch, the "mini" ViT (dim 128, depth 4) rather than micro (64, 2): the encoder is a small
-    # part of a step (the decoder's full-resolution convolutions dominate): its step costs 1.14-1.22x
+    # part of a step (the decoder's convolutions dominate): its step costs 1.14-1.22x
     # micro's (bench/bench_seg_step.py). HRF (800 steps of 8 tiles, lr 2e-3, the weight average):
     # held-out Dice 0.7909 against 0.7887. Patch 8 with micro gave 0.7894; mini at lr 3e-3 fell behind.
     default_arch = "mini"
