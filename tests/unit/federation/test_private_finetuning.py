@@ -98,9 +98,14 @@ def test_dp_finetuning_past_the_lifetime_budget_is_refused_before_training(tmp_p
     assert summarise_ledgers(tmp_path / "privacy") == []  # nothing charged, nothing trained
 
 
+# The task's least steps (300 for classification) are not what these tests look at: one epoch is enough
+# to make an update for the site to clip or to keep (the steps are tested in test_finetune_recipe.py).
+ONE_EPOCH = {"finetune-min-steps": 0}
+
+
 def test_central_dp_clips_finetuning_updates_at_the_site(tmp_path: Path) -> None:
     clip = 1e-3
-    cfg = _config(**{"central-dp-clip": clip, "central-dp-noise": 1.0, "finetune-encoder": "trained"})
+    cfg = _config(**{"central-dp-clip": clip, "central-dp-noise": 1.0, "finetune-encoder": "trained", **ONE_EPOCH})
     arrays = _global(cfg)
     reply = _call(cfg, arrays, _context(tmp_path, epsilon=None))
     sent = record_to_numpy(reply.content.array_records["arrays"])
@@ -110,7 +115,7 @@ def test_central_dp_clips_finetuning_updates_at_the_site(tmp_path: Path) -> None
 
 
 def test_secure_aggregation_keeps_the_finetuning_update_on_the_site(tmp_path: Path) -> None:
-    cfg = _config(**{"secure-aggregation": True})
+    cfg = _config(**{"secure-aggregation": True, **ONE_EPOCH})
     context = _context(tmp_path, epsilon=None)
     reply = _call(cfg, _global(cfg), context)
     assert record_to_numpy(reply.content.array_records["arrays"]) == {}
