@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from client.supernode_poll import DEFAULT_IDLE_POLL_S
 from visionfm_core.errors import ConfigError
 
 app = typer.Typer(
@@ -162,6 +163,14 @@ def join(
         help="Between-round training state of earlier runs (WORK/state/run-*, about 270 MB per modality at "
         "ViT-S) is deleted once nothing was written to it for this many hours.",
     ),
+    idle_poll: float = typer.Option(
+        DEFAULT_IDLE_POLL_S,
+        "--idle-poll",
+        min=0.1,
+        max=3.0,
+        help="Seconds the SuperNode waits before asking the coordinator again when it had no message "
+        "(Flower's own wait is 3 s; a round starts at this site up to this long after it is sent).",
+    ),
 ) -> None:
     """Join the federation and stay joined until Ctrl-C / SIGTERM.
 
@@ -202,6 +211,7 @@ def join(
         extra_node_config={**budget, KEEP_HOURS_KEY: state_keep_hours, **manifest, "devices": devices,
                            **_compile_setting(compile_mode)},
         max_offline_s=max_offline,
+        idle_poll_s=idle_poll,
     )
     try:
         run_site(

@@ -41,6 +41,7 @@ from client.supernode import (
     start_warm_executor,
     write_superexec_secret,
 )
+from client.supernode_poll import DEFAULT_IDLE_POLL_S
 from client.uplink import Uplink, UplinkThread, probe_coordinator
 from strategies.protocol.processes import FolderLock, descendants, free_port, stop_stale, stop_tree
 from visionfm_core.errors import ConfigError, VisionFMError
@@ -71,6 +72,8 @@ class SiteSettings:
     extra_node_config: dict[str, NodeValue] = field(default_factory=dict)
     # How long the coordinator may stay unreachable before `join` gives up (0: keep trying forever).
     max_offline_s: float = 0.0
+    # Seconds between the SuperNode's pulls that find no message (client/supernode_poll.py).
+    idle_poll_s: float = DEFAULT_IDLE_POLL_S
 
     @property
     def audit_log(self) -> Path:
@@ -242,6 +245,7 @@ class SiteNode:
             gpu=self.settings.gpu,
             superexec_secret=self.superexec_secret,
             devices=int(str(self.settings.extra_node_config.get("devices", 1))),
+            idle_poll_s=self.settings.idle_poll_s,
         )
         if self.node_id_file.exists():
             # A previous SuperNode of this site may have died without deactivating (crash, kill -9):

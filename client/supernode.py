@@ -19,6 +19,7 @@ from pathlib import Path
 from certs.bundle import HospitalBundle
 from certs.keys import write_private
 from certs.loopback import LoopbackTLS
+from client.supernode_poll import DEFAULT_IDLE_POLL_S
 from strategies.protocol.processes import flower_env, flower_script, spawn
 from visionfm_core.errors import ConfigError
 
@@ -56,6 +57,8 @@ class SuperNodeSpec:
     # The per-start SuperExec secret (see `write_superexec_secret`); None for stock Flower behaviour.
     superexec_secret: Path | None = None
     devices: int = 1  # a multi-device site sees GPUs gpu .. gpu + devices - 1
+    # Seconds between the SuperNode's pulls that find no message (Flower's own: 3; see client/supernode_poll.py).
+    idle_poll_s: float = DEFAULT_IDLE_POLL_S
 
     @property
     def home(self) -> Path:
@@ -71,8 +74,14 @@ class SuperNodeSpec:
 
 
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
+    """Flower's SuperNode, through the launcher that shortens its idle poll (client/supernode_poll.py)."""
     return [
-        flower_script("flower-supernode"),
+        sys.executable,
+        "-m",
+        "client.supernode_poll",
+        "--idle-poll",
+        repr(spec.idle_poll_s),
+        "flower-supernode",
         "--superlink",
         f"127.0.0.1:{spec.uplink_port}",
         "--root-certificates",

@@ -77,3 +77,34 @@ def test_first_party_modules_are_forgotten_third_party_kept() -> None:
         assert "certs.keys" not in sys.modules and "json" in sys.modules
     finally:
         sys.modules.update(saved)
+
+
+
+def test_supernode_launcher_caps_flowers_idle_poll_and_keeps_the_program_name(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import inspect
+    from types import SimpleNamespace
+
+    from flwr.supernode import start_client_internal
+
+    from client.supernode import SuperNodeSpec, supernode_command
+    from client.supernode_poll import cap_idle_poll
+
+    # Flower's loop sleeps 3 s through its module-level `time` when a pull finds nothing: what is capped.
+    assert "time.sleep(3)" in inspect.getsource(start_client_internal)
+    monkeypatch.setattr(start_client_internal, "time", time)  # restored after the test
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    cap_idle_poll(0.25)
+    start_client_internal.time.sleep(3)
+    start_client_internal.time.sleep(0.1)
+    assert slept == [0.25, 0.1]  # capped, never lengthened
+    assert start_client_internal.time.monotonic is time.monotonic  # the rest is the real module
+
+    # The site's SuperNode runs through the launcher; `flower-supernode` stays in its command line.
+    spec = SuperNodeSpec(bundle=SimpleNamespace(node_key=tmp_path / "node.key"),  # type: ignore[arg-type]
+                         loopback=SimpleNamespace(ca_cert=tmp_path / "ca.crt"),  # type: ignore[arg-type]
+                         uplink_port=1, runtime_port=2, node_config={}, work_dir=tmp_path, idle_poll_s=0.5)
+    command = supernode_command(spec)
+    assert command[1:6] == ["-m", "client.supernode_poll", "--idle-poll", "0.5", "flower-supernode"]
+    assert command[6:8] == ["--superlink", "127.0.0.1:1"]
