@@ -27,15 +27,17 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from strategies.deltas import clip_to_norm
 from strategies.fedavg import modality_of
 from strategies.secure_noise import SecureGaussian
 from visionfm_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opacus.accountants import RDPAccountant
 
 NoiseRng = np.random.Generator | SecureGaussian
 
@@ -163,7 +165,9 @@ class SiteLevelAccountant:
 
     noise_multiplier: float
     sample_rate: float = 1.0
-    _accountant: RDPAccountant = field(default_factory=RDPAccountant, repr=False)
+    # Made at the first round: importing Opacus costs about a second, and every ServerApp builds an
+    # accountant whether or not its run uses central DP.
+    _accountant: RDPAccountant | None = field(default=None, repr=False)
     rounds: int = 0
 
     def __post_init__(self) -> None:
@@ -172,10 +176,17 @@ class SiteLevelAccountant:
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError("central_dp.sample_rate", f"must lie in (0, 1], got {self.sample_rate}")
 
+    def _rdp(self) -> RDPAccountant:
+        if self._accountant is None:
+            from opacus.accountants import RDPAccountant
+
+            self._accountant = RDPAccountant()
+        return self._accountant
+
     def step(self, rounds: int = 1) -> None:
         """Account for `rounds` more noised aggregations."""
         for _ in range(rounds):
-            self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self._rdp().step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.rounds += rounds
 
     def epsilon(self, delta: float) -> float:
@@ -184,10 +195,13 @@ class SiteLevelAccountant:
             raise ConfigError("central_dp.delta", f"must lie in (0, 1), got {delta}")
         if self.rounds == 0:
             return 0.0
-        return float(self._accountant.get_epsilon(delta=delta))
+        return float(self._rdp().get_epsilon(delta=delta))
 
     def rounds_within(self, epsilon: float, delta: float, max_rounds: int = 1_000_000) -> int:
         """How many rounds in total fit in (epsilon, delta) at this noise and sample rate."""
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
         orders = RDPAccountant.DEFAULT_ALPHAS
         # RDP composes additively: T rounds cost T times one round at every order.
         one_round = np.asarray(

@@ -26,3 +26,14 @@ def test_the_command_line_modules_import_without_torch(modules: str) -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"{modules} imported {done.stdout.strip()}"
+
+
+def test_the_server_app_imports_opacus_only_for_a_run_with_central_dp() -> None:
+    # Every ServerApp start (each submitted run) would otherwise pay Opacus' import, about a second of CPU.
+    code = ("import sys, server.federation.app; from strategies.central_dp import SiteLevelAccountant; "
+            "before = 'opacus' in sys.modules; accountant = SiteLevelAccountant(1.0); accountant.step(); "
+            "print(before, 'opacus' in sys.modules, accountant.epsilon(1e-5) > 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
