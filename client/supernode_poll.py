@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from collections.abc import Sequence
 
 PROGRAM = "flower-supernode"
@@ -26,12 +25,11 @@ FLOWER_IDLE_POLL_S = 3.0
 DEFAULT_IDLE_POLL_S = 1.0
 
 
-class CappedSleep(types.SimpleNamespace):
+class CappedSleep:
     """A stand-in for the `time` module inside Flower's SuperNode loop: `sleep` is capped at `cap_s`,
     every other attribute is the real `time` module's."""
 
     def __init__(self, cap_s: float) -> None:
-        super().__init__()
         self.cap_s = cap_s
 
     def sleep(self, seconds: float) -> None:
