@@ -112,9 +112,9 @@ class SegmentationTask(TaskAdapter):
     # `visionfm finetune` trains on 2 tiles a step for four times the steps (3200, see default_steps) rather
     # than 8 for 800: the same tiles and no more CPU, four times the updates. HRF (mini ViT, light decoder):
     # 4 tiles a step gave held-out Dice 0.7920 against 0.7909 at 8. Folded decoder (Intel Xeon, 1 thread,
-    # the CLI): 2 tiles 0.7944 at 775 training CPU-s against 4 tiles 0.7917 at 776; 1 tile 0.7944 at 856
-    # (its validation 0.8120 flip-averaged against 0.8116: not worth 16% more CPU). Federated fine-tuning
-    # keeps its own batch (capped at max_batch_size) and default_min_steps.
+    # the CLI): 2 tiles 0.7944 at 775 training CPU-s against 4 tiles 0.7917 at 776; 1 tile (a harness of
+    # the same code) 0.7944 at 856 (its validation 0.8120 flip-averaged against 0.8116: not worth 16% more
+    # CPU). Federated fine-tuning keeps its own batch (capped at max_batch_size) and default_min_steps.
     default_batch_size = 2
 
     def default_steps(self, batch_size: int) -> int:
