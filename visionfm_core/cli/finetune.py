@@ -75,11 +75,11 @@ def finetune_command(
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
                           "task's: 300; segmentation: 800 steps of 8 tiles, proportionally more for a smaller batch, "
-                          "1600 at its default 4]", show_default=False),
+                          "3200 at its default 2]", show_default=False),
     ] = None,
     batch_size: Annotated[
         int | None,
-        typer.Option(help="at most this many inputs a step (fewer on a small set) [default: the task's: 4 for "
+        typer.Option(help="at most this many inputs a step (fewer on a small set) [default: the task's: 2 for "
                           "segmentation, 16 otherwise]", show_default=False),
     ] = None,
     lr: Annotated[

@@ -119,3 +119,12 @@ def test_segmentation_takes_smaller_batches_for_proportionally_more_steps() -> N
     classification = ClassificationTask(2)
     assert classification.default_batch_size == 16
     assert classification.default_steps(4) == classification.default_steps(64) == classification.default_min_steps
+
+
+def test_segmentation_trains_on_two_tiles_a_step_for_the_tiles_of_800_full_batches() -> None:
+    # The measured recipe (HRF held-out Dice 0.7944 at 2 tiles a step against 0.7917 at 4, no more CPU):
+    # `visionfm finetune` takes 3200 steps of 2 tiles, as many tiles as 800 steps of 8.
+    task = SegmentationTask(2)
+    assert SegmentationTask.default_batch_size == 2
+    assert task.default_steps(SegmentationTask.default_batch_size) == 3200
+    assert task.default_steps(SegmentationTask.default_batch_size) * 2 == 800 * 8
