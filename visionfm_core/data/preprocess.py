@@ -20,13 +20,36 @@ def fundus_fov_mask(image: np.ndarray, threshold: int | None = None) -> np.ndarr
     """Boolean (H, W) mask of the circular field of view of a fundus photograph.
 
     The border of a fundus camera image is near black but noisy after JPEG; a pixel is inside when its
-    brightest channel exceeds `threshold` (default: 7% of the image's 99th percentile, at least 10).
+    brightest channel exceeds `threshold` (default: :func:`fov_threshold`).
     """
     _check_rgb(image)
     brightest = image.max(axis=2)
     if threshold is None:
-        threshold = max(10, int(0.07 * float(np.percentile(brightest, 99))))
+        threshold = fov_threshold(brightest)
     return brightest > threshold
+
+
+# A border at least this bright (of 255) is a lifted one (a grey surround, an export with raised
+# blacks): the threshold then starts from it. Below it, JPEG specks on black, the border counts as 0.
+LIFTED_BORDER = 8
+# A corner brighter than this share of the 99th percentile is retina, not border: no border at all.
+BORDER_SHARE = 0.25
+
+
+def fov_threshold(brightest: np.ndarray) -> int:
+    """The field-of-view threshold of an (H, W) brightest-channel image: 7% of the way from the
+    border's level to the 99th percentile, at least 10. The border's level is the median of the four
+    corners (outside the circle on fundus cameras); a lifted grey border would otherwise pass a
+    threshold set from black, and the whole frame would count as field of view."""
+    top = float(np.percentile(brightest, 99))
+    height, width = brightest.shape
+    ch, cw = max(1, height // 20), max(1, width // 20)
+    corners = np.concatenate([brightest[:ch, :cw].ravel(), brightest[:ch, -cw:].ravel(),
+                              brightest[-ch:, :cw].ravel(), brightest[-ch:, -cw:].ravel()])
+    level = float(np.median(corners))
+    if level < LIFTED_BORDER or level > BORDER_SHARE * top:
+        level = 0.0
+    return max(10, int(level + 0.07 * (top - level)))
 
 
 # Long side of the thumbnail the fast field-of-view finder thresholds (a 15-megapixel photograph is
@@ -37,7 +60,8 @@ FOV_THUMBNAIL = 256
 def fast_fundus_fov(image: np.ndarray, thumbnail: int = FOV_THUMBNAIL) -> np.ndarray:
     """Boolean (H, W) field-of-view mask found on a strided thumbnail (milliseconds at 15 megapixels).
 
-    The thumbnail's brightest channel is thresholded like :func:`fundus_fov_mask`; each row is then
+    The thumbnail's brightest channel is thresholded like :func:`fundus_fov_mask` (:func:`fov_threshold`:
+    a lifted grey border is measured in the corners and stays outside); each row is then
     filled between its first and last inside pixel (the field of view is convex, so dark lesions,
     vessels or a dim macula inside it never become holes), and the mask is brought back to full size
     with nearest-neighbour. An image without a dark border gives an all-true mask.
@@ -46,8 +70,7 @@ def fast_fundus_fov(image: np.ndarray, thumbnail: int = FOV_THUMBNAIL) -> np.nda
     height, width = image.shape[:2]
     stride = max(1, int(np.ceil(max(height, width) / thumbnail)))
     small = image[::stride, ::stride].max(axis=2)
-    threshold = max(10, int(0.07 * float(np.percentile(small, 99))))
-    inside = small > threshold
+    inside = small > fov_threshold(small)
     # Row-span fill: from the first to the last inside pixel of every row with enough of them.
     counts = inside.sum(axis=1)
     filled = np.zeros_like(inside)

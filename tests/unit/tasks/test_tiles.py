@@ -14,7 +14,7 @@ from torch import nn
 from tests.synthetic_fundus import synthetic_fundus
 from tests.unit.tasks.helpers import DATA, tiny_encoder
 from visionfm_core.data.items import ImageItem
-from visionfm_core.data.preprocess import fast_fundus_fov
+from visionfm_core.data.preprocess import fast_fundus_fov, fundus_fov_mask
 from visionfm_core.data.readers import read_image
 from visionfm_core.models.heads import LightUNETRHead, TaskModel
 from visionfm_core.tasks import pipeline
@@ -144,6 +144,19 @@ def test_fast_fov_matches_the_expert_mask_on_hrf() -> None:
     with Image.open(DATA / "hrf" / "mask" / "04_g_mask.png") as mask_file:
         expert = np.asarray(mask_file.convert("L")) > 127
     assert (fast_fundus_fov(image) == expert).mean() > 0.99
+
+
+@pytest.mark.parametrize("border", [14, 40])
+def test_a_lifted_grey_border_stays_outside_the_field_of_view(border: int) -> None:
+    """An export with raised blacks and less contrast (a grey surround, not black): the threshold
+    starts from the border measured in the corners, so the frame does not all count as inside."""
+    image = read_image(DATA / "hrf" / "images" / "04_g.jpg")
+    with Image.open(DATA / "hrf" / "mask" / "04_g_mask.png") as mask_file:
+        expert = np.asarray(mask_file.convert("L")) > 127
+    lifted = np.where(expert[..., None], image.astype(np.float32) * 0.7 + border, border).clip(0, 255)
+    lifted = lifted.astype(np.uint8)
+    assert (fast_fundus_fov(lifted) == expert).mean() > 0.99
+    assert (fundus_fov_mask(lifted) == expert).mean() > 0.98
 
 
 def test_fast_fov_of_a_borderless_image_is_everything() -> None:
