@@ -79,7 +79,6 @@ def test_first_party_modules_are_forgotten_third_party_kept() -> None:
         sys.modules.update(saved)
 
 
-
 def test_supernode_launcher_caps_flowers_idle_poll_and_keeps_the_program_name(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import inspect
