@@ -86,8 +86,14 @@ def test_a_site_reconnects_after_network_blips_and_trains_in_a_later_round(
     finally:
         relay.stop()
 
-    status = coordinator.cli("status")
-    assert "finished:completed" in status.stdout, status.stdout + status.stderr
+    # The ServerApp writes report.md just before it returns; the SuperLink marks the run finished only
+    # after the process exits, so the status is read until it says finished (CI once read "running").
+    def finished_status() -> str | None:
+        shown = coordinator.cli("status").stdout
+        return shown if "finished:" in shown else None
+
+    status = str(wait_until(finished_status, 60, "the SuperLink to mark the run finished", poll_s=1.0))
+    assert "finished:completed" in status, status
     # B felt both outages and came back by itself: same `join`, its uplink saw the coordinator again.
     text = site_b_out.read_text()
     assert text.count("cannot reach the coordinator") >= 1 and "reachable again" in text, text
