@@ -25,6 +25,7 @@ from visionfm_core.data.preprocess_contrast import local_contrast
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
+from visionfm_core.tasks.camera import Camera, RawPhotograph, camera_tile, draw_camera
 from visionfm_core.tasks.geometry import Window, letterbox, resample_image, resample_labels
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.tiles import FieldOfView, working_scale
@@ -47,7 +48,10 @@ class Preprocess:
     resolution; ``crops_per_image`` per epoch) and predict with overlapping tiles (``overlap``); the
     letterbox of the whole image otherwise. Augmentation: zoom (``max_zoom``, both ways in tiles
     mode), mirror, rotation (degrees), brightness/contrast (``jitter``), gamma, per-channel colour
-    and Gaussian blur (``blur``: the largest sigma in input pixels, on half the crops). ``contrast``
+    and Gaussian blur (``blur``: the largest sigma in input pixels, on half the crops); ``jpeg``: the
+    share of training tiles (tiles mode) cut from the raw photograph as another camera would deliver
+    it, before the standardisation: pixels up to ``camera_coarseness`` times larger, then JPEG at a
+    quality in ``jpeg_quality`` (:func:`~visionfm_core.tasks.camera.camera_tile`). ``contrast``
     "local" (fundus, with ``fov_crop``) standardises every channel against its neighbourhood inside
     the field of view (:func:`~visionfm_core.data.preprocess_contrast.local_contrast`), so that
     camera colour, exposure, gamma and illumination fall-off largely cancel before the network sees
@@ -76,6 +80,9 @@ class Preprocess:
     gamma: float = 0.0
     colour: float = 0.0
     blur: float = 0.0
+    jpeg: float = 0.0
+    jpeg_quality: tuple[int, int] = (40, 95)
+    camera_coarseness: float = 1.0
     contrast: str = "none"
     test_flips: bool = False
     # Scales of the working resolution a saved tiled model predicts at (with ``test_flips``), averaged.
@@ -88,6 +95,13 @@ class Preprocess:
             raise ConfigError("contrast", f"unknown contrast {self.contrast!r}; use {' or '.join(CONTRAST_MODES)}")
         if self.blur < 0:
             raise ConfigError("blur", f"the blur sigma must be >= 0, got {self.blur}")
+        if not 0.0 <= self.jpeg <= 1.0:
+            raise ConfigError("jpeg", f"the share of JPEG tiles must lie in [0, 1], got {self.jpeg}")
+        low, high = self.jpeg_quality
+        if not 1 <= low <= high <= 100:
+            raise ConfigError("jpeg_quality", f"need 1 <= low <= high <= 100, got {self.jpeg_quality}")
+        if self.camera_coarseness < 1.0:
+            raise ConfigError("camera_coarseness", f"must be >= 1, got {self.camera_coarseness}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError("overlap", f"tile overlap must lie in [0, 1), got {self.overlap}")
         if self.crops_per_image < 1 or self.fov_diameter < 0 or self.image_size < 1:
@@ -114,6 +128,9 @@ class Preprocess:
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
         if "test_scales" in values:
             values["test_scales"] = tuple(float(s) for s in values["test_scales"])
+        if "jpeg_quality" in values:
+            low, high = values["jpeg_quality"]
+            values["jpeg_quality"] = (int(low), int(high))
         return cls(**values)
 
     def window(self, height: int, width: int, train: bool, fov: FieldOfView | None = None) -> Window:
@@ -138,6 +155,10 @@ class Preprocess:
         centre_y = top + draws[2] * (bottom - top)
         flip = self.flip and draws[3] < 0.5
         return Window(centre_x - side / 2, centre_y - side / 2, side, self.image_size, flip=flip)
+
+    def draw_camera(self) -> Camera | None:
+        """The camera a training tile comes from, or None (lossless, at the working scale)."""
+        return draw_camera(self.jpeg, self.jpeg_quality, self.camera_coarseness)
 
     def normalise(self, image: Tensor, train: bool) -> Tensor:
         if train:
@@ -208,6 +229,8 @@ class TaskDataset(Dataset[Batch]):
         self.keep_decoded = (64 if self.tiled_training else 0) if keep_decoded is None else keep_decoded
         self.skipped: dict[str, str] = {}
         self._cache: dict[int, tuple[np.ndarray, FieldOfView | None]] = {}
+        # The photographs before the standardisation, kept beside the cache while camera tiles are drawn.
+        self._raw: dict[int, RawPhotograph] = {}
 
     @property
     def tiled_training(self) -> bool:
@@ -224,24 +247,64 @@ class TaskDataset(Dataset[Batch]):
         cached = self._cache.get(index)
         if cached is not None:
             return cached
+        raw, fov = self._decode(index)
+        image = raw
+        if self.standardises(fov):
+            assert fov is not None
+            image = local_contrast(raw, fov.mask, fov.width)
+        if len(self._cache) < self.keep_decoded:
+            self._cache[index] = (image, fov)
+            if self.camera_tiles:
+                self._raw[index] = self._keep_raw(raw, fov)
+        return image, fov
+
+    def standardises(self, fov: FieldOfView | None) -> bool:
+        """Whether loaded images are contrast standardised (``contrast`` local, with a field of view)."""
+        return self.preprocess.contrast == "local" and fov is not None
+
+    @property
+    def camera_tiles(self) -> bool:
+        """Whether some training tiles come from simulated cameras (``jpeg`` > 0, tiled training)."""
+        return self.tiled_training and self.preprocess.jpeg > 0
+
+    def _decode(self, index: int) -> tuple[np.ndarray, FieldOfView | None]:
+        """The sample's photograph (black outside its field of view with ``fov_crop``) and that field of view."""
         image = self.samples[index].item.load()
         fov = None
         if self.preprocess.fov_crop:
             fov = FieldOfView.of(image, detect=True)
             image = np.where(fov.mask[..., None], image, np.uint8(0))
-        if self.preprocess.contrast == "local" and fov is not None:
-            image = local_contrast(image, fov.mask, fov.width)
-        if len(self._cache) < self.keep_decoded:
-            self._cache[index] = (image, fov)
         return image, fov
+
+    def raw(self, index: int) -> RawPhotograph:
+        """The sample's photograph before the contrast standardisation, black outside its field of view
+        (the whole image without ``fov_crop``), no finer than the training tiles sample it."""
+        kept = self._raw.get(index)
+        if kept is not None:
+            return kept
+        image, fov = self.load(index)
+        if self.standardises(fov):
+            image = self._decode(index)[0]
+        return self._raw.get(index) or self._keep_raw(image, fov)
+
+    def _keep_raw(self, image: np.ndarray, fov: FieldOfView | None) -> RawPhotograph:
+        height, width = image.shape[:2]
+        whole = fov or FieldOfView(np.ones((height, width), dtype=bool), (0, height, 0, width))
+        finest = working_scale(whole, self.preprocess.fov_diameter) * max(1.0, self.preprocess.max_zoom)
+        return RawPhotograph.keep(image, whole, finest)
 
     def _build(self, index: int) -> Batch:
         sample = self.samples[index]
         image, fov = self.load(index)
         height, width = image.shape[:2]
         window = self.preprocess.window(height, width, self.train, fov)
+        camera = self.preprocess.draw_camera() if self.camera_tiles else None
+        if camera is None:
+            tile = resample_image(image, window)
+        else:
+            tile = camera_tile(self.raw(index), window, camera, self.standardises(fov))
         record: Batch = {
-            "image": self.preprocess.normalise(resample_image(image, window), self.train),
+            "image": self.preprocess.normalise(tile, self.train),
             "window": window.as_tensor(),
             "source_size": torch.tensor([height, width]),
             "index": index,

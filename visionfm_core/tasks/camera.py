@@ -1,0 +1,129 @@
+"""Training tiles as another camera would deliver them: fewer pixels and JPEG compression.
+
+Other cameras store their photographs as JPEG, often with fewer pixels across the field of view
+than the working scale, and the product standardises what it is given
+(:func:`~visionfm_core.data.preprocess_contrast.local_contrast`) before the network sees it. So
+the compression has to be simulated on the *raw* photograph, before the standardisation: that
+amplifies each neighbourhood's contrast several times, JPEG's block and ringing errors with it
+(most in the dim blue and red channels), which is what a model trained on lossless photographs
+has never seen. Compressing the standardised tile instead degrades it far more gently than a
+camera does.
+
+:func:`camera_tile` cuts a training window from the raw photograph (:class:`RawPhotograph`, black
+outside its field of view) with a margin for the standardisation's neighbourhood, at ``coarseness`` times fewer pixels
+than the tile (the camera's resolution), round-trips it through Pillow's JPEG codec in memory,
+standardises it at that resolution and brings it up to the tile, as prediction on such a
+photograph does. The window is unchanged, so the mask and field of view stay aligned.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from visionfm_core.data.preprocess import mask_box
+from visionfm_core.data.preprocess_contrast import SIGMA_FRACTION, local_contrast
+from visionfm_core.tasks.geometry import Window, resample_image, resample_labels
+from visionfm_core.tasks.tiles import FieldOfView
+
+# Context around the tile for the local statistics, in standard deviations of their Gaussian.
+MARGIN_SIGMAS = 3.0
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One simulated camera: JPEG ``quality`` (1-95) and pixels ``coarseness`` times larger than the tile's."""
+
+    quality: int
+    coarseness: float = 1.0
+
+
+def draw_camera(probability: float, quality: tuple[int, int], max_coarseness: float) -> Camera | None:
+    """A random camera for one training tile with ``probability`` (None: the tile stays lossless):
+    quality uniform in ``quality`` (inclusive), coarseness log-uniform in [1, ``max_coarseness``].
+    Draws from torch's global generator (seeded with the run), and none at all when ``probability``
+    is 0, so a run without the augmentation draws exactly the tiles it drew before."""
+    if probability <= 0:
+        return None
+    draws = torch.rand(3).tolist()
+    if draws[0] >= probability:
+        return None
+    low, high = quality
+    chosen = min(high, low + int(draws[1] * (high - low + 1)))
+    return Camera(chosen, math.exp(draws[2] * math.log(max(1.0, max_coarseness))))
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> the same after JPEG encoding at ``quality`` and decoding (Pillow's
+    defaults otherwise: 4:2:0 chroma subsampling, as most cameras store)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.array(decoded.convert("RGB"))  # writable: torch wraps it later
+
+
+@dataclass(frozen=True)
+class RawPhotograph:
+    """A photograph before the standardisation, black outside its field of view, kept at ``scale`` of
+    its source resolution (no finer than any training tile samples it: a quarter of the memory and of
+    the resampling for a 15-megapixel photograph), with its field of view at that scale."""
+
+    image: np.ndarray
+    fov: FieldOfView
+    scale: float
+
+    @classmethod
+    def keep(cls, image: np.ndarray, fov: FieldOfView, finest: float) -> RawPhotograph:
+        """``image`` (H, W, 3) uint8 at ``finest`` tile pixels per source pixel, or as it is if finer."""
+        scale = min(1.0, finest)
+        height, width = image.shape[:2]
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if scale >= 1.0 or size == (height, width):
+            return cls(image, fov, 1.0)
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
+        small = F.interpolate(pixels, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        kept = small.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        inside = Image.fromarray(fov.mask.astype(np.uint8) * 255).resize(size[::-1], Image.Resampling.BOX)
+        mask = np.asarray(inside) >= 128
+        kept = kept * mask[..., None]
+        return cls(kept, FieldOfView(mask, mask_box(mask)), scale)
+
+
+def camera_tile(raw: RawPhotograph, window: Window, camera: Camera, standardise: bool) -> Tensor:
+    """The (3, size, size) float tile in [0, 1] of ``window`` (source pixels of the photograph) as
+    ``camera`` would deliver it.
+
+    With ``standardise`` the compressed crop is standardised against its neighbourhood inside the
+    field of view (``local_contrast`` with the field of view's diameter at the camera's resolution);
+    otherwise it is only blacked out there. Square windows only (tiles are square).
+    """
+    size, fov = window.size, raw.fov
+    scale = window.scale / raw.scale  # tile pixels per kept pixel
+    sigma = max(1.0, fov.width * scale * SIGMA_FRACTION)  # at the tile's resolution
+    margin = math.ceil(MARGIN_SIGMAS * sigma) if standardise else 0
+    outer = size + 2 * margin
+    pixels = max(8, round(outer / max(1.0, camera.coarseness)))
+    # In kept pixels, unmirrored: the tile is mirrored at the end, as resample_image does.
+    reach = margin / scale
+    side = size / scale
+    shot = Window(window.x0 * raw.scale - reach, window.y0 * raw.scale - reach, side + 2 * reach, pixels)
+    crop = (resample_image(raw.image, shot) * 255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+    crop = jpeg_roundtrip(np.ascontiguousarray(crop), camera.quality)
+    inside = resample_labels(fov.mask.astype(np.uint8), shot, 2).numpy() == 1
+    if standardise:
+        crop = local_contrast(crop, inside, max(1, round(fov.width * shot.scale)))
+    else:
+        crop = crop * inside[..., None]
+    tile = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float().div_(255.0)
+    if pixels != outer:
+        tile = F.interpolate(tile[None], size=(outer, outer), mode="bilinear", align_corners=False)[0]
+    tile = tile[:, margin : margin + size, margin : margin + size].clamp_(0.0, 1.0)
+    return tile.flip(-1) if window.flip else tile
