@@ -280,12 +280,7 @@ class TaskDataset(Dataset[Batch]):
         """The sample's photograph before the contrast standardisation, black outside its field of view
         (the whole image without ``fov_crop``), no finer than the training tiles sample it."""
         kept = self._raw.get(index)
-        if kept is not None:
-            return kept
-        image, fov = self.load(index)
-        if self.standardises(fov):
-            image = self._decode(index)[0]
-        return self._raw.get(index) or self._keep_raw(image, fov)
+        return kept if kept is not None else self._keep_raw(*self._decode(index))
 
     def _keep_raw(self, image: np.ndarray, fov: FieldOfView | None) -> RawPhotograph:
         height, width = image.shape[:2]
