@@ -15,6 +15,7 @@ per standard deviation, black outside the field of view.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,74 @@ def _gaussian_blur(planes: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+@dataclass(frozen=True)
+class LocalStatistics:
+    """A photograph's neighbourhood statistics inside its field of view, on a coarse grid: ``planes``
+    (7, h, w) are the Gaussian-blurred x, x squared (3 channels each, zero outside the field of view)
+    and the field-of-view indicator, about ``sigma / 4`` source pixels apart, for a ``height`` x
+    ``width`` photograph; ``floor`` (3,) is each channel's variance floor. Kept, they standardise any
+    version of the photograph (a re-compressed crop, say) exactly as the photograph itself was."""
+
+    planes: torch.Tensor
+    floor: torch.Tensor
+    height: int
+    width: int
+
+    def standardise(self, x: torch.Tensor, planes: torch.Tensor, inside: torch.Tensor) -> np.ndarray:
+        """(3, H, W) floats in [0, 1] with the statistics ``planes`` (7, H, W) at the same pixels and
+        the (H, W) field-of-view mask -> (H, W, 3) uint8 z-scores, black outside the field of view."""
+        weight = planes[6].clamp(min=1e-3)
+        mean = planes[0:3] / weight
+        variance = (planes[3:6] / weight - mean**2).clamp(min=0.0)
+        z = (x - mean) / torch.sqrt(variance + self.floor.view(3, 1, 1))
+        out = (128.0 + Z_SCALE * z.clamp(-Z_CLIP, Z_CLIP)).round().clamp(0, 255) * inside
+        result: np.ndarray = out.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        return result
+
+    def sample(self, top: float, left: float, step: float, rows: int, cols: int) -> torch.Tensor:
+        """The statistics planes (7, rows, cols) at the source points ``(top + (i + 0.5) * step,
+        left + (j + 0.5) * step)`` (pixel edges at integers), interpolated as for the whole photograph."""
+        ys = (top + (torch.arange(rows, dtype=torch.float64) + 0.5) * step) * (2.0 / self.height) - 1.0
+        xs = (left + (torch.arange(cols, dtype=torch.float64) + 0.5) * step) * (2.0 / self.width) - 1.0
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).float()[None]
+        sampled: torch.Tensor = F.grid_sample(
+            self.planes[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )[0]
+        return sampled
+
+
+def local_statistics(
+    image: np.ndarray,
+    mask: np.ndarray,
+    diameter: int,
+    sigma_fraction: float = SIGMA_FRACTION,
+    floor_share: float = FLOOR_SHARE,
+) -> tuple[LocalStatistics, np.ndarray] | None:
+    """The statistics of ``image`` (H, W, 3) uint8 inside ``mask`` (a field of view ``diameter`` px
+    wide) and the standardised image (see :func:`local_contrast`); None when the mask is empty."""
+    height, width = image.shape[:2]
+    inside = torch.from_numpy(np.ascontiguousarray(mask)).float()
+    if not bool(inside.any()):
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    sigma = max(1.0, diameter * sigma_fraction)
+    # The statistics are smooth: compute them on an area-averaged grid about sigma/4 pixels apart
+    # and bring them back with bilinear interpolation (milliseconds instead of seconds at 15 MP).
+    step = max(1, int(sigma // 4))
+    planes = torch.cat([x * inside, x * x * inside, inside[None]])
+    small = F.avg_pool2d(planes[None], step, step, ceil_mode=True)[0] if step > 1 else planes
+    coarse = _gaussian_blur(small, sigma / step)
+    blurred = coarse
+    if step > 1:
+        blurred = F.interpolate(coarse[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    weight = blurred[6].clamp(min=1e-3)
+    mean = blurred[0:3] / weight
+    variance = (blurred[3:6] / weight - mean**2).clamp(min=0.0)
+    typical = variance[:, inside.bool()].median(dim=1).values.clamp(min=1e-8)
+    statistics = LocalStatistics(coarse, (floor_share**2) * typical, height, width)
+    return statistics, statistics.standardise(x, blurred, inside)
+
+
 def local_contrast(
     image: np.ndarray,
     mask: np.ndarray,
@@ -50,27 +119,5 @@ def local_contrast(
 ) -> np.ndarray:
     """(H, W, 3) uint8 photograph -> (H, W, 3) uint8, each channel standardised against its
     neighbourhood inside ``mask`` (the field of view, ``diameter`` pixels wide); black outside it."""
-    height, width = image.shape[:2]
-    inside = torch.from_numpy(np.ascontiguousarray(mask)).float()
-    if not bool(inside.any()):
-        return np.zeros_like(image)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    sigma = max(1.0, diameter * sigma_fraction)
-    # The statistics are smooth: compute them on an area-averaged grid about sigma/4 pixels apart
-    # and bring them back with bilinear interpolation (milliseconds instead of seconds at 15 MP).
-    step = max(1, int(sigma // 4))
-    planes = torch.cat([x * inside, x * x * inside, inside[None]])
-    small = F.avg_pool2d(planes[None], step, step, ceil_mode=True)[0] if step > 1 else planes
-    blurred = _gaussian_blur(small, sigma / step)
-    if step > 1:
-        blurred = F.interpolate(blurred[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    weight = blurred[6].clamp(min=1e-3)
-    mean = blurred[0:3] / weight
-    variance = (blurred[3:6] / weight - mean**2).clamp(min=0.0)
-    inside_bool = inside.bool()
-    typical = variance[:, inside_bool].median(dim=1).values.clamp(min=1e-8)
-    floor = (floor_share**2) * typical.view(3, 1, 1)
-    z = (x - mean) / torch.sqrt(variance + floor)
-    out = (128.0 + Z_SCALE * z.clamp(-Z_CLIP, Z_CLIP)).round().clamp(0, 255) * inside
-    result: np.ndarray = out.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return result
+    result = local_statistics(image, mask, diameter, sigma_fraction, floor_share)
+    return np.zeros_like(image) if result is None else result[1]

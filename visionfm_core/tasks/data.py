@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from visionfm_core.data.preprocess_contrast import local_contrast
+from visionfm_core.data.preprocess_contrast import LocalStatistics, local_statistics
 from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
@@ -248,19 +248,19 @@ class TaskDataset(Dataset[Batch]):
         if cached is not None:
             return cached
         raw, fov = self._decode(index)
-        image = raw
-        if self.standardises(fov):
-            assert fov is not None
-            image = local_contrast(raw, fov.mask, fov.width)
+        image, statistics = self._standardised(raw, fov)
         if len(self._cache) < self.keep_decoded:
             self._cache[index] = (image, fov)
             if self.camera_tiles:
-                self._raw[index] = self._keep_raw(raw, fov)
+                self._raw[index] = self._keep_raw(raw, fov, statistics)
         return image, fov
 
-    def standardises(self, fov: FieldOfView | None) -> bool:
-        """Whether loaded images are contrast standardised (``contrast`` local, with a field of view)."""
-        return self.preprocess.contrast == "local" and fov is not None
+    def _standardised(self, raw: np.ndarray, fov: FieldOfView | None) -> tuple[np.ndarray, LocalStatistics | None]:
+        """``raw`` contrast standardised when ``contrast`` asks (with its statistics), else as it is."""
+        if self.preprocess.contrast != "local" or fov is None:
+            return raw, None
+        result = local_statistics(raw, fov.mask, fov.width)
+        return (np.zeros_like(raw), None) if result is None else (result[1], result[0])
 
     @property
     def camera_tiles(self) -> bool:
@@ -280,13 +280,20 @@ class TaskDataset(Dataset[Batch]):
         """The sample's photograph before the contrast standardisation, black outside its field of view
         (the whole image without ``fov_crop``), no finer than the training tiles sample it."""
         kept = self._raw.get(index)
-        return kept if kept is not None else self._keep_raw(*self._decode(index))
+        if kept is not None:
+            return kept
+        raw, fov = self._decode(index)
+        return self._keep_raw(raw, fov, self._standardised(raw, fov)[1])
 
-    def _keep_raw(self, image: np.ndarray, fov: FieldOfView | None) -> RawPhotograph:
+    def _keep_raw(
+        self, image: np.ndarray, fov: FieldOfView | None, statistics: LocalStatistics | None
+    ) -> RawPhotograph:
         height, width = image.shape[:2]
         whole = fov or FieldOfView(np.ones((height, width), dtype=bool), (0, height, 0, width))
-        finest = working_scale(whole, self.preprocess.fov_diameter) * max(1.0, self.preprocess.max_zoom)
-        return RawPhotograph.keep(image, whole, finest)
+        # Twice as fine as the finest tile: each tile pixel still averages several 8-bit photograph
+        # pixels (the standardisation magnifies a dim channel's rounding several times).
+        finest = 2.0 * working_scale(whole, self.preprocess.fov_diameter) * max(1.0, self.preprocess.max_zoom)
+        return RawPhotograph.keep(image, whole, finest, statistics)
 
     def _build(self, index: int) -> Batch:
         sample = self.samples[index]
@@ -294,10 +301,7 @@ class TaskDataset(Dataset[Batch]):
         height, width = image.shape[:2]
         window = self.preprocess.window(height, width, self.train, fov)
         camera = self.preprocess.draw_camera() if self.camera_tiles else None
-        if camera is None:
-            tile = resample_image(image, window)
-        else:
-            tile = camera_tile(self.raw(index), window, camera, self.standardises(fov))
+        tile = resample_image(image, window) if camera is None else camera_tile(self.raw(index), window, camera)
         record: Batch = {
             "image": self.preprocess.normalise(tile, self.train),
             "window": window.as_tensor(),

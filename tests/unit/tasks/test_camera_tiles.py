@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.unit.tasks.test_camera_robustness import synthetic_fundus
 from visionfm_core.data.items import ImageItem
-from visionfm_core.data.preprocess_contrast import local_contrast
+from visionfm_core.data.preprocess_contrast import local_contrast, local_statistics
 from visionfm_core.errors import ConfigError
 from visionfm_core.tasks.adapters import SegmentationTask
 from visionfm_core.tasks.camera import Camera, RawPhotograph, camera_tile, draw_camera, jpeg_roundtrip
@@ -27,6 +27,15 @@ SIDE = 320
 def fundus() -> tuple[np.ndarray, FieldOfView]:
     image, _ = synthetic_fundus(SIDE, 3)  # a vessel narrower than the standardisation's neighbourhood
     return image, FieldOfView.of(image, detect=True)
+
+
+def kept(image: np.ndarray, fov: FieldOfView, finest: float = 1.0) -> tuple[RawPhotograph, np.ndarray]:
+    """The photograph kept for camera tiles (with its statistics) and its standardised version."""
+    result = local_statistics(image, fov.mask, fov.width)
+    assert result is not None
+    statistics, standardised = result
+    assert np.array_equal(standardised, local_contrast(image, fov.mask, fov.width))
+    return RawPhotograph.keep(image, fov, finest, statistics), standardised
 
 
 def test_jpeg_roundtrip_loses_more_at_lower_quality() -> None:
@@ -56,10 +65,10 @@ def whole_window(size: int, flip: bool = False, side: int = SIDE) -> Window:
 
 def test_camera_tile_is_the_standardised_window_and_black_outside_the_fov() -> None:
     image, fov = fundus()
-    raw = RawPhotograph.keep(image, fov, 1.0)
+    raw, standardised = kept(image, fov)
     window = whole_window(SIDE)
-    tile = camera_tile(raw, window, Camera(95), standardise=True)
-    reference = resample_image(local_contrast(image, fov.mask, fov.width), window)
+    tile = camera_tile(raw, window, Camera(95))
+    reference = resample_image(standardised, window)
     assert tile.shape == (3, SIDE, SIDE) and float(tile.min()) >= 0 and float(tile.max()) <= 1
     # The speckle differs after compression; the column profile (vessel, illumination) does not.
     profile = lambda t: t[1, 120:200, 60:260].mean(dim=0).numpy()  # noqa: E731
@@ -69,7 +78,12 @@ def test_camera_tile_is_the_standardised_window_and_black_outside_the_fov() -> N
     green = tile[1, SIDE // 2 - 40 : SIDE // 2 + 40].mean(dim=0)
     assert abs(int(green[40:280].argmin()) + 40 - SIDE // 2) <= 1
     # A mirrored window gives the mirrored tile.
-    assert torch.equal(camera_tile(raw, whole_window(SIDE, flip=True), Camera(95), True), tile.flip(-1))
+    assert torch.equal(camera_tile(raw, whole_window(SIDE, flip=True), Camera(95)), tile.flip(-1))
+    # Standardised with the whole photograph's statistics: at the tile's own resolution (no resampling)
+    # a window of it that left out the JPEG would equal the lossless tile.
+    part = Window(100.0, 90.0, 64.0, 64)
+    lossless = camera_tile(raw, part, Camera(100)) - resample_image(standardised, part)
+    assert float(lossless[1].abs().mean()) < 0.05
 
 
 def faint_stripes(side: int) -> tuple[np.ndarray, FieldOfView]:
@@ -84,14 +98,14 @@ def faint_stripes(side: int) -> tuple[np.ndarray, FieldOfView]:
 def test_camera_tile_compresses_the_raw_photograph_before_the_standardisation() -> None:
     image, fov = faint_stripes(160)
     window = whole_window(160, side=160)
-    reference = resample_image(local_contrast(image, fov.mask, fov.width), window)
+    raw, standardised = kept(image, fov)
+    reference = resample_image(standardised, window)
     inside = torch.from_numpy(fov.mask)
 
     def likeness(tile: torch.Tensor) -> float:
         return float(np.corrcoef(tile[1][inside].numpy(), reference[1][inside].numpy())[0, 1])
 
-    raw = RawPhotograph.keep(image, fov, 1.0)
-    fine, harsh = camera_tile(raw, window, Camera(95), True), camera_tile(raw, window, Camera(20), True)
+    fine, harsh = camera_tile(raw, window, Camera(95)), camera_tile(raw, window, Camera(20))
     # A camera's JPEG loses detail a few grey levels deep, which the standardisation then magnifies...
     assert likeness(harsh) < 0.6 and likeness(fine) > likeness(harsh) + 0.2
     # ...while compressing the standardised tile (the detail already magnified) keeps it.
@@ -100,11 +114,10 @@ def test_camera_tile_compresses_the_raw_photograph_before_the_standardisation() 
 
 
 def test_coarser_camera_pixels_soften_the_vessel() -> None:
-    image, fov = fundus()
-    raw = RawPhotograph.keep(image, fov, 1.0)
+    raw, _ = kept(*fundus())
     profile = lambda t: t[1, 120:200].mean(dim=0)  # noqa: E731
-    fine = profile(camera_tile(raw, whole_window(SIDE), Camera(95), True))
-    coarse = profile(camera_tile(raw, whole_window(SIDE), Camera(95, coarseness=4.0), True))
+    fine = profile(camera_tile(raw, whole_window(SIDE), Camera(95)))
+    coarse = profile(camera_tile(raw, whole_window(SIDE), Camera(95, coarseness=4.0)))
     middle = slice(SIDE // 2 - 2, SIDE // 2 + 2)
     # The vessel is shallower and wider: its darkest columns are less dark.
     assert float(coarse[middle].min()) > float(fine[middle].min()) + 0.05
@@ -112,19 +125,20 @@ def test_coarser_camera_pixels_soften_the_vessel() -> None:
 
 def test_raw_photograph_is_kept_no_finer_than_the_tiles_need_and_stays_aligned() -> None:
     image, fov = fundus()
-    kept = RawPhotograph.keep(image, fov, 0.5)
-    assert kept.scale == 0.5 and kept.image.shape == (SIDE // 2, SIDE // 2, 3)
-    assert abs(kept.fov.width - fov.width / 2) <= 1
-    assert not kept.image[~kept.fov.mask].any()
-    tile_full = camera_tile(RawPhotograph.keep(image, fov, 1.0), whole_window(80), Camera(95), True)
-    tile_kept = camera_tile(kept, whole_window(80), Camera(95), True)
+    full, _ = kept(image, fov)
+    half, _ = kept(image, fov, 0.5)
+    assert half.scale == 0.5 and half.image.shape == (SIDE // 2, SIDE // 2, 3)
+    assert abs(half.fov.width - fov.width / 2) <= 1
+    assert not half.image[~half.fov.mask].any()
+    tile_full = camera_tile(full, whole_window(80), Camera(95))
+    tile_kept = camera_tile(half, whole_window(80), Camera(95))
     assert np.corrcoef(tile_full[1].flatten().numpy(), tile_kept[1].flatten().numpy())[0, 1] > 0.9
 
 
 def test_dataset_camera_tiles_keep_the_mask_aligned_and_repeat_with_the_seed(tmp_path: Path) -> None:
     image, inside = synthetic_fundus(SIDE, 3)
     mask = np.zeros((SIDE, SIDE), dtype=np.uint8)
-    mask[:, SIDE // 2 - 1 : SIDE // 2 + 2] = 255
+    mask[:, SIDE // 2 - 2 : SIDE // 2 + 1] = 255  # the synthetic vessel's three columns
     mask[~inside] = 0
     Image.fromarray(image).save(tmp_path / "a.png")
     Image.fromarray(mask).save(tmp_path / "a_mask.png")
