@@ -278,7 +278,7 @@ class TaskDataset(Dataset[Batch]):
 
     def raw(self, index: int) -> RawPhotograph:
         """The sample's photograph before the contrast standardisation, black outside its field of view
-        (the whole image without ``fov_crop``), no finer than the training tiles sample it."""
+        (the whole image without ``fov_crop``), with the statistics that standardised it."""
         kept = self._raw.get(index)
         if kept is not None:
             return kept
