@@ -129,6 +129,13 @@ def finetune_command(
         typer.Option("--test-flips/--no-test-flips", help="segmentation: the saved model predicts each tile and "
                      "its mirror images, averaged (4x the prediction arithmetic) [default: on]", show_default=False),
     ] = None,
+    jpeg_tiles: Annotated[
+        float | None,
+        typer.Option(help="segmentation: share of training tiles cut as another camera stores its photographs "
+                     "(JPEG quality 40-95 applied to the photograph before the contrast standardisation): for "
+                     "strongly compressed photographs, at some cost on lossless ones [default: 0]",
+                     show_default=False),
+    ] = None,
     decoder: Annotated[
         str | None,
         typer.Option(help="segmentation decoder: folded (no full-resolution convolution) | light (the decoder "
@@ -183,7 +190,9 @@ def finetune_command(
     )
     console.print(f"fine-tuning {task} on {len(train_samples)} images, validating on {len(val_samples)}"
                   + (f", on {devices} devices" if devices > 1 else ""))
-    preprocess_options = None if test_flips is None else {"test_flips": test_flips}
+    preprocess_options = {
+        name: value for name, value in (("test_flips", test_flips), ("jpeg", jpeg_tiles)) if value is not None
+    } or None
     if devices > 1:
         job = FinetuneJob(adapter, source, modality, list(train_samples), list(val_samples), config, image_size,
                           device, out, aspect=input_aspect, preprocess_options=preprocess_options)

@@ -150,11 +150,14 @@ def test_segmentation_from_a_manifest_writes_masks_at_image_size(tmp_path: Path)
             "--names",
             "background,vessel",
             "--no-test-flips",  # 4x the prediction arithmetic; the flips have their own tests
+            "--jpeg-tiles",
+            "0.5",
             *TINY,
         )
     )
     assert summary["selection_metric"] == "dice"
     assert load_task_model(model).preprocess.test_flips is False
+    assert load_task_model(model).preprocess.jpeg == 0.5
     image = tmp_path / "photo.png"
     Image.open(DATA / "hrf/images/04_h.jpg").resize((565, 584)).save(image)  # another camera's size (DRIVE)
     run("predict", model, image, "--out", tmp_path / "seg.json", "--device", "cpu")
