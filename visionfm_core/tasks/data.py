@@ -100,6 +100,8 @@ class Preprocess:
         low, high = self.jpeg_quality
         if not 1 <= low <= high <= 100:
             raise ConfigError("jpeg_quality", f"need 1 <= low <= high <= 100, got {self.jpeg_quality}")
+        # A JSON override (a federation's finetune-preprocess) gives a list: keep the dataclass hashable.
+        object.__setattr__(self, "jpeg_quality", (int(low), int(high)))
         if self.camera_coarseness < 1.0:
             raise ConfigError("camera_coarseness", f"must be >= 1, got {self.camera_coarseness}")
         if not 0.0 <= self.overlap < 1.0:
@@ -128,9 +130,6 @@ class Preprocess:
         values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
         if "test_scales" in values:
             values["test_scales"] = tuple(float(s) for s in values["test_scales"])
-        if "jpeg_quality" in values:
-            low, high = values["jpeg_quality"]
-            values["jpeg_quality"] = (int(low), int(high))
         return cls(**values)
 
     def window(self, height: int, width: int, train: bool, fov: FieldOfView | None = None) -> Window:

@@ -183,3 +183,4 @@ def test_preprocess_checks_the_camera_options_and_old_metadata_loads() -> None:
     assert Preprocess.from_dict(old).jpeg == 0.0
     saved = {**Preprocess(jpeg=0.5).to_dict(), "jpeg_quality": [30, 90]}  # as JSON gives it back
     assert Preprocess.from_dict(saved).jpeg_quality == (30, 90)
+    assert Preprocess(jpeg_quality=[50, 95]).jpeg_quality == (50, 95)  # type: ignore[arg-type]  # JSON override
