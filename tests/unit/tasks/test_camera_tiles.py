@@ -123,7 +123,7 @@ def test_coarser_camera_pixels_soften_the_vessel() -> None:
     assert float(coarse[middle].min()) > float(fine[middle].min()) + 0.05
 
 
-def test_raw_photograph_is_kept_no_finer_than_the_tiles_need_and_stays_aligned() -> None:
+def test_raw_photograph_kept_at_a_smaller_scale_stays_aligned() -> None:
     image, fov = fundus()
     full, _ = kept(image, fov)
     half, _ = kept(image, fov, 0.5)
