@@ -74,8 +74,8 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 300; segmentation: 800 steps of 8 tiles, proportionally more for a smaller batch, "
-                          "3200 at its default 2]", show_default=False),
+                          "task's: 300; segmentation: as many as 8000 tiles take, 4000 steps at its default batch of "
+                          "2]", show_default=False),
     ] = None,
     batch_size: Annotated[
         int | None,
