@@ -135,6 +135,14 @@ class SegmentationTask(TaskAdapter):
         8), and never fewer than ``default_min_steps`` (which federated fine-tuning uses, in full batches)."""
         return max(self.default_min_steps, math.ceil(self.default_tiles / max(1, batch_size)))
 
+    def default_lr_for(self, batch_size: int) -> float:
+        """``default_lr`` (tuned at full batches of ``max_batch_size``) times the square root of the batch's
+        share of a full one: a smaller batch's noisier gradient takes smaller steps, 1e-3 at 2 tiles. HRF,
+        4000 steps of 2 with soft targets (Intel Xeon, 1 thread): validation Dice 0.8180 flip-averaged,
+        held-out 0.7986 at 1e-3; 0.8170 and 0.7983 at 1.4e-3; 0.8161 and 0.7972 at 2e-3."""
+        full = self.max_batch_size or batch_size
+        return self.default_lr * math.sqrt(min(full, max(1, batch_size)) / full)
+
     def default_layer_decay(self, pretrained: bool) -> float:
         """0.65 for a pretrained encoder; none (1.0) for a fresh one, whose patch embedding and first
         block have nothing to protect: with 0.65 a 2-block encoder's patch embedding would learn at 0.27x
@@ -173,6 +181,7 @@ class SegmentationTask(TaskAdapter):
         values = dict(raw)
         values["encoding"] = MaskEncoding.from_dict(values.get("encoding", {}))
         values["class_names"] = tuple(values.get("class_names", ()))
+        values.setdefault("soft_targets", False)  # saved before soft targets: trained on the vote
         return cls(**values)
 
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
