@@ -86,7 +86,7 @@ class SegmentationTask(TaskAdapter):
     # class that wins its area vote: a vessel narrower than an input pixel stays in the target. At the
     # working scale (HRF: 0.63x of 1752 px) the vote alone caps validation Dice at 0.929 for a perfect
     # model, the shares at 0.976. HRF, 4000 steps of 2 (Intel Xeon, 1 thread): validation Dice 0.8147
-    # plain, 0.8161 flip-averaged, held-out 0.7972, against 0.8075, 0.8140 and 0.7961 with the vote.
+    # (flip-averaged, at the chosen threshold), held-out 0.7972, against 0.8140 and 0.7961 with the vote.
     soft_targets: bool = True
     # "folded" (FoldedUNETRHead): no full-resolution convolution, so 0.9x the light decoder's training
     # step and 0.8x its prediction on this CPU at the same HRF Dice (0.7886 vs 0.7887 after 800 steps);
@@ -126,9 +126,10 @@ class SegmentationTask(TaskAdapter):
     # CPU). Federated fine-tuning keeps its own batch (capped at max_batch_size) and default_min_steps.
     default_batch_size = 2
     # Tiles a `visionfm finetune` run sees (default_steps): 4800 steps of 2. The CLI (Intel Xeon, 1 thread):
-    # 3200 steps of 2 gave validation Dice 0.8116 flip-averaged, held-out 0.7944 (775 training CPU-s);
-    # 4000 0.8140 and 0.7961 (871 CPU-s), both with the area vote. With soft targets and lr 1e-3: 4000
-    # steps 0.8180 and 0.7986 (a harness of the same code), 4800 0.8193 and 0.7997 (940 CPU-s).
+    # 3200 steps of 2 gave validation Dice 0.8116 (flip-averaged, at the chosen threshold), held-out
+    # 0.7944 (775 training CPU-s); 4000 0.8140 and 0.7961 (871 CPU-s), both with the area vote. With soft
+    # targets and lr 1e-3: 4000 steps 0.8164 and 0.7986 (a harness of the same code), 4800 0.8177 and
+    # 0.7997 (940 CPU-s).
     default_tiles = 9600
 
     def default_steps(self, batch_size: int) -> int:
@@ -139,8 +140,8 @@ class SegmentationTask(TaskAdapter):
     def default_lr_for(self, batch_size: int) -> float:
         """``default_lr`` (tuned at full batches of ``max_batch_size``) times the square root of the batch's
         share of a full one: a smaller batch's noisier gradient takes smaller steps, 1e-3 at 2 tiles. HRF,
-        4000 steps of 2 with soft targets (Intel Xeon, 1 thread): validation Dice 0.8180 flip-averaged,
-        held-out 0.7986 at 1e-3; 0.8170 and 0.7983 at 1.4e-3; 0.8161 and 0.7972 at 2e-3."""
+        4000 steps of 2 with soft targets (Intel Xeon, 1 thread): validation Dice 0.8164 (flip-averaged, at
+        the chosen threshold), held-out 0.7986 at 1e-3; 0.8157 and 0.7983 at 1.4e-3; 0.8147 and 0.7972 at 2e-3."""
         full = self.max_batch_size or batch_size
         return self.default_lr * math.sqrt(min(full, max(1, batch_size)) / full)
 
