@@ -74,8 +74,8 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 300; segmentation: 800 steps of 8 tiles, proportionally more for a smaller batch, "
-                          "3200 at its default 2]", show_default=False),
+                          "task's: 300; segmentation: as many as 9600 tiles take, 4800 steps at its default batch of "
+                          "2]", show_default=False),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -84,8 +84,9 @@ def finetune_command(
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="peak learning rate of the head [default: the task's: 2e-3 for segmentation, 1e-3 "
-                          "otherwise]", show_default=False),
+        typer.Option(help="peak learning rate of the head [default: the task's: for segmentation 2e-3 at 8 "
+                          "tiles a step times the square root of a smaller batch's share, 1e-3 at its default "
+                          "2; 1e-3 otherwise]", show_default=False),
     ] = None,
     layer_decay: Annotated[
         float | None,
@@ -172,7 +173,7 @@ def finetune_command(
         # The step floor goes with a step's whole batch, over all devices.
         min_steps=adapter.default_steps(batch_size * devices) if min_steps is None else min_steps,
         batch_size=batch_size,
-        lr=adapter.default_lr if lr is None else lr,
+        lr=adapter.default_lr_for(batch_size * devices) if lr is None else lr,
         layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,
         weight_decay=weight_decay,
         ema_decay=adapter.default_ema_decay if ema_decay is None else ema_decay,

@@ -192,8 +192,8 @@ def random_window_in(base: Window, max_zoom: float, flip: bool) -> Window:
 
 
 def rotate_record(record: Batch, degrees: float) -> None:
-    """Rotate a training record's image and dense ``mask`` by the same random angle in place (the
-    corners brought in are black in the image and ignored in the mask)."""
+    """Rotate a training record's image and dense ``mask`` (and ``mask_fractions``, if any) by the same
+    random angle in place (the corners brought in are black in the image and ignored in the mask)."""
     angle = math.radians(float((torch.rand(1) * 2 - 1) * degrees))
     cos, sin = math.cos(angle), math.sin(angle)
     theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]])[None]
@@ -204,6 +204,10 @@ def rotate_record(record: Batch, degrees: float) -> None:
         shifted = (record["mask"].float() + 1)[None, None]  # 0 = brought in from outside
         rotated = F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].long() - 1
         record["mask"] = torch.where(rotated < 0, torch.full_like(rotated, IGNORE_INDEX), rotated)
+    if "mask_fractions" in record:  # soft targets turn with the mask (the corners are ignored there)
+        record["mask_fractions"] = F.grid_sample(
+            record["mask_fractions"][None], grid, mode="bilinear", align_corners=False
+        )[0]
 
 
 class TaskDataset(Dataset[Batch]):
@@ -314,6 +318,10 @@ class TaskDataset(Dataset[Batch]):
                 # Outside the field of view is background to learn (predictions put it there too).
                 inside = resample_labels(fov.mask.astype(np.uint8), window, 2) == 1
                 record["mask"] = torch.where(inside, record["mask"], torch.zeros_like(record["mask"]))
+                if "mask_fractions" in record:
+                    background = torch.zeros_like(record["mask_fractions"])
+                    background[0] = 1.0
+                    record["mask_fractions"] = torch.where(inside, record["mask_fractions"], background)
             if self.preprocess.rotate > 0:
                 rotate_record(record, self.preprocess.rotate)
         return record

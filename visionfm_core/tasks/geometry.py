@@ -177,28 +177,64 @@ def resample_image(image: np.ndarray, window: Window) -> Tensor:
     return canvas.flip(-1) if window.flip else canvas
 
 
+def _class_votes(labels: np.ndarray, window: Window, num_classes: int) -> tuple[np.ndarray, _Placement] | None:
+    """Each code's (classes, then ignore) share of every input pixel's source area, in 0..255:
+    (num_classes + 1, h, w) uint8 over the placed crop, with its placement; None off the image."""
+    place = _placement(window, labels.shape[0], labels.shape[1])
+    if place is None:
+        return None
+    crop = labels[place.top : place.bottom, place.left : place.right]
+    codes = [*range(num_classes), IGNORE_INDEX]
+    # Pillow's box filter averages each class's indicator in C, far faster than a float one-hot.
+    votes = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(((crop == code) * 255).astype(np.uint8)).resize(
+                    (place.resized_width, place.resized_height), Image.Resampling.BOX
+                )
+            )
+            for code in codes
+        ]
+    )
+    return votes, place
+
+
+def _winner(votes: np.ndarray, num_classes: int) -> Tensor:
+    codes = np.asarray([*range(num_classes), IGNORE_INDEX], dtype=np.int64)
+    return torch.from_numpy(codes[votes.argmax(0)])
+
+
 def resample_labels(labels: np.ndarray, window: Window, num_classes: int) -> Tensor:
     """(H, W) class map -> (rows, size) long; each output pixel takes the class covering most of it
     (an area vote, so shrinking does not alias), outside the image = ignore."""
     canvas = torch.full((window.rows, window.size), IGNORE_INDEX, dtype=torch.long)
-    place = _placement(window, labels.shape[0], labels.shape[1])
-    if place is not None:
-        crop = labels[place.top : place.bottom, place.left : place.right]
-        codes = [*range(num_classes), IGNORE_INDEX]
-        # Pillow's box filter averages each class's indicator in C, far faster than a float one-hot.
-        votes = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(((crop == code) * 255).astype(np.uint8)).resize(
-                        (place.resized_width, place.resized_height), Image.Resampling.BOX
-                    )
-                )
-                for code in codes
-            ]
-        )
-        winner = np.asarray(codes, dtype=np.int64)[votes.argmax(0)]
-        place.paste(canvas, torch.from_numpy(winner))
+    counted = _class_votes(labels, window, num_classes)
+    if counted is not None:
+        votes, place = counted
+        place.paste(canvas, _winner(votes, num_classes))
     return canvas.flip(-1) if window.flip else canvas
+
+
+def resample_label_fractions(labels: np.ndarray, window: Window, num_classes: int) -> tuple[Tensor, Tensor]:
+    """(H, W) class map -> the (rows, size) class map of :func:`resample_labels` and (num_classes,
+    rows, size) float: each class's share of the labelled source area under each input pixel (rows
+    sum to 1; all zero where the map is ignored). Shrinking a photograph makes a vessel narrower
+    than an input pixel lose the vote and vanish from the class map, although it covers a third or
+    half of the pixel; its share keeps it, as a soft target of that value."""
+    canvas = torch.full((window.rows, window.size), IGNORE_INDEX, dtype=torch.long)
+    fractions = torch.zeros((num_classes, window.rows, window.size), dtype=torch.float32)
+    counted = _class_votes(labels, window, num_classes)
+    if counted is not None:
+        votes, place = counted
+        winner = _winner(votes, num_classes)
+        shares = torch.from_numpy(votes[:num_classes].astype(np.float32))
+        shares = shares / shares.sum(0, keepdim=True).clamp_min(1.0)
+        shares = torch.where(winner == IGNORE_INDEX, torch.zeros_like(shares), shares)
+        place.paste(canvas, winner)
+        place.paste(fractions, shares)
+    if window.flip:
+        return canvas.flip(-1), fractions.flip(-1)
+    return canvas, fractions
 
 
 def logits_to_source(logits: Tensor, window: Window, height: int, width: int) -> Tensor:

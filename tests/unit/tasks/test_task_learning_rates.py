@@ -62,6 +62,9 @@ def test_finetune_takes_the_tasks_rates_unless_told(tmp_path: Path, monkeypatch:
     assert (config["lr"], config["layer_decay"]) == (3e-4, 0.8)  # from scratch: no --encoder
     config = _saved_config(manifest, tmp_path / "b.safetensors", "--lr", "5e-3", "--layer-decay", "0.5")
     assert (config["lr"], config["layer_decay"]) == (5e-3, 0.5)
+    # The task may tie its rate to the batch (segmentation does): the CLI asks at the batch it trains with.
+    monkeypatch.setattr(ClassificationTask, "default_lr_for", lambda self, batch_size: 1e-4 * batch_size)
+    assert _saved_config(manifest, tmp_path / "c.safetensors")["lr"] == pytest.approx(4e-4)  # --batch-size 4
 
 
 def test_finetune_averages_the_weights_as_the_task_says_unless_told(tmp_path: Path,

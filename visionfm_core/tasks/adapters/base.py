@@ -85,6 +85,11 @@ class TaskAdapter(ABC):
         user does not say (``--min-steps``): ``default_min_steps``, whatever the batch."""
         return self.default_min_steps
 
+    def default_lr_for(self, batch_size: int) -> float:
+        """``visionfm finetune``'s peak learning rate at ``batch_size`` inputs a step when the user does not
+        say (``--lr``): ``default_lr``, whatever the batch."""
+        return self.default_lr
+
     def default_layer_decay(self, pretrained: bool) -> float:
         """Per-block learning-rate decay of the encoder when the user does not say
         (``visionfm finetune --layer-decay``). Layer decay protects a pretrained encoder's early,
