@@ -42,6 +42,15 @@ def _gaussian_blur(planes: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def _moments(planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blurred (x, x squared, field-of-view indicator) planes (7, H, W) -> each channel's local mean
+    and variance (3, H, W) inside the field of view."""
+    weight = planes[6].clamp(min=1e-3)
+    mean = planes[0:3] / weight
+    variance = (planes[3:6] / weight - mean**2).clamp(min=0.0)
+    return mean, variance
+
+
 @dataclass(frozen=True)
 class LocalStatistics:
     """A photograph's neighbourhood statistics inside its field of view, on a coarse grid: ``planes``
@@ -58,9 +67,7 @@ class LocalStatistics:
     def standardise(self, x: torch.Tensor, planes: torch.Tensor, inside: torch.Tensor) -> np.ndarray:
         """(3, H, W) floats in [0, 1] with the statistics ``planes`` (7, H, W) at the same pixels and
         the (H, W) field-of-view mask -> (H, W, 3) uint8 z-scores, black outside the field of view."""
-        weight = planes[6].clamp(min=1e-3)
-        mean = planes[0:3] / weight
-        variance = (planes[3:6] / weight - mean**2).clamp(min=0.0)
+        mean, variance = _moments(planes)
         z = (x - mean) / torch.sqrt(variance + self.floor.view(3, 1, 1))
         out = (128.0 + Z_SCALE * z.clamp(-Z_CLIP, Z_CLIP)).round().clamp(0, 255) * inside
         result: np.ndarray = out.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
@@ -102,9 +109,7 @@ def local_statistics(
     blurred = coarse
     if step > 1:
         blurred = F.interpolate(coarse[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    weight = blurred[6].clamp(min=1e-3)
-    mean = blurred[0:3] / weight
-    variance = (blurred[3:6] / weight - mean**2).clamp(min=0.0)
+    variance = _moments(blurred)[1]
     typical = variance[:, inside.bool()].median(dim=1).values.clamp(min=1e-8)
     statistics = LocalStatistics(coarse, (floor_share**2) * typical, height, width)
     return statistics, statistics.standardise(x, blurred, inside)
