@@ -234,6 +234,9 @@ class TaskDataset(Dataset[Batch]):
         self._cache: dict[int, tuple[np.ndarray, FieldOfView | None]] = {}
         # The photographs before the standardisation, kept beside the cache while camera tiles are drawn.
         self._raw: dict[int, RawPhotograph] = {}
+        # The last photograph decoded beyond the cache (index, raw, fov, statistics): the camera tile
+        # that _build may cut from it next then needs no second decode and standardisation.
+        self._uncached: tuple[int, np.ndarray, FieldOfView | None, LocalStatistics | None] | None = None
 
     @property
     def tiled_training(self) -> bool:
@@ -256,6 +259,8 @@ class TaskDataset(Dataset[Batch]):
             self._cache[index] = (image, fov)
             if self.camera_tiles:
                 self._raw[index] = self._keep_raw(raw, fov, statistics)
+        elif self.camera_tiles:
+            self._uncached = (index, raw, fov, statistics)
         return image, fov
 
     def _standardised(self, raw: np.ndarray, fov: FieldOfView | None) -> tuple[np.ndarray, LocalStatistics | None]:
@@ -285,6 +290,9 @@ class TaskDataset(Dataset[Batch]):
         kept = self._raw.get(index)
         if kept is not None:
             return kept
+        if self._uncached is not None and self._uncached[0] == index:
+            _, raw, fov, statistics = self._uncached
+            return self._keep_raw(raw, fov, statistics)
         raw, fov = self._decode(index)
         return self._keep_raw(raw, fov, self._standardised(raw, fov)[1])
 

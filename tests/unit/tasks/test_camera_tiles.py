@@ -184,3 +184,34 @@ def test_preprocess_checks_the_camera_options_and_old_metadata_loads() -> None:
     saved = {**Preprocess(jpeg=0.5).to_dict(), "jpeg_quality": [30, 90]}  # as JSON gives it back
     assert Preprocess.from_dict(saved).jpeg_quality == (30, 90)
     assert Preprocess(jpeg_quality=[50, 95]).jpeg_quality == (50, 95)  # type: ignore[arg-type]  # JSON override
+
+
+class CountingItem(ImageItem):
+    """A real image item that counts its decodes."""
+
+    decodes = 0
+
+    def load(self) -> np.ndarray:
+        CountingItem.decodes += 1
+        return super().load()
+
+
+def test_camera_tiles_beyond_the_cache_decode_each_photograph_once_per_tile(tmp_path: Path) -> None:
+    image, _ = synthetic_fundus(SIDE, 3)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((SIDE, SIDE), dtype=np.uint8)).save(tmp_path / "a_mask.png")
+    sample = TaskSample(CountingItem(str(tmp_path / "a.png")), mask=str(tmp_path / "a_mask.png"))
+    task = SegmentationTask()
+    options = {**task.preprocess_defaults(), "fov_diameter": 0, "rotate": 0.0, "jpeg": 1.0}
+    preprocess = Preprocess(image_size=64, fov_crop=True, **options)
+    cached = TaskDataset([sample], preprocess, task.prepare, train=True)
+    uncached = TaskDataset([sample], preprocess, task.prepare, train=True, keep_decoded=0)
+    torch.manual_seed(0)
+    expected = [cached[0]["image"] for _ in range(3)]
+    CountingItem.decodes = 0
+    torch.manual_seed(0)
+    tiles = [uncached[0]["image"] for _ in range(3)]
+    # One decode per tile (not one for the lossless image and one more for the camera's raw crop),
+    # and the tiles are the ones the cached dataset cuts with the same draws.
+    assert CountingItem.decodes == 3
+    assert all(torch.equal(a, b) for a, b in zip(tiles, expected, strict=True))
