@@ -37,8 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 from _bench import add_smoke_flag, print_cpu  # noqa: E402
 
+from server.federation.finetune_phase import finetune_modalities, resolve_finetune_task  # noqa: E402
 from simulations.simulate import simulate  # noqa: E402
-from strategies.protocol.task_models import HEADLINE  # noqa: E402
+from strategies.protocol.scenario import load_scenario, resolve_config  # noqa: E402
+from strategies.protocol.task_models import HEADLINE, task_adapter  # noqa: E402
 from strategies.protocol.task_sets import TASK_SETS, load_task_set  # noqa: E402
 from visionfm_core.models.checkpoint import encoder_metadata, save_encoder  # noqa: E402
 from visionfm_core.models.encoders import EncoderSpec, create_encoder  # noqa: E402
@@ -91,12 +93,22 @@ def run_overrides(name: str, args: argparse.Namespace, encoders: Path) -> dict[s
     return overrides
 
 
-def recipe(outcome_dir: Path) -> dict[str, Any]:
-    """The resolved recipe the arm trained with (its run folder's config.json)."""
-    config = json.loads((outcome_dir / "config.json").read_text())
-    return {k: config[k] for k in ("finetune-rounds", "finetune-epochs", "finetune-min-steps", "finetune-lr",
-                                   "finetune-layer-decay", "finetune-batch-size", "finetune-server-lr",
-                                   "image-size") if k in config}
+RECIPE_KEYS = ("finetune-rounds", "finetune-epochs", "finetune-min-steps", "finetune-lr", "finetune-layer-decay",
+               "finetune-batch-size", "finetune-server-lr", "image-size")
+
+
+def recipe(scenario: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe every arm trains with, resolved from the run config as the server resolves it (the task's
+    lr, layer decay and least steps where the run leaves them to the task), whichever arms this invocation
+    runs (only the federation writes a config.json). The batch is the tiles a step actually takes: the
+    run's, capped at the task's largest (as every fine-tuning party caps it)."""
+    cfg = resolve_finetune_task(resolve_config(load_scenario(str(scenario)), str(scenario), overrides))
+    flat = cfg.to_flat()
+    values = {k: flat[k] for k in RECIPE_KEYS if k in flat}
+    cap = task_adapter(cfg, finetune_modalities(cfg)[0]).max_batch_size
+    if cap is not None:
+        values["finetune-batch-size"] = min(int(values["finetune-batch-size"]), cap)
+    return values
 
 
 def arm_steps(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -138,7 +150,8 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     overrides = run_overrides(name, args, encoders)
     headline = HEADLINE[task_set.task][0]
     result: dict[str, Any] = {"task": task_set.task, "metric": headline, "image_size": image_size(name, args),
-                              "pool": len(task_set.pool), "test": len(task_set.test)}
+                              "pool": len(task_set.pool), "test": len(task_set.test),
+                              "config": recipe(scenario, overrides)}
     for mode in args.arms.split(","):
         started = time.perf_counter()
         cpu_started = time.process_time()
@@ -161,8 +174,6 @@ def bench_task(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
             result[mode] = {"test": values[-1], "per_round": values, **timing}
             if mode in thresholds:
                 result[mode]["threshold"] = thresholds[mode]
-        if mode == "federated":  # the baseline arms resolve the same recipe from the same run config
-            result["config"] = recipe(folder / mode)
     return result
 
 
