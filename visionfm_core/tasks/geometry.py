@@ -229,7 +229,7 @@ def resample_inside(mask: np.ndarray, window: Window) -> Tensor:
     canvas = torch.zeros((window.rows, window.size), dtype=torch.bool)
     place = _placement(window, mask.shape[0], mask.shape[1])
     if place is not None:
-        crop = mask[place.top : place.bottom, place.left : place.right]
+        crop = mask[place.top : place.bottom, place.left : place.right].astype(bool, copy=False)
         outside, inside = box_shares(np.stack([~crop, crop]), place.resized_width, place.resized_height)
         place.paste(canvas, torch.from_numpy(inside > outside))
     return canvas.flip(-1) if window.flip else canvas
