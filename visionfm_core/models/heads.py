@@ -163,7 +163,7 @@ class _MaxPool2x2Indexed(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         (indices,) = ctx.saved_tensors
-        return F.max_unpool2d(grad.contiguous(), indices, 2, output_size=ctx.size)
+        return F.max_unpool2d(grad.contiguous(), indices, (2, 2), output_size=ctx.size)
 
 
 class MaxPool2x2(nn.Module):
