@@ -74,7 +74,7 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 300; segmentation: as many as 8960 tiles take, 4480 steps at its default batch of "
+                          "task's: 300; segmentation: as many as 9344 tiles take, 4672 steps at its default batch of "
                           "2]", show_default=False),
     ] = None,
     batch_size: Annotated[
