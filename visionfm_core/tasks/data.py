@@ -26,7 +26,7 @@ from visionfm_core.errors import ConfigError, DataError
 from visionfm_core.evaluation.task_metrics import IGNORE_INDEX
 from visionfm_core.modalities import get_modality
 from visionfm_core.tasks.camera import Camera, RawPhotograph, camera_tile, draw_camera
-from visionfm_core.tasks.geometry import Window, letterbox, resample_image, resample_labels
+from visionfm_core.tasks.geometry import Window, letterbox, resample_image, resample_inside
 from visionfm_core.tasks.samples import TaskSample
 from visionfm_core.tasks.tiles import FieldOfView, working_scale
 
@@ -199,15 +199,17 @@ def rotate_record(record: Batch, degrees: float) -> None:
     theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]])[None]
     image = record["image"]
     grid = F.affine_grid(theta, [1, *image.shape], align_corners=False)
-    record["image"] = F.grid_sample(image[None], grid, mode="bilinear", align_corners=False)[0]
+    # The image and the soft targets share one bilinear pass (grid_sample treats channels alike).
+    fractions = record.get("mask_fractions")
+    smooth = image if fractions is None else torch.cat([image, fractions.to(image.dtype)])
+    turned = F.grid_sample(smooth[None], grid, mode="bilinear", align_corners=False)[0]
+    record["image"] = turned[: len(image)]
+    if fractions is not None:  # soft targets turn with the mask (the corners are ignored there)
+        record["mask_fractions"] = turned[len(image) :].to(fractions.dtype)
     if "mask" in record:
         shifted = (record["mask"].float() + 1)[None, None]  # 0 = brought in from outside
         rotated = F.grid_sample(shifted, grid, mode="nearest", align_corners=False)[0, 0].long() - 1
         record["mask"] = torch.where(rotated < 0, torch.full_like(rotated, IGNORE_INDEX), rotated)
-    if "mask_fractions" in record:  # soft targets turn with the mask (the corners are ignored there)
-        record["mask_fractions"] = F.grid_sample(
-            record["mask_fractions"][None], grid, mode="bilinear", align_corners=False
-        )[0]
 
 
 class TaskDataset(Dataset[Batch]):
@@ -324,7 +326,7 @@ class TaskDataset(Dataset[Batch]):
         if self.tiled_training:
             if fov is not None and "mask" in record:
                 # Outside the field of view is background to learn (predictions put it there too).
-                inside = resample_labels(fov.mask.astype(np.uint8), window, 2) == 1
+                inside = resample_inside(fov.mask, window)
                 record["mask"] = torch.where(inside, record["mask"], torch.zeros_like(record["mask"]))
                 if "mask_fractions" in record:
                     background = torch.zeros_like(record["mask_fractions"])

@@ -177,6 +177,23 @@ def resample_image(image: np.ndarray, window: Window) -> Tensor:
     return canvas.flip(-1) if window.flip else canvas
 
 
+def box_shares(planes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(K, h, w) bool planes -> (K, height, width) uint8: each plane's share of every output pixel's
+    source area, in 0..255 (Pillow's box filter). Three planes go through one RGB resize: Pillow
+    resamples the bands of an 8-bit image independently with the same fixed-point arithmetic as a
+    single band, so the shares are the same, for a third of the calls."""
+    out = np.empty((len(planes), height, width), dtype=np.uint8)
+    for start in range(0, len(planes), 3):
+        group = planes[start : start + 3]
+        bands = np.zeros((*group.shape[1:], 3), dtype=np.uint8)
+        for k, plane in enumerate(group):
+            bands[..., k] = plane
+        bands *= np.uint8(255)
+        resized = Image.fromarray(bands, "RGB").resize((width, height), Image.Resampling.BOX)
+        out[start : start + len(group)] = np.moveaxis(np.asarray(resized), -1, 0)[: len(group)]
+    return out
+
+
 def _class_votes(labels: np.ndarray, window: Window, num_classes: int) -> tuple[np.ndarray, _Placement] | None:
     """Each code's (classes, then ignore) share of every input pixel's source area, in 0..255:
     (num_classes + 1, h, w) uint8 over the placed crop, with its placement; None off the image."""
@@ -184,24 +201,38 @@ def _class_votes(labels: np.ndarray, window: Window, num_classes: int) -> tuple[
     if place is None:
         return None
     crop = labels[place.top : place.bottom, place.left : place.right]
-    codes = [*range(num_classes), IGNORE_INDEX]
-    # Pillow's box filter averages each class's indicator in C, far faster than a float one-hot.
-    votes = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(((crop == code) * 255).astype(np.uint8)).resize(
-                    (place.resized_width, place.resized_height), Image.Resampling.BOX
-                )
-            )
-            for code in codes
-        ]
-    )
-    return votes, place
+    codes = np.asarray([*range(num_classes), IGNORE_INDEX], dtype=crop.dtype)
+    planes = crop[None] == codes[:, None, None]
+    return box_shares(planes, place.resized_width, place.resized_height), place
+
+
+def _first_largest(votes: np.ndarray) -> np.ndarray:
+    """``votes.argmax(0)`` (ties to the first): numpy's argmax along the leading axis of a few large
+    planes is several times slower than comparing the planes."""
+    best, index = votes[0].copy(), np.zeros(votes.shape[1:], dtype=np.int64)
+    for k in range(1, len(votes)):
+        larger = votes[k] > best
+        index[larger] = k
+        np.maximum(best, votes[k], out=best)
+    return index
 
 
 def _winner(votes: np.ndarray, num_classes: int) -> Tensor:
     codes = np.asarray([*range(num_classes), IGNORE_INDEX], dtype=np.int64)
-    return torch.from_numpy(codes[votes.argmax(0)])
+    return torch.from_numpy(codes[_first_largest(votes)])
+
+
+def resample_inside(mask: np.ndarray, window: Window) -> Tensor:
+    """(H, W) bool region -> (rows, size) bool: the input pixels whose source area lies mostly inside
+    it (more than outside; never outside the image): ``resample_labels(mask, window, 2) == 1``
+    without the ignore code's vote, which a 0/1 map never wins."""
+    canvas = torch.zeros((window.rows, window.size), dtype=torch.bool)
+    place = _placement(window, mask.shape[0], mask.shape[1])
+    if place is not None:
+        crop = mask[place.top : place.bottom, place.left : place.right].astype(bool, copy=False)
+        outside, inside = box_shares(np.stack([~crop, crop]), place.resized_width, place.resized_height)
+        place.paste(canvas, torch.from_numpy(inside > outside))
+    return canvas.flip(-1) if window.flip else canvas
 
 
 def resample_labels(labels: np.ndarray, window: Window, num_classes: int) -> Tensor:

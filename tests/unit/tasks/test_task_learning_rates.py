@@ -74,3 +74,13 @@ def test_finetune_averages_the_weights_as_the_task_says_unless_told(tmp_path: Pa
     manifest = random_label_manifest(tmp_path, 12)
     assert _saved_config(manifest, tmp_path / "a.safetensors")["ema_decay"] == 0.9
     assert _saved_config(manifest, tmp_path / "b.safetensors", "--ema-decay", "0")["ema_decay"] == 0.0
+
+
+def test_finetune_validates_as_often_as_the_task_says_unless_told(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Segmentation validates whole photographs, so it validates half as often as the other tasks.
+    assert SegmentationTask.default_max_validations == 6 and ClassificationTask.default_max_validations == 12
+    monkeypatch.setattr(ClassificationTask, "default_max_validations", 3)
+    manifest = random_label_manifest(tmp_path, 12)
+    assert _saved_config(manifest, tmp_path / "a.safetensors")["max_validations"] == 3
+    assert _saved_config(manifest, tmp_path / "b.safetensors", "--max-validations", "2")["max_validations"] == 2

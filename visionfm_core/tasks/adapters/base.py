@@ -47,6 +47,9 @@ class TaskAdapter(ABC):
     # Decay of the moving average of the weights that is validated and saved (0: the weights as trained;
     # ``visionfm finetune --ema-decay``).
     default_ema_decay: ClassVar[float] = 0.0
+    # Validations a `visionfm finetune` run makes at most (FineTuneConfig.max_validations) when the user does
+    # not say (``--max-validations``).
+    default_max_validations: ClassVar[int] = 12
     # Encoder trained from scratch when no pretrained one is given (``visionfm finetune --arch/--patch-size``;
     # a pretrained ``--encoder`` brings its own).
     default_arch: ClassVar[str] = "micro"
