@@ -33,7 +33,7 @@ from torch import Tensor
 
 from visionfm_core.data.preprocess import mask_box
 from visionfm_core.data.preprocess_contrast import LocalStatistics
-from visionfm_core.tasks.geometry import Window, resample_image, resample_labels
+from visionfm_core.tasks.geometry import Window, resample_image, resample_inside
 from visionfm_core.tasks.tiles import FieldOfView
 
 
@@ -118,7 +118,7 @@ def camera_tile(raw: RawPhotograph, window: Window, camera: Camera) -> Tensor:
     if pixels != size:
         tile = F.interpolate(tile[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp_(0, 1)
     at_tile = Window(shot.x0, shot.y0, shot.side, size)
-    inside = resample_labels(raw.fov.mask.astype(np.uint8), at_tile, 2) == 1
+    inside = resample_inside(raw.fov.mask, at_tile)
     if raw.statistics is not None:
         planes = raw.statistics.sample(window.y0, window.x0, 1.0 / window.scale, size, size)
         standardised = raw.statistics.standardise(tile, planes, inside.float())
