@@ -31,7 +31,9 @@ Matmul peak: the same run times square matmuls in bf16 and fp32 with the same th
 several; a dtype the CPU only emulates gets a smaller size so it takes seconds, not minutes), and counts
 our step's FLOPs (torch's FlopCounterMode: matmuls, attention, convolutions, forward and backward; it
 lists no formula for PyTorch's CPU flash-attention kernels, so those get torch's own SDPA formulas, the
-ones it applies to the CUDA kernels: ViT-Ti/8's step is 267.5 GFLOP with them, 255.1 without). The
+ones it applies to the CUDA kernels: ViT-Ti/8's step is 267.5 GFLOP with them, 255.1 without; nor for
+the in-place `addmm_` of our ViT blocks, which gets its out-of-place twin's: without it the same step
+would count 221.0). The
 reference peak is that of the dtype our step computes in (bf16 where it is native, else fp32: on an
 AVX2-only CPU bf16 is emulated ~50x below fp32 and the step runs fp32).
 
@@ -387,6 +389,24 @@ def cpu_attention_flop_formulas() -> dict[Any, Callable[..., int]]:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
+def in_place_matmul_flop_formulas() -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode lists `addmm` but not its in-place twin `addmm_` (it would count 0), which our ViT
+    blocks use to add a residual branch's projection into x + bias (visionfm_core/ssl/blocks.py): the
+    same matmul, counted with torch's own formula for it (2 m n k, the addition not counted)."""
+
+    def addmm_(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None,
+               **kwargs: Any) -> int:
+        (m, k), (_, n) = a_shape, b_shape
+        return 2 * m * n * k
+
+    return {torch.ops.aten.addmm_: addmm_}
+
+
+def flop_formulas() -> dict[Any, Callable[..., int]]:
+    """What `step_gflop` adds to FlopCounterMode's own formulas: kernels our step runs that it does not list."""
+    return {**cpu_attention_flop_formulas(), **in_place_matmul_flop_formulas()}
+
+
 def step_gflop(bench: BenchConfig, device: torch.device) -> float:
     """FLOPs of one of our training steps (forward and backward), in GFLOP."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -395,7 +415,7 @@ def step_gflop(bench: BenchConfig, device: torch.device) -> float:
     trainer = SSLTrainer(spec, get_modality("fundus"), ssl_config(bench, amp=True), 2, device=device,
                          compile="off")  # FlopCounterMode counts eager ops; compiling changes no FLOPs
     crops = [c.to(device) for c in random_crops(bench)]
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
     with counter:
         trainer.train_step(crops, 0)
     return counter.get_total_flops() / 1e9

@@ -4,8 +4,8 @@ The backbone stays an unmodified timm `VisionTransformer`, so its state dict loa
 `create_encoder(spec)` with strict=True; the mask token is a separate parameter of this wrapper
 (`mask_token`), never a `backbone.*` key. Encoding runs timm's own submodules and weights in timm's
 order (patch embedding, iBOT mask substitution, position embedding, blocks, norm); the patch embedding
-is computed as one matmul and the residual stream may be kept in bf16 (see `embed_patches`,
-`SSLNetwork.token_dtype`), which give timm's results faster under CPU autocast.
+is computed as one matmul, the blocks with fewer passes over memory (`ssl/blocks.py`), and the residual
+stream may be kept in bf16 (see `embed_patches`, `SSLNetwork.token_dtype`): timm's results, faster.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionfm_core.errors import ConfigError
+from visionfm_core.ssl.blocks import blocks_forward
 from visionfm_core.ssl.head import ProjectionHead
 
 
@@ -44,7 +45,7 @@ class SSLNetwork(nn.Module):
         x = self.embed(images, masks)
         if self.token_dtype is not None and torch.is_autocast_enabled(x.device.type):
             x = x.to(self.token_dtype)
-        x = self.backbone.blocks(x)  # type: ignore[operator]
+        x = blocks_forward(self.backbone.blocks, x)  # type: ignore[arg-type]  # timm's blocks (ssl/blocks.py)
         return self.backbone.norm(x)  # type: ignore[operator, no-any-return]
 
     def embed(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
