@@ -41,7 +41,9 @@ from visionfm_core.tasks.samples import MaskEncoding, TaskSample, load_target_ma
 
 LABEL_CACHE_BYTES = 256 * 2**20
 # Each decoder's default width: light/unetr count full-resolution channels, folded half-resolution ones.
-DECODER_FEATURES = {"light": 8, "unetr": 8, "folded": 32}
+DECODER_FEATURES = {"light": 8, "unetr": 8, "folded": 32, "folded-reduce": 32, "folded-lean": 32}
+# The folded decoders' half-resolution fusion (FoldedUNETRHead's ``fuse``).
+FOLDED_FUSE = {"folded": "conv", "folded-reduce": "reduce", "folded-lean": "lean"}
 
 
 class DecodedLabels:
@@ -199,8 +201,9 @@ class SegmentationTask(TaskAdapter):
 
     def build_head(self, embed_dim: int, depth: int, patch_size: int, regime: Regime) -> TaskHead:
         assert self.features is not None  # set in __post_init__
-        if self.decoder == "folded":
-            return FoldedUNETRHead(embed_dim, depth, self.num_classes, features=self.features)
+        if self.decoder in FOLDED_FUSE:
+            return FoldedUNETRHead(embed_dim, depth, self.num_classes, features=self.features,
+                                   fuse=FOLDED_FUSE[self.decoder])
         if self.decoder == "light":
             return LightUNETRHead(embed_dim, depth, self.num_classes, features=self.features)
         return UNETRHead(embed_dim, depth, self.num_classes, features=self.features, patch_size=patch_size)
