@@ -1,6 +1,7 @@
-"""The folded segmentation decoder (``FoldedUNETRHead``, task decoder "folded"): logits at the input's
-own size, no convolution at full resolution, one-pixel detail kept through the fold, and models
-saved with the previous light decoder still loading and predicting exactly as before."""
+"""The folded segmentation decoders (``FoldedUNETRHead``, task decoders "folded-reduce", the default,
+"folded" and "folded-lean"): logits at the input's own size, no convolution at full resolution,
+one-pixel detail kept through the fold, and models saved with the previous decoders (light, or folded
+before the fusion option) still loading and predicting exactly as before."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from visionfm_core.models.heads import (
     build_head,
 )
 from visionfm_core.tasks.adapters import SegmentationTask
-from visionfm_core.tasks.adapters.segmentation import DECODER_FEATURES
+from visionfm_core.tasks.adapters.segmentation import DECODER_FEATURES, FOLDED_FUSE
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import load_task_model, save_task_model
 
@@ -108,12 +109,16 @@ def test_folded_head_rebuilds_from_its_config() -> None:
     assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 16  # as wide as features, stored
 
 
-def test_segmentation_defaults_to_the_folded_decoder_and_each_decoder_has_its_width() -> None:
+def test_segmentation_defaults_to_the_reduced_folded_decoder_and_each_decoder_has_its_width() -> None:
     task = SegmentationTask(2)
-    assert task.decoder == "folded" and task.features == DECODER_FEATURES["folded"] == 32
+    assert task.decoder == "folded-reduce" and task.features == DECODER_FEATURES["folded-reduce"] == 32
     head = task.build_head(32, 2, 16, "full")
     assert isinstance(head, FoldedUNETRHead) and head.config["features"] == head.config["context"] == 32
+    assert head.config["fuse"] == "reduce"
     assert SegmentationTask.from_config(task.to_config()) == task
+    for decoder, fuse in FOLDED_FUSE.items():  # "folded" is the plain fusion, as before the option
+        folded = SegmentationTask(2, decoder=decoder).build_head(32, 2, 16, "full")
+        assert isinstance(folded, FoldedUNETRHead) and folded.config.get("fuse", "conv") == fuse
     light = SegmentationTask(2, decoder="light")
     assert light.features == DECODER_FEATURES["light"] == 8
     assert isinstance(light.build_head(32, 2, 16, "full"), LightUNETRHead)
@@ -179,6 +184,12 @@ def test_finetune_cli_takes_the_decoder_at_its_default_width(tmp_path: Path, mon
     assert result.exit_code == 0, result.output
     saved = load_task_model(tmp_path / "f.safetensors")
     assert isinstance(saved.model.head, FoldedUNETRHead) and saved.model.head.config["features"] == 32  # default
+    assert saved.model.head.config["fuse"] == "reduce" and saved.task.to_config()["decoder"] == "folded-reduce"
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "p.safetensors"), "--decoder", "folded"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = load_task_model(tmp_path / "p.safetensors")
+    assert isinstance(saved.model.head, FoldedUNETRHead) and "fuse" not in saved.model.head.config
     manifest = random_label_manifest(tmp_path, 8)
     result = CliRunner().invoke(build_app(), ["finetune", str(manifest), "--out", str(tmp_path / "c.safetensors"),
                                               "--decoder", "light", "--arch", "nano", "--image-size", "32"])
