@@ -128,7 +128,7 @@ def test_segmentation_trains_on_two_tiles_a_step_for_4992_steps_with_soft_target
     # soft targets 0.7972 (validation 0.8147), 0.7986 (0.8164) at lr 1e-3 (default_lr_for), and 4800 steps
     # 0.7997 (0.8177), but 4800 would overrun 15 minutes on an AMD EPYC at 2 threads. The cheaper step and
     # 6 validations paid for 4672 steps at the CPU 4000 took: 0.7999 (0.8175). The folded-reduce decoder's
-    # step (0.93x with its tiles) pays for 4992 at the same CPU: 0.8005 (0.8178).
+    # step (0.94x with its tiles) pays for 4992 at the same CPU: 0.8005 (0.8178).
     task = SegmentationTask(2)
     assert SegmentationTask.default_batch_size == 2
     assert task.decoder == "folded-reduce"

@@ -145,8 +145,9 @@ class SegmentationTask(TaskAdapter):
     # took it 14 min 17 s), so 4800 steps would overrun the 15-minute budget there, and 4000 was the
     # default until session 14 made the step cheaper (176 -> 163 CPU-ms with its tiles, paired on the
     # Xeon) and validated 6 times instead of 11: 4672 steps of the "folded" decoder (validation 0.8175,
-    # held-out 0.7999, 862 CPU-s). Session 15's "folded-reduce" decoder costs 0.93x a step with its tiles
-    # (paired), so 4992 steps (78 epochs of HRF's 16 photographs) take no more CPU than those 4672:
+    # held-out 0.7999, 862 CPU-s). Session 15's "folded-reduce" decoder costs 0.94x a step with its tiles
+    # and 0.93x a validation (paired), so 4992 steps (78 epochs of HRF's 16 photographs) take the CPU of
+    # those 4672 (814 against 815 CPU-s of steps and validations by the paired costs):
     # validation 0.8178, held-out 0.8005 (841 CPU-s at a 1-minute load of about 3); with --seed 1 (another
     # validation split), back to back: 0.8253 and 0.7999 against 4672 steps of "folded" 0.8251 and 0.7996.
     default_tiles = 9984
