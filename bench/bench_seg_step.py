@@ -27,6 +27,7 @@ from _bench import add_smoke_flag, print_cpu
 from visionfm_core.models.encoders import EncoderSpec, create_encoder
 from visionfm_core.models.heads import FoldedUNETRHead, TaskModel, encoder_dims
 from visionfm_core.tasks.adapters import SegmentationTask
+from visionfm_core.tasks.adapters.segmentation import FOLDED_FUSE
 
 DEFAULT_VARIANTS = "micro:16:light:8,micro:16:folded:32,mini:16:folded:32,micro:8:light:8"
 
@@ -37,8 +38,8 @@ def build(variant: str, tile: int) -> TaskModel:
     task = SegmentationTask(2, features=int(features), decoder=decoder)
     encoder = create_encoder(EncoderSpec(arch=arch, image_size=tile, patch_size=int(patch)))
     head = (
-        FoldedUNETRHead(*encoder_dims(encoder)[:2], 2, int(features), int(context[0]))
-        if decoder == "folded" and context
+        FoldedUNETRHead(*encoder_dims(encoder)[:2], 2, int(features), int(context[0]), fuse=FOLDED_FUSE[decoder])
+        if decoder in FOLDED_FUSE and context
         else task.build_head(*encoder_dims(encoder), "full")
     )
     return TaskModel(encoder, head)

@@ -74,7 +74,7 @@ def finetune_command(
     min_steps: Annotated[
         int | None,
         typer.Option(help="at least this many optimiser steps, however small the training set [default: the "
-                          "task's: 300; segmentation: as many as 9344 tiles take, 4672 steps at its default batch of "
+                          "task's: 300; segmentation: as many as 9984 tiles take, 4992 steps at its default batch of "
                           "2]", show_default=False),
     ] = None,
     batch_size: Annotated[
@@ -144,9 +144,11 @@ def finetune_command(
     ] = None,
     decoder: Annotated[
         str | None,
-        typer.Option(help="segmentation decoder: folded (no full-resolution convolution) | light (the decoder "
-                     "before 2026-12; its models load either way) | unetr, each at its default width "
-                     "[default: folded]", show_default=False),
+        typer.Option(help="segmentation decoder: folded-reduce (no full-resolution convolution; a 1x1 "
+                     "projection before the half-resolution fusion) | folded (the default before session 15: "
+                     "the fusion's first 3x3 on all 76 channels) | folded-lean (the projection and one 3x3) | "
+                     "light (the decoder before 2026-12) | unetr, each at its default width; saved models of "
+                     "every decoder load either way [default: folded-reduce]", show_default=False),
     ] = None,
     report: Annotated[Path | None, typer.Option(help="write the JSON summary here instead of stdout")] = None,
 ) -> None:

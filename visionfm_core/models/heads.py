@@ -322,6 +322,25 @@ class LightUNETRHead(TaskHead):
 
 
 FOLD = 2  # FoldedUNETRHead: pixels per side folded into one half-resolution position
+FUSES = ("conv", "reduce", "lean")
+
+
+def _fuse_block(in_channels: int, out_channels: int, fuse: str) -> nn.Module:
+    """The folded decoder's half-resolution fusion. ``conv``: a :class:`ConvBlock` on the concatenated
+    input. ``reduce``: a 1x1 convolution first projects the input to ``out_channels``, then a
+    :class:`ConvBlock` (a low-rank factorisation of the first 3x3: for 76 channels in and 32 out, 0.53x
+    its arithmetic). ``lean``: that projection, then a single 3x3 convolution with GroupNorm and GELU."""
+    if fuse == "conv":
+        return ConvBlock(in_channels, out_channels)
+    project = nn.Conv2d(in_channels, out_channels, 1, bias=False)  # linear: the 3x3 after it normalises
+    if fuse == "reduce":
+        return nn.Sequential(project, ConvBlock(out_channels, out_channels))
+    return nn.Sequential(
+        project,
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.GroupNorm(_groups(out_channels), out_channels),
+        nn.GELU(),
+    )
 
 
 class FoldedUNETRHead(TaskHead):
@@ -340,9 +359,11 @@ class FoldedUNETRHead(TaskHead):
     kind = "unetr-folded"
 
     def __init__(self, embed_dim: int, depth: int, num_classes: int, features: int = 32,
-                 context: int | None = None) -> None:
+                 context: int | None = None, fuse: str = "conv") -> None:
         super().__init__()
         context = context if context is not None else features
+        if fuse not in FUSES:
+            raise ConfigError("head", f"unknown fuse {fuse!r} for a folded decoder; known: {', '.join(FUSES)}")
         self.config = {
             "embed_dim": embed_dim,
             "depth": depth,
@@ -350,13 +371,15 @@ class FoldedUNETRHead(TaskHead):
             "features": features,
             "context": context,
         }
+        if fuse != "conv":  # absent means "conv", so checkpoints from before the key load unchanged
+            self.config["fuse"] = fuse
         self.blocks = tuple(sorted(set(spread_blocks(depth, 4))))
         folded = 3 * FOLD * FOLD
         self.stem2 = ConvBlock(folded, features)
         self.stem4 = nn.Sequential(MaxPool2x2(), ConvBlock(features, context))
         self.tokens = _token_projection(embed_dim * len(self.blocks), context)
         self.fuse4 = ConvBlock(2 * context, context)
-        self.fuse2 = ConvBlock(context + features + folded, features)
+        self.fuse2 = _fuse_block(context + features + folded, features, fuse)
         self.classifier = nn.Conv2d(features, num_classes * FOLD * FOLD, 1)
 
     def forward(self, features: EncoderFeatures) -> Tensor:

@@ -78,6 +78,23 @@ def _part(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _mismatch(module: torch.nn.Module, state: dict[str, Tensor], prefix: str, limit: int = 4) -> str:
+    """The keys that keep ``state`` from loading into ``module``, named (PyTorch's own message puts
+    them on later lines, which a one-line error would drop); empty when it fits."""
+    own = module.state_dict()
+    groups = {
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+        "wrong shape": sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape),
+    }
+    problems = []
+    for label, keys in groups.items():
+        if keys:
+            shown = ", ".join(prefix + k for k in keys[:limit])
+            problems.append(f"{label} {shown}" + (f" and {len(keys) - limit} more" if len(keys) > limit else ""))
+    return "; ".join(problems)
+
+
 def load_task_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedTaskModel:
     """Rebuild encoder, head and task adapter from a file written by :func:`save_task_model`."""
     name = str(path)
@@ -90,8 +107,14 @@ def load_task_model(path: str | Path, device: torch.device | str = "cpu") -> Loa
         task = task_from_config(metadata["task"]["kind"], metadata["task"]["config"])
         head = build_head(metadata["head"]["kind"], metadata["head"]["config"])
         encoder = timm.create_model(metadata["encoder"]["timm_name"], **metadata["encoder"]["timm_kwargs"])
-        encoder.load_state_dict(_part(state, "encoder."), strict=True)
-        head.load_state_dict(_part(state, "head."), strict=True)
+        for module, prefix in ((encoder, "encoder."), (head, "head.")):
+            weights = _part(state, prefix)
+            problems = _mismatch(module, weights, prefix)
+            if problems:
+                config = metadata["head"]["config"] if prefix == "head." else metadata["encoder"]["timm_kwargs"]
+                raise CheckpointError(name, f"the stored weights do not fit the {prefix[:-1]} its metadata "
+                                            f"describes ({config}): {problems}")
+            module.load_state_dict(weights, strict=True)
     except (KeyError, RuntimeError, ConfigError) as exc:
         raise CheckpointError(name, f"cannot rebuild the task model: {str(exc).splitlines()[0]}") from exc
     model = TaskModel(encoder, head, freeze_encoder=bool(metadata.get("freeze_encoder", False))).to(device)

@@ -1,6 +1,7 @@
-"""The folded segmentation decoder (``FoldedUNETRHead``, task decoder "folded"): logits at the input's
-own size, no convolution at full resolution, one-pixel detail kept through the fold, and models
-saved with the previous light decoder still loading and predicting exactly as before."""
+"""The folded segmentation decoders (``FoldedUNETRHead``, task decoders "folded-reduce", the default,
+"folded" and "folded-lean"): logits at the input's own size, no convolution at full resolution,
+one-pixel detail kept through the fold, and models saved with the previous decoders (light, or folded
+before the fusion option) still loading and predicting exactly as before."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typer.testing import CliRunner
 from tests.synthetic_fundus import synthetic_fundus
 from tests.unit.tasks.helpers import random_label_manifest, tiny_encoder
 from visionfm_core.cli import build_app
-from visionfm_core.errors import ConfigError
+from visionfm_core.errors import CheckpointError, ConfigError
 from visionfm_core.models.encoders import EncoderSpec
 from visionfm_core.models.heads import (
+    FUSES,
     EncoderFeatures,
     FoldedUNETRHead,
     LightUNETRHead,
@@ -27,7 +29,7 @@ from visionfm_core.models.heads import (
     build_head,
 )
 from visionfm_core.tasks.adapters import SegmentationTask
-from visionfm_core.tasks.adapters.segmentation import DECODER_FEATURES
+from visionfm_core.tasks.adapters.segmentation import DECODER_FEATURES, FOLDED_FUSE
 from visionfm_core.tasks.data import Preprocess
 from visionfm_core.tasks.persistence import load_task_model, save_task_model
 
@@ -75,11 +77,12 @@ def test_no_convolution_runs_at_full_resolution() -> None:
     assert folded and max(folded) == (32, 48)
 
 
-def test_one_pixel_detail_survives_the_fold() -> None:
+@pytest.mark.parametrize("fuse", FUSES)
+def test_one_pixel_detail_survives_the_fold(fuse: str) -> None:
     # Targets that differ between the four pixels of every 2x2 block (bright single pixels at random
-    # places): only a decoder that keeps full resolution can fit them.
+    # places): only a decoder that keeps full resolution can fit them, whichever fusion it has.
     torch.manual_seed(0)
-    head = FoldedUNETRHead(32, 2, 2, features=8)
+    head = FoldedUNETRHead(32, 2, 2, features=8, fuse=fuse)
     features = _features(head, 32, 32, batch=4)
     dots = torch.rand(4, 32, 32) < 0.15
     features.image = torch.randn(4, 3, 32, 32) * 0.1 + dots[:, None].float() * 2.0
@@ -106,12 +109,16 @@ def test_folded_head_rebuilds_from_its_config() -> None:
     assert FoldedUNETRHead(32, 2, 2, features=16).config["context"] == 16  # as wide as features, stored
 
 
-def test_segmentation_defaults_to_the_folded_decoder_and_each_decoder_has_its_width() -> None:
+def test_segmentation_defaults_to_the_reduced_folded_decoder_and_each_decoder_has_its_width() -> None:
     task = SegmentationTask(2)
-    assert task.decoder == "folded" and task.features == DECODER_FEATURES["folded"] == 32
+    assert task.decoder == "folded-reduce" and task.features == DECODER_FEATURES["folded-reduce"] == 32
     head = task.build_head(32, 2, 16, "full")
     assert isinstance(head, FoldedUNETRHead) and head.config["features"] == head.config["context"] == 32
+    assert head.config["fuse"] == "reduce"
     assert SegmentationTask.from_config(task.to_config()) == task
+    for decoder, fuse in FOLDED_FUSE.items():  # "folded" is the plain fusion, as before the option
+        folded = SegmentationTask(2, decoder=decoder).build_head(32, 2, 16, "full")
+        assert isinstance(folded, FoldedUNETRHead) and folded.config.get("fuse", "conv") == fuse
     light = SegmentationTask(2, decoder="light")
     assert light.features == DECODER_FEATURES["light"] == 8
     assert isinstance(light.build_head(32, 2, 16, "full"), LightUNETRHead)
@@ -177,7 +184,91 @@ def test_finetune_cli_takes_the_decoder_at_its_default_width(tmp_path: Path, mon
     assert result.exit_code == 0, result.output
     saved = load_task_model(tmp_path / "f.safetensors")
     assert isinstance(saved.model.head, FoldedUNETRHead) and saved.model.head.config["features"] == 32  # default
+    assert saved.model.head.config["fuse"] == "reduce" and saved.task.to_config()["decoder"] == "folded-reduce"
+    result = CliRunner().invoke(build_app(), [*args, "--out", str(tmp_path / "p.safetensors"), "--decoder", "folded"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = load_task_model(tmp_path / "p.safetensors")
+    assert isinstance(saved.model.head, FoldedUNETRHead) and "fuse" not in saved.model.head.config
     manifest = random_label_manifest(tmp_path, 8)
     result = CliRunner().invoke(build_app(), ["finetune", str(manifest), "--out", str(tmp_path / "c.safetensors"),
                                               "--decoder", "light", "--arch", "nano", "--image-size", "32"])
     assert result.exit_code != 0 and "decoder" in result.output and not (tmp_path / "c.safetensors").exists()
+
+
+@pytest.mark.parametrize("fuse", FUSES)
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_every_fusion_gives_logits_at_the_input_size_and_trains_every_weight(fuse: str, num_classes: int) -> None:
+    torch.manual_seed(0)
+    head = FoldedUNETRHead(32, 2, num_classes, features=8, fuse=fuse)
+    logits = head(_features(head, 33, 47))
+    assert logits.shape == (2, num_classes, 33, 47)
+    logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+def _fuse2_convolutions(head: FoldedUNETRHead) -> list[tuple[int, int, int]]:
+    """(kernel side, input channels, output channels) of fuse2's convolutions, in order."""
+    return [(m.kernel_size[0], m.in_channels, m.out_channels) for m in head.fuse2.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_the_reduced_fusions_project_to_the_decoder_width_before_any_3x3() -> None:
+    # fuse2 reads the upsampled context, the half-resolution stem and the folded image: 8 + 8 + 12 = 28
+    # channels here (76 at the default width), where the plain fusion spends most of the decoder's arithmetic.
+    convolutions = {fuse: _fuse2_convolutions(FoldedUNETRHead(32, 2, 2, features=8, fuse=fuse)) for fuse in FUSES}
+    assert convolutions["conv"] == [(3, 28, 8), (3, 8, 8)]
+    assert convolutions["reduce"] == [(1, 28, 8), (3, 8, 8), (3, 8, 8)]
+    assert convolutions["lean"] == [(1, 28, 8), (3, 8, 8)]
+    # Everything outside fuse2 is the same decoder, weight for weight.
+    heads = {fuse: FoldedUNETRHead(32, 2, 2, features=8, fuse=fuse) for fuse in FUSES}
+    outside = {fuse: [(k, tuple(v.shape)) for k, v in head.state_dict().items() if not k.startswith("fuse2.")]
+               for fuse, head in heads.items()}
+    assert outside["reduce"] == outside["lean"] == outside["conv"]
+
+
+def test_the_fusion_is_stored_only_when_it_is_not_the_plain_one() -> None:
+    # Heads saved before the option had no "fuse" key and meant the plain fusion: they still do.
+    assert "fuse" not in FoldedUNETRHead(32, 2, 2, features=8).config
+    for fuse in ("reduce", "lean"):
+        head = FoldedUNETRHead(32, 2, 2, features=8, fuse=fuse)
+        rebuilt = build_head(head.kind, head.config)
+        assert isinstance(rebuilt, FoldedUNETRHead) and rebuilt.config == head.config and head.config["fuse"] == fuse
+        assert _fuse2_convolutions(rebuilt) == _fuse2_convolutions(head)
+    with pytest.raises(ConfigError, match="fuse"):
+        FoldedUNETRHead(32, 2, 2, fuse="mystery")
+
+
+def _save_folded(tmp_path: Path, fuse: str, name: str) -> tuple[Path, TaskModel]:
+    torch.manual_seed(0)
+    decoder = {"conv": "folded", "reduce": "folded-reduce", "lean": "folded-lean"}[fuse]
+    task = SegmentationTask(2, features=8, decoder=decoder)
+    model = TaskModel(tiny_encoder(32), task.build_head(32, 2, 16, "full")).eval()
+    encoder = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": EncoderSpec("nano", 32, 16).timm_kwargs()}
+    return save_task_model(tmp_path / name, model, task, Preprocess(image_size=32), encoder), model
+
+
+@pytest.mark.parametrize("fuse", FUSES)
+def test_a_folded_model_loads_and_predicts_exactly_as_saved(tmp_path: Path, fuse: str) -> None:
+    # "conv" is what every folded model saved before the option holds: its head config has no "fuse".
+    path, model = _save_folded(tmp_path, fuse, "m.safetensors")
+    loaded = load_task_model(path)
+    assert isinstance(loaded.model.head, FoldedUNETRHead)
+    assert loaded.model.head.config.get("fuse", "conv") == fuse
+    assert _fuse2_convolutions(loaded.model.head) == _fuse2_convolutions(model.head)  # type: ignore[arg-type]
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(images), model(images), rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_the_stored_fusion_fail_naming_the_keys(tmp_path: Path) -> None:
+    # A reduced model whose metadata says plain fusion (as code that does not know the option would write
+    # it): loading must name fuse2's keys, not fail somewhere later or load half the weights.
+    torch.manual_seed(0)
+    task = SegmentationTask(2, features=8, decoder="folded-reduce")
+    model = TaskModel(tiny_encoder(32), task.build_head(32, 2, 16, "full")).eval()
+    model.head.config = {k: v for k, v in model.head.config.items() if k != "fuse"}
+    encoder = {"timm_name": "vit_tiny_patch16_224", "timm_kwargs": EncoderSpec("nano", 32, 16).timm_kwargs()}
+    path = save_task_model(tmp_path / "odd.safetensors", model, task, Preprocess(image_size=32), encoder)
+    named = r"missing head\.fuse2\.1\.bias.*unexpected head\.fuse2\.1\.0\.weight.*wrong shape head\.fuse2\.0\.weight"
+    with pytest.raises(CheckpointError, match=named):
+        load_task_model(path)
