@@ -182,18 +182,18 @@ class MaxPool2x2(nn.Module):
         )
 
 
+def conv_norm_gelu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """One 3x3 convolution with GroupNorm (works at batch size 1, unlike BatchNorm) and GELU, as a list
+    of layers to splice into a Sequential (so its state-dict keys stay flat indices)."""
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(_groups(out_channels), out_channels), nn.GELU()]
+
+
 class ConvBlock(nn.Sequential):
-    """Two 3x3 convolutions with GroupNorm (works at batch size 1, unlike BatchNorm) and GELU."""
+    """Two 3x3 convolutions with GroupNorm and GELU (`conv_norm_gelu` twice)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(_groups(out_channels), out_channels),
-            nn.GELU(),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.GroupNorm(_groups(out_channels), out_channels),
-            nn.GELU(),
-        )
+        super().__init__(*conv_norm_gelu(in_channels, out_channels), *conv_norm_gelu(out_channels, out_channels))
 
 
 class UpBlock(nn.Sequential):
@@ -335,12 +335,7 @@ def _fuse_block(in_channels: int, out_channels: int, fuse: str) -> nn.Module:
     project = nn.Conv2d(in_channels, out_channels, 1, bias=False)  # linear: the 3x3 after it normalises
     if fuse == "reduce":
         return nn.Sequential(project, ConvBlock(out_channels, out_channels))
-    return nn.Sequential(
-        project,
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-        nn.GroupNorm(_groups(out_channels), out_channels),
-        nn.GELU(),
-    )
+    return nn.Sequential(project, *conv_norm_gelu(out_channels, out_channels))
 
 
 class FoldedUNETRHead(TaskHead):
